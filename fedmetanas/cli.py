@@ -1,0 +1,66 @@
+"""Command line entry point: parse arguments, report user errors in one line, run the search."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+from fedmetanas.config import ConfigError, load_config
+from fedmetanas.data.errors import DataError
+from fedmetanas.dist import DistError, init_distributed, launched_by_mpi, shutdown
+from fedmetanas.rundir import RunDirError
+
+USER_ERRORS = (ConfigError, DataError, DistError, RunDirError)
+EXIT_USER_ERROR = 2
+
+
+def env_rank() -> int:
+    """This process's rank as the launcher tells it (before any MPI call)."""
+    for key in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if key in os.environ and (key != "SLURM_PROCID" or launched_by_mpi()):
+            return int(os.environ[key])
+    return 0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fedmetanas", description="Federated neural architecture search (FedMetaNAS).")
+    p.add_argument("--config", help="YAML config file (defaults apply to what it leaves out)")
+    p.add_argument("--name", help="run name: output goes to <output.dir>/<name> (same as output.name=...)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
+    p.add_argument("--log-level", default="INFO", help="logging level on rank 0 (DEBUG, INFO, WARNING)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = env_rank()
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO) if rank == 0 else logging.ERROR,
+                        format="%(message)s", stream=sys.stderr)
+    overrides = list(args.overrides)
+    if args.name:
+        overrides.append(f"output.name={args.name}")
+    if args.overwrite:
+        overrides.append("output.overwrite=true")
+    try:
+        cfg = load_config(args.config, overrides)
+        ctx = init_distributed(cfg.runtime.device, cfg.runtime.threads_per_rank, cfg.runtime.collective_timeout_s)
+        from fedmetanas.federated.simulation import run  # noqa: PLC0415 - heavy import after arg checks
+
+        try:
+            result = run(cfg, ctx)
+        finally:
+            shutdown()
+    except USER_ERRORS as err:
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if rank == 0:
+        print(f"final genotype: {result.genotype.to_string()}")
+        print(f"discrete net (pruned, not retrained) test accuracy: {result.discrete_acc:.4f} "
+              f"(loss {result.discrete_loss:.4f}); soft supernet: {result.supernet_acc:.4f}")
+        print(f"total time: {result.seconds:.1f} s; run directory: {result.run_dir}")
+    return 0

@@ -1,0 +1,362 @@
+"""Typed, frozen run configuration loaded from YAML, with one-line errors a user can act on.
+
+YAML is data: `load_config` maps it onto the dataclasses below, rejects unknown keys (naming the
+nearest valid one), checks types and ranges, and `to_dict` gives back the resolved config that
+is stored in every log and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem; the message names the field and the fix."""
+
+
+PrimitiveSet = Literal["darts", "metanas"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, where it lives, and how it is split over clients."""
+
+    name: Literal["fashion_mnist", "mnist", "cifar10", "cifar100", "digits"] = "fashion_mnist"
+    root: str = "data"
+    download: bool = False
+    partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    min_samples: int = 20
+    shards_per_client: int = 2
+    local_test_fraction: float = 0.2
+    augment: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """DARTS-style supernet shape."""
+
+    primitives: PrimitiveSet | tuple[str, ...] = "metanas"
+    channels: int = 8
+    layers: int = 3
+    nodes: int = 3
+    stem_multiplier: int = 3
+    stem_stride: int = 1  # 2 halves the resolution before the cells: ~3x cheaper steps on a CPU
+    reduction_layers: tuple[int, ...] | None = None  # None: DARTS's layers//3 and 2*layers//3
+    channels_last: bool = True
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Relaxation of the architecture and soft pruning."""
+
+    gumbel: Literal["hard", "soft"] = "hard"
+    input_mode: Literal["pairs", "all"] = "pairs"
+    tau_max: float = 1.0
+    tau_min: float = 0.1
+    tau_schedule: Literal["linear", "exponential", "cosine"] = "linear"
+    anneal_fraction: float = 1.0  # tau reaches tau_min after this fraction of the rounds, then stays
+    pair_prune_threshold: float = 0.01
+    op_prune_threshold: float = 0.01
+    alpha_init_std: float = 1e-3
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """Local learning rule: FedMetaNAS's task + meta learners (baselines add their own fields)."""
+
+    name: Literal["fedmetanas"] = "fedmetanas"
+    meta_update: Literal["fomaml", "reptile"] = "fomaml"
+    local_steps: int = 10
+    inner_steps: int = 3
+    batch_size: int = 32
+    query_batch_size: int = 32
+    inner_lr_w: float = 3e-3
+    inner_lr_alpha: float = 3e-3
+    inner_betas: tuple[float, float] = (0.0, 0.999)
+    meta_optimizer: Literal["adam", "sgd"] = "adam"
+    meta_lr_w: float = 3e-3
+    meta_lr_alpha: float = 3e-3
+    reptile_lr_w: float = 1.0
+    reptile_lr_alpha: float = 0.6
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """Clients, participation and rounds."""
+
+    num_clients: int = 8
+    clients_per_round: int = 0  # 0: use participation
+    participation: float = 1.0
+    rounds: int = 20
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How often and on how much of the test set the global model is evaluated."""
+
+    every: int = 1
+    subset: int = 2000  # 0: the full test set every time
+    batch_size: int = 500
+    final_full: bool = True
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how each rank computes."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads_per_rank: int = 1
+    collective_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where a run writes its files."""
+
+    dir: str = "runs"
+    name: str = "default"
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration of one run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Range checks: (section, field) -> (predicate, what the value must be)
+_RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
+    ("data", "dirichlet_alpha"): (lambda v: v > 0, "a number > 0 (smaller is more non-IID)"),
+    ("data", "min_samples"): (lambda v: v >= 1, "an integer >= 1"),
+    ("data", "shards_per_client"): (lambda v: v >= 1, "an integer >= 1"),
+    ("data", "local_test_fraction"): (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    ("model", "channels"): (lambda v: v >= 1, "an integer >= 1"),
+    ("model", "layers"): (lambda v: v >= 1, "an integer >= 1"),
+    ("model", "nodes"): (lambda v: v >= 1, "an integer >= 1"),
+    ("model", "stem_multiplier"): (lambda v: v >= 1, "an integer >= 1"),
+    ("model", "stem_stride"): (lambda v: v in (1, 2), "1 or 2"),
+    ("search", "tau_max"): (lambda v: v > 0, "a number > 0"),
+    ("search", "tau_min"): (lambda v: v > 0, "a number > 0"),
+    ("search", "anneal_fraction"): (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    ("search", "pair_prune_threshold"): (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    ("search", "op_prune_threshold"): (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    ("search", "alpha_init_std"): (lambda v: v >= 0, "a number >= 0"),
+    ("algorithm", "local_steps"): (lambda v: v >= 1, "an integer >= 1"),
+    ("algorithm", "inner_steps"): (lambda v: v >= 1, "an integer >= 1"),
+    ("algorithm", "batch_size"): (lambda v: v >= 1, "an integer >= 1"),
+    ("algorithm", "query_batch_size"): (lambda v: v >= 1, "an integer >= 1"),
+    ("algorithm", "grad_clip"): (lambda v: v >= 0, "a number >= 0 (0 disables clipping)"),
+    ("federated", "num_clients"): (lambda v: v >= 1, "an integer >= 1"),
+    ("federated", "clients_per_round"): (lambda v: v >= 0, "an integer >= 0 (0: use participation)"),
+    ("federated", "participation"): (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    ("federated", "rounds"): (lambda v: v >= 1, "an integer >= 1"),
+    ("eval", "every"): (lambda v: v >= 1, "an integer >= 1"),
+    ("eval", "subset"): (lambda v: v >= 0, "an integer >= 0 (0: full test set)"),
+    ("eval", "batch_size"): (lambda v: v >= 1, "an integer >= 1"),
+    ("runtime", "threads_per_rank"): (lambda v: v >= 1, "an integer >= 1"),
+    ("runtime", "collective_timeout_s"): (lambda v: v > 0, "a number of seconds > 0"),
+}
+for _name in ("inner_lr_w", "inner_lr_alpha", "meta_lr_w", "meta_lr_alpha", "reptile_lr_w",
+              "reptile_lr_alpha", "weight_decay"):
+    _RANGES[("algorithm", _name)] = (lambda v: v >= 0, "a number >= 0")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "a list"
+    if tp is type(None):
+        return "null"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type or raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        extra = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigError(f"{where}: {value!r} is not valid; use {_type_name(tp)}{extra}")
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(err)
+        # Report the first member's message when it is the more specific one (a Literal choice).
+        if isinstance(value, str) and any(typing.get_origin(a) is Literal for a in typing.get_args(tp)):
+            raise errors[0]
+        raise ConfigError(f"{where}: {value!r} is not valid; use {_type_name(tp)}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp!r} at {where}")  # a bug in this module
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys with a suggestion."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            extra = f"; did you mean '{(where + '.') if where else ''}{hint[0]}'?" if hint else (
+                f"; valid keys are: {', '.join(names)}")
+            raise ConfigError(f"unknown config key '{full}'{extra}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, full)
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+            check = _RANGES.get((where, key))
+            if check is not None and not check[0](kwargs[key]):
+                raise ConfigError(f"{full}: {kwargs[key]!r} is out of range; use {check[1]}")
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    """Checks that involve several fields."""
+    if cfg.search.tau_min > cfg.search.tau_max:
+        raise ConfigError(
+            f"search.tau_min ({cfg.search.tau_min}) exceeds search.tau_max ({cfg.search.tau_max});"
+            " set tau_min <= tau_max")
+    if cfg.federated.clients_per_round > cfg.federated.num_clients:
+        raise ConfigError(
+            f"federated.clients_per_round ({cfg.federated.clients_per_round}) exceeds "
+            f"federated.num_clients ({cfg.federated.num_clients}); lower it or add clients")
+    if cfg.model.reduction_layers is not None:
+        bad = [i for i in cfg.model.reduction_layers if not 0 <= i < cfg.model.layers]
+        if bad:
+            raise ConfigError(
+                f"model.reduction_layers: {bad} outside 0..{cfg.model.layers - 1}; "
+                "use layer indices smaller than model.layers")
+    if not isinstance(cfg.model.primitives, str):
+        from fedmetanas.search.operations import OPS  # noqa: PLC0415 - leaf import, avoids a cycle
+
+        for name in cfg.model.primitives:
+            if name not in OPS:
+                hint = difflib.get_close_matches(name, list(OPS), n=1)
+                extra = f"; did you mean {hint[0]!r}?" if hint else f"; known: {', '.join(OPS)}"
+                raise ConfigError(f"model.primitives: unknown primitive {name!r}{extra}")
+        if len(set(cfg.model.primitives)) != len(cfg.model.primitives) or not cfg.model.primitives:
+            raise ConfigError("model.primitives: list each primitive once, at least one")
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: write it as section.key=value, e.g. federated.rounds=5")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def config_from_dict(data: dict[str, Any] | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Build a validated Config from a mapping (as read from YAML) plus `a.b=value` overrides."""
+    merged: dict[str, Any] = dict(data or {})
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[path[-1]] = value
+    cfg = _build(Config, merged, "")
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config file (or only defaults when `path` is None) and apply overrides."""
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: file {str(p)!r} not found; pass the path of a YAML file such as configs/default.yaml")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{p}: malformed YAML{at}; fix the syntax (indentation, ':' after keys)") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (data:, model:, ...)")
+    return config_from_dict(data, overrides)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain YAML-able data (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))

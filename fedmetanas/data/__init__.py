@@ -1,0 +1,1 @@
+"""Datasets as compact uint8 tensors, pure-numpy client partitions, and per-client batch sampling."""

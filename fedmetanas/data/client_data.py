@@ -1,0 +1,66 @@
+"""A client's view of the data: its index sets into the shared split, and how batches are drawn."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedmetanas.data.datasets import TensorSplit
+
+
+@dataclass
+class ClientData:
+    """Which rows of the shared train split one client owns, split into local train and local test."""
+
+    client_id: int
+    train_idx: torch.Tensor  # int64 rows of the train split
+    test_idx: torch.Tensor  # int64 rows of the train split held out for local evaluation
+
+    @property
+    def num_train(self) -> int:
+        """Local training-set size: the client's weight in sample-weighted aggregation."""
+        return int(self.train_idx.numel())
+
+
+def sample_batch(split: TensorSplit, idx: torch.Tensor, batch_size: int, generator: torch.Generator,
+                 augment: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw a batch of `batch_size` distinct rows of `idx` (all of them, shuffled, if fewer).
+
+    Args:
+        split: the dataset split the indices point into (on any device).
+        idx: int64 row indices owned by the client.
+        batch_size: rows per batch, without replacement within the batch.
+        generator: the only source of randomness (CPU); also drives augmentation.
+        augment: apply the split's flip + crop augmentation.
+
+    Returns:
+        (x, y) on the split's device, as from `TensorSplit.batch`.
+    """
+    n = int(idx.numel())
+    if n == 0:
+        raise ValueError("sample_batch needs a non-empty index set")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    perm = torch.randperm(n, generator=generator, device=generator.device)[:batch_size]
+    chosen = idx.index_select(0, perm.to(idx.device))
+    return split.batch(chosen.to(split.images.device), augment=augment, generator=generator)
+
+
+def build_clients(splits: list[tuple[np.ndarray, np.ndarray]]) -> list[ClientData]:
+    """One ClientData per (local_train, local_test) pair from `partition.split_local`, ids in order."""
+    return [ClientData(client_id=i,
+                       train_idx=torch.from_numpy(np.asarray(tr, dtype=np.int64).copy()),
+                       test_idx=torch.from_numpy(np.asarray(te, dtype=np.int64).copy()))
+            for i, (tr, te) in enumerate(splits)]
+
+
+def iterate_batches(split: TensorSplit, idx: torch.Tensor,
+                    batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """In-order, unshuffled, unaugmented batches over `idx` (the last may be smaller), for evaluation."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, int(idx.numel()), batch_size):
+        yield split.batch(idx[start:start + batch_size])

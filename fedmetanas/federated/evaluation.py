@@ -1,0 +1,35 @@
+"""Test-set evaluation of the global model, sharded over ranks and summed with one collective."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from fedmetanas.data.client_data import iterate_batches
+from fedmetanas.data.datasets import TensorSplit
+
+
+@torch.no_grad()
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], split: TensorSplit, idx: torch.Tensor,
+             batch_size: int, channels_last: bool = False) -> torch.Tensor:
+    """[summed cross-entropy, correct predictions, count] over `idx` as a float64 vector.
+
+    Sums (not means) so that shards from different ranks add up exactly.
+    """
+    out = torch.zeros(3, dtype=torch.float64, device=split.labels.device)
+    for x, y in iterate_batches(split, idx, batch_size):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = forward(x)
+        out[0] += torch.nn.functional.cross_entropy(logits, y, reduction="sum").to(torch.float64)
+        out[1] += (logits.argmax(dim=1) == y).sum().to(torch.float64)
+        out[2] += y.numel()
+    return out
+
+
+def shard(idx: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's contiguous slice of the evaluation indices."""
+    n = idx.numel()
+    lo, hi = rank * n // world_size, (rank + 1) * n // world_size
+    return idx[lo:hi]

@@ -1,0 +1,118 @@
+"""The run's trajectory log: one HDF5 file, written by rank 0, readable while the run goes on.
+
+Static facts (resolved config, partition) are attributes and datasets written at creation; every
+round appends one row to each dataset under /rounds (created on the first append, then the file
+switches to SWMR mode and is flushed after every round, so another process can read it with
+`h5py.File(path, "r", swmr=True)`). The layout is documented in docs/hdf5.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import h5py
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_STR = h5py.string_dtype(encoding="utf-8")
+
+
+def _as_array(value: Any) -> np.ndarray:
+    if isinstance(value, str):
+        return np.array(value, dtype=object)
+    arr = np.asarray(value)
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8)
+    return arr
+
+
+class TrajectoryLog:
+    """Append-only per-round log in HDF5 (use only on the main rank)."""
+
+    def __init__(self, path: str | Path, attrs: Mapping[str, Any], static: Mapping[str, Any]) -> None:
+        """Create the file with its attributes and static datasets (e.g. partition counts).
+
+        Args:
+            path: file to create; must not exist.
+            attrs: root attributes (strings, numbers; dicts are stored as JSON text).
+            static: dataset path -> array, written once (e.g. "partition/class_counts").
+        """
+        self.path = Path(path)
+        self._file = h5py.File(self.path, "w-", libver="latest")
+        self._file.attrs["format_version"] = FORMAT_VERSION
+        for key, value in attrs.items():
+            self._file.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+        for name, value in static.items():
+            arr = _as_array(value)
+            self._file.create_dataset(name, data=arr, dtype=_STR if arr.dtype == object else arr.dtype)
+        self._rows = 0
+        self._names: tuple[str, ...] | None = None
+        self._file.flush()
+
+    @property
+    def rounds_written(self) -> int:
+        return self._rows
+
+    def _create(self, record: Mapping[str, Any]) -> None:
+        group = self._file.require_group("rounds")
+        for name, value in record.items():
+            arr = _as_array(value)
+            dtype = _STR if arr.dtype == object else arr.dtype
+            group.create_dataset(name, shape=(0, *arr.shape), maxshape=(None, *arr.shape), dtype=dtype,
+                                 chunks=(max(1, min(64, 2**20 // max(arr.nbytes, 1))), *arr.shape) if arr.shape else (64,))
+        self._names = tuple(record)
+        # From here on only existing datasets grow, which SWMR allows; readers see every flush.
+        self._file.swmr_mode = True
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Append one round: every key must be the same (and same shape) as in the first round."""
+        if self._names is None:
+            self._create(record)
+        if set(record) != set(self._names or ()):
+            missing = set(self._names or ()) ^ set(record)
+            raise KeyError(f"round record keys changed: {sorted(missing)}")
+        group = self._file["rounds"]
+        for name in self._names or ():
+            ds = group[name]
+            ds.resize(self._rows + 1, axis=0)
+            ds[self._rows] = _as_array(record[name])
+        self._rows += 1
+        self._file.flush()
+
+    def close(self, final: Mapping[str, Any] | None = None) -> None:
+        """Close the file; `final` (name -> scalar or string) is stored as attributes of /final."""
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None  # type: ignore[assignment]
+        if final:
+            # SWMR forbids new objects, so the summary is added after reopening normally.
+            with h5py.File(self.path, "a") as f:
+                group = f.require_group("final")
+                for key, value in final.items():
+                    group.attrs[key] = value
+
+
+class NullLog:
+    """What the non-main ranks hold instead of a log: accepts everything, writes nothing."""
+
+    rounds_written = 0
+
+    def append(self, record: Mapping[str, Any]) -> None:  # noqa: D102
+        pass
+
+    def close(self, final: Mapping[str, Any] | None = None) -> None:  # noqa: D102
+        pass
+
+
+def read_rounds(path: str | Path) -> dict[str, np.ndarray]:
+    """All per-round datasets of a (possibly still running) log, as arrays."""
+    with h5py.File(path, "r", swmr=True) as f:
+        if "rounds" not in f:
+            return {}
+        return {name: ds[()] for name, ds in f["rounds"].items()}

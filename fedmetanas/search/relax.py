@@ -1,0 +1,100 @@
+"""Continuous relaxations of a categorical choice, temperature schedules and soft-pruning masks.
+
+Defined once here and used for both kinds of architecture logits: the op logits of every edge
+(alphas) and the input-pair logits of every node (betas). Each function works on a 2-D tensor
+of independent categorical rows; masked entries (False) get probability exactly 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+RelaxMode = Literal["soft", "hard", "expected", "argmax"]
+
+
+def temperature(schedule: str, tau_max: float, tau_min: float, step: int, total: int) -> float:
+    """Annealed temperature at `step` of `total` (tau_max at the first step, tau_min at the last)."""
+    p = min(max(step, 0) / max(total - 1, 1), 1.0)
+    if schedule == "linear":
+        return tau_max - (tau_max - tau_min) * p
+    if schedule == "exponential":
+        return tau_max * (tau_min / tau_max) ** p
+    if schedule == "cosine":
+        return tau_min + 0.5 * (tau_max - tau_min) * (1.0 + math.cos(math.pi * p))
+    raise ValueError(f"search.tau_schedule: unknown schedule {schedule!r}; use linear, exponential or cosine")
+
+
+def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Standard Gumbel(0, 1) noise drawn on the CPU from an explicit generator (device-independent)."""
+    u = torch.rand(shape, generator=generator, dtype=torch.float32)
+    return -torch.log(-torch.log(u.clamp_(1e-10, 1.0 - 1e-7)))
+
+
+def masked_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits with pruned entries set to -inf, so they get zero probability."""
+    return logits.masked_fill(~mask.to(logits.device), float("-inf"))
+
+
+def relax(logits: torch.Tensor, mask: torch.Tensor, tau: float, mode: RelaxMode,
+          noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relaxed one-hot weights for each row of `logits`, and which entries must be computed.
+
+    Args:
+        logits: (rows, k) architecture logits (may require grad).
+        mask: (rows, k) bool, False where pruned; at least one True per row.
+        tau: softmax temperature.
+        mode: `soft` Gumbel-softmax sample (all unmasked entries active); `hard` straight-through
+            Gumbel sample (forward value one-hot, gradient of the soft sample; only the sampled
+            entry is active, as in GDAS); `expected` noise-free softmax; `argmax` a constant one-hot.
+        noise: Gumbel noise of the same shape, required for `soft` and `hard`.
+
+    Returns:
+        weights (rows, k) on the logits' device, and active (rows, k) bool on the CPU.
+    """
+    mask_cpu = mask.to("cpu", torch.bool)
+    z = masked_logits(logits, mask_cpu)
+    if mode in ("soft", "hard"):
+        if noise is None:
+            raise ValueError("relax: Gumbel modes need noise")
+        z = z + noise.to(z.device)
+    if mode == "argmax":
+        index = z.detach().argmax(dim=-1).cpu()
+        onehot = torch.nn.functional.one_hot(index, logits.shape[-1]).to(torch.bool)
+        return onehot.to(logits.device, logits.dtype), onehot
+    soft = torch.softmax(z / tau, dim=-1)
+    if mode != "hard":
+        return soft, mask_cpu.clone()
+    # The sampled index is decided on the CPU copy so the choice is identical on every device.
+    zc = masked_logits(logits.detach().cpu(), mask_cpu) + noise.cpu()
+    index = zc.argmax(dim=-1)
+    onehot = torch.nn.functional.one_hot(index, logits.shape[-1]).to(soft.dtype)
+    hard = onehot.to(soft.device) - soft.detach() + soft
+    return hard, onehot.to(torch.bool)
+
+
+def probabilities(logits: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
+    """The annealed, noise-free distribution softmax(logits / tau) over unmasked entries."""
+    return torch.softmax(masked_logits(logits.detach().float().cpu(), mask.cpu()) / tau, dim=-1)
+
+
+def update_mask(logits: torch.Tensor, mask: torch.Tensor, tau: float, threshold: float) -> torch.Tensor:
+    """Soft pruning: drop entries whose annealed probability fell below `threshold`.
+
+    Masks only shrink (a pruned entry never returns), and each row's most likely entry is kept.
+    """
+    if threshold <= 0:
+        return mask.clone()
+    probs = probabilities(logits, mask, tau)
+    keep = (probs >= threshold) & mask.cpu()
+    best = probs.argmax(dim=-1, keepdim=True)
+    keep.scatter_(-1, best, True)
+    return keep
+
+
+def entropy(logits: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
+    """Per-row entropy (nats) of the annealed distribution; 0 once a row is one-hot."""
+    p = probabilities(logits, mask, tau)
+    return -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1)

@@ -1,0 +1,289 @@
+"""The DARTS-style supernet: mixed ops on every edge, cells, and the network around them.
+
+The relaxed architecture is an *argument* of `forward` (an `ArchSample`), computed once per step
+at network level by `sample_arch`, so the same weights run under a Gumbel sample, the expected
+softmax, or the one-hot weights of a genotype. Ops whose weight is structurally zero (not sampled,
+or pruned by a mask) are not computed at all: on a CPU that is where the time goes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import torch
+from torch import nn
+
+from fedmetanas.search.genotypes import Genotype
+from fedmetanas.search.operations import OPS, FactorizedReduce, ReLUConvBN
+from fedmetanas.search.relax import RelaxMode, gumbel_noise, probabilities, relax
+
+CELL_KINDS = ("normal", "reduce")
+
+
+def input_pairs(n_inputs: int) -> list[tuple[int, int]]:
+    """Unordered pairs of a node's inputs, in the fixed order the pair logits use."""
+    return list(itertools.combinations(range(n_inputs), 2))
+
+
+def edge_offsets(nodes: int) -> list[int]:
+    """Index of node j's first incoming edge in the flat edge list (node j has j + 2 inputs)."""
+    return [sum(t + 2 for t in range(j)) for j in range(nodes)]
+
+
+def num_edges(nodes: int) -> int:
+    return sum(j + 2 for j in range(nodes))
+
+
+@dataclass
+class CellArch:
+    """One cell type's relaxed architecture: op weights per edge and input weights per node."""
+
+    op_weights: torch.Tensor  # (edges, ops), on the model's device
+    op_index: list[list[int]]  # per edge, the ops to compute
+    input_coeff: list[torch.Tensor] | None  # per node, (inputs,) weights; None = all inputs weigh 1
+    input_index: list[list[int]]  # per node, the inputs to compute
+
+
+@dataclass
+class ArchSample:
+    normal: CellArch
+    reduce: CellArch
+
+
+@dataclass
+class ArchMasks:
+    """Soft-pruning masks (True = kept), CPU bool tensors shaped like the logits they mask."""
+
+    ops: dict[str, torch.Tensor]
+    pairs: dict[str, torch.Tensor] | None
+
+    def clone(self) -> "ArchMasks":
+        return ArchMasks({k: v.clone() for k, v in self.ops.items()},
+                         None if self.pairs is None else {k: v.clone() for k, v in self.pairs.items()})
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, mask) in the order of `SuperNet.named_alphas`."""
+        for kind in CELL_KINDS:
+            yield f"alpha_{kind}", self.ops[kind]
+        if self.pairs is not None:
+            for kind in CELL_KINDS:
+                yield f"beta_{kind}", self.pairs[kind]
+
+
+class MixedOp(nn.Module):
+    """All candidate ops of one edge; the output is their weighted sum over the active ones."""
+
+    def __init__(self, channels: int, stride: int, primitives: tuple[str, ...]) -> None:
+        super().__init__()
+        self.ops = nn.ModuleList(OPS[p](channels, stride) for p in primitives)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, index: list[int]) -> torch.Tensor:
+        out = None
+        for k in index:
+            term = weights[k] * self.ops[k](x)
+            out = term if out is None else out + term
+        assert out is not None, "an edge needs at least one active op"
+        return out
+
+
+class Cell(nn.Module):
+    """A DARTS cell: two preprocessed inputs, `nodes` intermediate nodes, output = their concat."""
+
+    def __init__(self, nodes: int, c_pp: int, c_p: int, c: int, reduction: bool,
+                 reduction_prev: bool, primitives: tuple[str, ...]) -> None:
+        super().__init__()
+        self.reduction = reduction
+        self.nodes = nodes
+        self.pre0 = FactorizedReduce(c_pp, c) if reduction_prev else ReLUConvBN(c_pp, c, 1, 1, 0)
+        self.pre1 = ReLUConvBN(c_p, c, 1, 1, 0)
+        self.edges = nn.ModuleList(
+            MixedOp(c, 2 if reduction and i < 2 else 1, primitives)
+            for j in range(nodes) for i in range(j + 2)
+        )
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, arch: CellArch) -> torch.Tensor:
+        states = [self.pre0(s0), self.pre1(s1)]
+        for j, off in enumerate(edge_offsets(self.nodes)):
+            node = None
+            for i in arch.input_index[j]:
+                e = off + i
+                out = self.edges[e](states[i], arch.op_weights[e], arch.op_index[e])
+                if arch.input_coeff is not None:
+                    out = arch.input_coeff[j][i] * out
+                node = out if node is None else node + out
+            assert node is not None, "a node needs at least one active input"
+            states.append(node)
+        return torch.cat(states[2:], dim=1)
+
+
+class SuperNet(nn.Module):
+    """Stem, a stack of normal/reduction cells, global pooling and a linear classifier.
+
+    Architecture parameters are registered `nn.Parameter`s: `alpha_{normal,reduce}` (edges x ops)
+    and, with pairwise inputs, `beta_{normal,reduce}` (nodes x max pairs; unused pads are masked).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int, layers: int, nodes: int,
+                 primitives: tuple[str, ...], stem_multiplier: int = 3,
+                 reduction_layers: tuple[int, ...] | None = None,
+                 input_mode: Literal["pairs", "all"] = "pairs", alpha_init_std: float = 1e-3,
+                 generator: torch.Generator | None = None, stem_stride: int = 1) -> None:
+        super().__init__()
+        if reduction_layers is None:
+            reduction_layers = tuple(sorted({layers // 3, 2 * layers // 3})) if layers >= 2 else ()
+        self.primitives = tuple(primitives)
+        self.nodes = nodes
+        self.input_mode = input_mode
+        c_curr = stem_multiplier * channels
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, c_curr, 3, stride=stem_stride, padding=1, bias=False),
+                                  nn.BatchNorm2d(c_curr))
+        c_pp, c_p, c_curr = c_curr, c_curr, channels
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for layer in range(layers):
+            reduction = layer in reduction_layers
+            if reduction:
+                c_curr *= 2
+            self.cells.append(Cell(nodes, c_pp, c_p, c_curr, reduction, reduction_prev, self.primitives))
+            reduction_prev = reduction
+            c_pp, c_p = c_p, nodes * c_curr
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c_p, num_classes)
+
+        n_edges, n_ops = num_edges(nodes), len(self.primitives)
+        max_pairs = len(input_pairs(nodes + 1))
+
+        def init(*shape: int) -> nn.Parameter:
+            return nn.Parameter(alpha_init_std * torch.randn(*shape, generator=generator))
+
+        self.alpha_normal = init(n_edges, n_ops)
+        self.alpha_reduce = init(n_edges, n_ops)
+        if input_mode == "pairs":
+            self.beta_normal = init(nodes, max_pairs)
+            self.beta_reduce = init(nodes, max_pairs)
+        # Pair -> input incidence per node, padded to max_pairs rows (constant, moves with .to).
+        inc = torch.zeros(nodes, max_pairs, nodes + 1)
+        for j in range(nodes):
+            for p, (a, b) in enumerate(input_pairs(j + 2)):
+                inc[j, p, a] = inc[j, p, b] = 1.0
+        self.register_buffer("pair_incidence", inc, persistent=False)
+
+    # -- the two named parameter sets ---------------------------------------------------------
+    def named_alphas(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, p in self.named_parameters():
+            if name.startswith(("alpha_", "beta_")):
+                yield name, p
+
+    def named_weights(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, p in self.named_parameters():
+            if not name.startswith(("alpha_", "beta_")):
+                yield name, p
+
+    def alphas(self) -> Iterator[nn.Parameter]:
+        return (p for _, p in self.named_alphas())
+
+    def weights(self) -> Iterator[nn.Parameter]:
+        return (p for _, p in self.named_weights())
+
+    def initial_masks(self) -> ArchMasks:
+        """Nothing pruned; only the padding of the pair logits is masked out."""
+        ops = {k: torch.ones(tuple(getattr(self, f"alpha_{k}").shape), dtype=torch.bool) for k in CELL_KINDS}
+        pairs = None
+        if self.input_mode == "pairs":
+            valid = torch.zeros(self.beta_normal.shape, dtype=torch.bool)
+            for j in range(self.nodes):
+                valid[j, : len(input_pairs(j + 2))] = True
+            pairs = {k: valid.clone() for k in CELL_KINDS}
+        return ArchMasks(ops, pairs)
+
+    def forward(self, x: torch.Tensor, arch: ArchSample) -> torch.Tensor:
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1, arch.reduce if cell.reduction else arch.normal)
+        return self.classifier(torch.flatten(self.pool(s1), 1))
+
+
+def _cell_arch(model: SuperNet, kind: str, masks: ArchMasks, tau: float, mode: RelaxMode,
+               generator: torch.Generator | None) -> CellArch:
+    alpha = getattr(model, f"alpha_{kind}")
+    noise = gumbel_noise(tuple(alpha.shape), generator) if mode in ("soft", "hard") else None
+    w, active = relax(alpha, masks.ops[kind], tau, mode, noise)
+    op_index = [row.nonzero().flatten().tolist() for row in active]
+    if masks.pairs is None:
+        return CellArch(w, op_index, None, [list(range(j + 2)) for j in range(model.nodes)])
+    beta = getattr(model, f"beta_{kind}")
+    pnoise = gumbel_noise(tuple(beta.shape), generator) if mode in ("soft", "hard") else None
+    pw, pactive = relax(beta, masks.pairs[kind], tau, mode, pnoise)
+    coeff, input_index = [], []
+    inc_cpu = model.pair_incidence.cpu()
+    for j in range(model.nodes):
+        n_in = j + 2
+        # c_i = sum of the weights of the pairs that contain input i.
+        coeff.append(pw[j] @ model.pair_incidence[j, :, :n_in])
+        used = (pactive[j].to(torch.float32) @ inc_cpu[j, :, :n_in]) > 0
+        input_index.append(used.nonzero().flatten().tolist())
+    return CellArch(w, op_index, coeff, input_index)
+
+
+def sample_arch(model: SuperNet, masks: ArchMasks, tau: float, mode: RelaxMode,
+                generator: torch.Generator | None = None) -> ArchSample:
+    """Relax both cell types' logits once for a forward pass (noise from `generator`)."""
+    return ArchSample(*(_cell_arch(model, k, masks, tau, mode, generator) for k in CELL_KINDS))
+
+
+# ------------------------------------------------------------------------------------------------
+# Genotype: decode and encode
+def _best_op(probs_row: torch.Tensor, primitives: tuple[str, ...]) -> tuple[str, float]:
+    """Most likely op of an edge, never `none` (a discrete cell has no zero edges)."""
+    order = torch.argsort(probs_row, descending=True).tolist()
+    for k in order:
+        if primitives[k] != "none":
+            return primitives[k], float(probs_row[k])
+    raise ValueError("model.primitives: a search space needs at least one op other than 'none'")
+
+
+def derive_genotype(model: SuperNet, masks: ArchMasks, tau: float = 1.0) -> Genotype:
+    """Discrete cells from the logits: with pairs, the most likely input pair per node and each
+    input's most likely op; without, DARTS's rule (the two strongest incoming edges)."""
+    cells = {}
+    for kind in CELL_KINDS:
+        # Pruned ops keep a fallback probability of 0 so an all-pruned-but-none edge still decodes.
+        p_ops = probabilities(getattr(model, f"alpha_{kind}"), masks.ops[kind], tau)
+        nodes = []
+        for j, off in enumerate(edge_offsets(model.nodes)):
+            if masks.pairs is not None:
+                p_pairs = probabilities(getattr(model, f"beta_{kind}")[j : j + 1], masks.pairs[kind][j : j + 1], tau)[0]
+                a, b = input_pairs(j + 2)[int(p_pairs.argmax())]
+                chosen = [a, b]
+            else:
+                strength = [_best_op(p_ops[off + i], model.primitives)[1] for i in range(j + 2)]
+                chosen = sorted(sorted(range(j + 2), key=lambda i: -strength[i])[:2])
+            nodes.append([(_best_op(p_ops[off + i], model.primitives)[0], i) for i in chosen])
+        cells[kind] = nodes
+    concat = list(range(2, 2 + model.nodes))
+    return Genotype(cells["normal"], concat, cells["reduce"], list(concat))
+
+
+def arch_from_genotype(model: SuperNet, genotype: Genotype) -> ArchSample:
+    """Constant one-hot weights that make the supernet compute exactly the genotype's cells."""
+    device = model.alpha_normal.device
+    cells = []
+    for kind in CELL_KINDS:
+        gene = getattr(genotype, kind)
+        if len(gene) != model.nodes:
+            raise ValueError(f"genotype has {len(gene)} nodes per cell but the model has {model.nodes}")
+        w = torch.zeros(tuple(model.alpha_normal.shape), device=device)
+        op_index: list[list[int]] = [[] for _ in range(w.shape[0])]
+        input_index = []
+        for j, off in enumerate(edge_offsets(model.nodes)):
+            inputs = []
+            for op, i in gene[j]:
+                k = model.primitives.index(op)
+                w[off + i, k] = 1.0
+                op_index[off + i] = [k]
+                inputs.append(i)
+            input_index.append(sorted(inputs))
+        cells.append(CellArch(w, op_index, None, input_index))
+    return ArchSample(*cells)

@@ -1,0 +1,16 @@
+"""Run a federated architecture search: args -> config -> DistContext -> simulation.run.
+
+    mpirun -np 2 python launch/main.py --config configs/default.yaml [section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fedmetanas.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

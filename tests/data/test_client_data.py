@@ -1,0 +1,62 @@
+"""Per-client batch sampling: without replacement, reproducible, only from the given generator."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedmetanas.data.client_data import ClientData, build_clients, iterate_batches, sample_batch
+from fedmetanas.data.datasets import TensorSplit
+
+
+def _split(n: int = 50, channels: int = 3, size: int = 8) -> TensorSplit:
+    """A split whose label is the row number, so a batch tells which rows it came from."""
+    images = torch.randint(0, 256, (n, channels, size, size), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8)
+    return TensorSplit(images, torch.arange(n), (0.5,) * channels, (0.25,) * channels, num_classes=n)
+
+
+def test_build_clients_keeps_order_dtype_and_sizes():
+    splits = [(np.array([3, 1]), np.array([2])), (np.array([0, 4, 5]), np.array([], dtype=np.int64))]
+    clients = build_clients(splits)
+    assert [c.client_id for c in clients] == [0, 1]
+    assert [c.num_train for c in clients] == [2, 3]
+    assert all(c.train_idx.dtype == torch.int64 and c.test_idx.dtype == torch.int64 for c in clients)
+    assert isinstance(clients[0], ClientData) and clients[0].train_idx.tolist() == [3, 1]
+
+
+def test_sample_batch_draws_distinct_rows_from_the_clients_indices():
+    split, idx = _split(), torch.arange(10, 40)
+    x, y = sample_batch(split, idx, 16, torch.Generator().manual_seed(1))
+    assert x.shape == (16, 3, 8, 8) and x.dtype == torch.float32
+    assert len(set(y.tolist())) == 16
+    assert set(y.tolist()) <= set(idx.tolist())
+
+
+def test_sample_batch_larger_than_the_index_set_uses_every_row_once():
+    split, idx = _split(), torch.tensor([5, 7, 9])
+    _, y = sample_batch(split, idx, 32, torch.Generator().manual_seed(0))
+    assert sorted(y.tolist()) == [5, 7, 9]
+
+
+def test_sample_batch_is_reproducible_and_leaves_global_rng_alone():
+    split, idx = _split(), torch.arange(50)
+    before = torch.get_rng_state()
+    x1, y1 = sample_batch(split, idx, 8, torch.Generator().manual_seed(3), augment=True)
+    x2, y2 = sample_batch(split, idx, 8, torch.Generator().manual_seed(3), augment=True)
+    _, y3 = sample_batch(split, idx, 8, torch.Generator().manual_seed(4), augment=True)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(y1, y3)
+
+
+def test_sample_batch_rejects_empty_index_sets():
+    with pytest.raises(ValueError, match="non-empty"):
+        sample_batch(_split(), torch.tensor([], dtype=torch.int64), 4, torch.Generator())
+
+
+def test_iterate_batches_visits_indices_in_order_without_augmentation():
+    split, idx = _split(), torch.tensor([9, 3, 4, 1, 0, 7, 8])
+    batches = list(iterate_batches(split, idx, 3))
+    assert [len(y) for _, y in batches] == [3, 3, 1]
+    assert torch.cat([y for _, y in batches]).tolist() == idx.tolist()
+    assert torch.equal(torch.cat([x for x, _ in batches]), split.batch(idx)[0])

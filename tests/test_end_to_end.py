@@ -1,0 +1,98 @@
+"""End to end, as a user runs it: `launch/main.py` on real MNIST, plain and under mpirun."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from fedmetanas.search.genotypes import Genotype
+from tests.helpers import REPO, launch, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def tiny_run(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One finished 2-round search (world size 1), shared by the tests that inspect its output."""
+    out = tmp_path_factory.mktemp("runs")
+    proc = launch(tiny_overrides(mnist_root, out, "tiny"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "tiny", proc.stdout
+
+
+def test_a_two_round_search_writes_log_config_genotype_and_model(tiny_run: tuple[Path, str]) -> None:
+    run_dir, stdout = tiny_run
+    for name in ("trajectory.h5", "config.yaml", "genotype.txt", "discrete_model.pt", "supernet.pt"):
+        assert (run_dir / name).is_file(), name
+    assert "final genotype:" in stdout and "test accuracy:" in stdout
+    genotype = Genotype.from_string((run_dir / "genotype.txt").read_text())
+    assert len(genotype.normal) == 2 and all(len(node) == 2 for node in genotype.normal)
+
+
+def test_the_saved_discrete_model_reproduces_the_logged_final_accuracy(tiny_run: tuple[Path, str],
+                                                                      mnist_root: Path) -> None:
+    from fedmetanas.config import config_from_dict
+    from fedmetanas.data.datasets import load_dataset
+    from fedmetanas.federated.evaluation import evaluate
+    from fedmetanas.federated.simulation import eval_indices, build_supernet
+    from fedmetanas.search.discrete import DiscreteNet
+
+    run_dir, _ = tiny_run
+    saved = torch.load(run_dir / "discrete_model.pt", weights_only=False)
+    cfg = config_from_dict(saved["config"])
+    _, test = load_dataset(cfg.data.name, str(mnist_root), False)
+    genotype = Genotype.from_string(saved["genotype"])
+    net = DiscreteNet.from_supernet(build_supernet(cfg, test.in_channels, test.num_classes), genotype)
+    net.load_state_dict(saved["state_dict"])
+    net.eval()
+    sums = evaluate(net, test, eval_indices(cfg, len(test)), 100)
+    with h5py.File(run_dir / "trajectory.h5", "r") as f:
+        logged = float(f["final"].attrs["discrete_acc"])
+    assert abs(float(sums[1] / sums[2]) - logged) < 1e-9
+
+
+def _documented_datasets() -> set[str]:
+    """Dataset names listed in docs/hdf5.md's per-round table (rows starting with `/rounds/...`)."""
+    text = (REPO / "docs" / "hdf5.md").read_text()
+    return set(re.findall(r"^\|\s*`/rounds/([a-z_]+)`", text, flags=re.M))
+
+
+def test_the_hdf5_log_has_exactly_the_documented_layout(tiny_run: tuple[Path, str]) -> None:
+    run_dir, _ = tiny_run
+    with h5py.File(run_dir / "trajectory.h5", "r", swmr=True) as f:
+        rounds = f["rounds"]
+        assert set(rounds) == _documented_datasets()
+        assert all(ds.shape[0] == 2 for ds in rounds.values())
+        counts = f["partition/class_counts"][()]
+        assert counts.shape == (4, 10) and counts.sum() == 60000
+        assert rounds["client_loss"].shape == (2, 4) and rounds["participants"][()].all()
+        assert rounds["alpha_normal"].shape[1:] == rounds["mask_alpha_normal"].shape[1:]
+        assert "config_yaml" in f.attrs and "partition_hash" in f.attrs
+        assert 0.0 <= f["final"].attrs["discrete_acc"] <= 1.0
+        assert (rounds["bytes_allreduced"][()] > 0).all()
+        assert rounds["tau"][0] > rounds["tau"][1]
+
+
+def _final_state(run_dir: Path) -> tuple[dict[str, np.ndarray], str]:
+    saved = torch.load(run_dir / "supernet.pt", weights_only=False)
+    alphas = {k: v.numpy() for k, v in saved["state_dict"].items() if k.startswith(("alpha_", "beta_"))}
+    return alphas, (run_dir / "genotype.txt").read_text()
+
+
+@pytest.mark.mpi
+def test_the_search_is_the_same_on_one_and_two_ranks(mnist_root: Path, tmp_path: Path) -> None:
+    results = {}
+    for np_ in (1, 2):
+        proc = launch(tiny_overrides(mnist_root, tmp_path, f"np{np_}"), np=np_)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[np_] = _final_state(tmp_path / f"np{np_}")
+    (a1, g1), (a2, g2) = results[1], results[2]
+    assert g1 == g2
+    assert a1.keys() == a2.keys()
+    for name in a1:
+        assert np.abs(a1[name] - a2[name]).max() <= 1e-6, name
+    # The run must have moved the architecture: otherwise equality would prove nothing.
+    assert max(np.abs(v).max() for v in a1.values()) > 1e-2
