@@ -18,7 +18,8 @@ def tiny_overrides(data_root: Path, out_dir: Path, name: str = "tiny") -> list[s
         "federated.num_clients=4", "federated.rounds=2", "federated.seed=3",
         "model.channels=4", "model.layers=2", "model.nodes=2", "model.stem_stride=2",
         "algorithm.local_steps=2", "algorithm.inner_steps=1", "algorithm.batch_size=16",
-        "algorithm.query_batch_size=16", "eval.subset=200", "eval.final_full=false",
+        "algorithm.query_batch_size=16", "algorithm.inner_lr_alpha=0.05", "algorithm.meta_lr_alpha=0.05",
+        "eval.subset=200", "eval.final_full=false",
         f"output.dir={out_dir}", f"output.name={name}",
     ]
 
