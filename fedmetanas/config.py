@@ -89,6 +89,8 @@ class AlgorithmConfig:
     reptile_lr_alpha: float = 0.6
     weight_decay: float = 0.0
     grad_clip: float = 5.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # per round, on the weights' learning rates
+    lr_min_factor: float = 0.05  # cosine ends at this fraction of the initial rates (DARTS: 0.001/0.025)
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("algorithm", "batch_size"): (lambda v: v >= 1, "an integer >= 1"),
     ("algorithm", "query_batch_size"): (lambda v: v >= 1, "an integer >= 1"),
     ("algorithm", "grad_clip"): (lambda v: v >= 0, "a number >= 0 (0 disables clipping)"),
+    ("algorithm", "lr_min_factor"): (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     ("federated", "num_clients"): (lambda v: v >= 1, "an integer >= 1"),
     ("federated", "clients_per_round"): (lambda v: v >= 0, "an integer >= 0 (0: use participation)"),
     ("federated", "participation"): (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),

@@ -36,6 +36,7 @@ class LocalContext:
     gumbel_gen: torch.Generator
     augment: bool = False
     channels_last: bool = False
+    lr_scale: float = 1.0  # the round's factor on the weights' learning rates (schedule)
 
 
 @dataclass
@@ -79,8 +80,9 @@ class FedMetaNAS:
     def __init__(self, cfg: AlgorithmConfig) -> None:
         self.cfg = cfg
 
-    def _meta_optimizer(self, model: SuperNet) -> torch.optim.Optimizer:
-        groups = [{"params": list(model.weights()), "lr": self.cfg.meta_lr_w, "weight_decay": self.cfg.weight_decay},
+    def _meta_optimizer(self, model: SuperNet, lr_scale: float) -> torch.optim.Optimizer:
+        groups = [{"params": list(model.weights()), "lr": self.cfg.meta_lr_w * lr_scale,
+                   "weight_decay": self.cfg.weight_decay},
                   {"params": list(model.alphas()), "lr": self.cfg.meta_lr_alpha, "weight_decay": 0.0}]
         if self.cfg.meta_optimizer == "adam":
             return torch.optim.Adam(groups)
@@ -89,7 +91,7 @@ class FedMetaNAS:
     def adapt(self, task: SuperNet, ctx: LocalContext, steps: int) -> list[torch.Tensor]:
         """Task learner: `steps` joint Adam steps on weights and architecture logits."""
         betas = self.cfg.inner_betas
-        opt_w = torch.optim.Adam(task.weights(), lr=self.cfg.inner_lr_w, betas=betas,
+        opt_w = torch.optim.Adam(task.weights(), lr=self.cfg.inner_lr_w * ctx.lr_scale, betas=betas,
                                  weight_decay=self.cfg.weight_decay)
         opt_a = torch.optim.Adam(task.alphas(), lr=self.cfg.inner_lr_alpha, betas=betas)
         losses = []
@@ -103,7 +105,7 @@ class FedMetaNAS:
     def local_update(self, model: SuperNet, task: SuperNet, ctx: LocalContext) -> LocalResult:
         """Run the client's meta-steps; `model` holds the global parameters on entry, the client's after."""
         cfg = self.cfg
-        meta_opt = self._meta_optimizer(model) if cfg.meta_update == "fomaml" else None
+        meta_opt = self._meta_optimizer(model, ctx.lr_scale) if cfg.meta_update == "fomaml" else None
         losses: list[torch.Tensor] = []
         for _ in range(cfg.local_steps):
             copy_state(task, model)

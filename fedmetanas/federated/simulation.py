@@ -30,7 +30,7 @@ from fedmetanas.reporting.hdf5 import NullLog, TrajectoryLog
 from fedmetanas.rundir import LOG_NAME, check_run_dir, prepare_run_dir
 from fedmetanas.search.discrete import DiscreteNet
 from fedmetanas.search.genotypes import Genotype, resolve_primitives
-from fedmetanas.search.relax import entropy, temperature, update_mask
+from fedmetanas.search.relax import entropy, lr_factor, temperature, update_mask
 from fedmetanas.search.supernet import ArchMasks, SuperNet, arch_from_genotype, derive_genotype, sample_arch
 from fedmetanas.seeding import Purpose, derive_seed, torch_generator
 
@@ -175,6 +175,7 @@ def run(cfg: Config, ctx: DistContext) -> RunResult:
         t_round = time.perf_counter()
         tau = temperature(cfg.search.tau_schedule, cfg.search.tau_max, cfg.search.tau_min, rnd,
                           max(1, round(cfg.search.anneal_fraction * fed.rounds)))
+        lr_scale = lr_factor(cfg.algorithm.lr_schedule, cfg.algorithm.lr_min_factor, rnd, fed.rounds)
         selected = sample_clients(n_clients, per_round, fed.seed, rnd)
         plan = assign_to_ranks(selected, [1.0] * n_clients, world)
 
@@ -184,7 +185,7 @@ def run(cfg: Config, ctx: DistContext) -> RunResult:
             local = LocalContext(train, train_idx[cid], masks, tau, cfg.search.gumbel,
                                  torch_generator(fed.seed, Purpose.BATCHES, rnd, cid),
                                  torch_generator(fed.seed, Purpose.GUMBEL, rnd, cid),
-                                 cfg.data.augment, cfg.model.channels_last)
+                                 cfg.data.augment, cfg.model.channels_last, lr_scale)
             result = algo.local_update(worker, task, local)
             n = clients[cid].num_train
             add_weighted(buf, aggregated_tensors(worker), float(n))

@@ -27,6 +27,14 @@ def temperature(schedule: str, tau_max: float, tau_min: float, step: int, total:
     raise ValueError(f"search.tau_schedule: unknown schedule {schedule!r}; use linear, exponential or cosine")
 
 
+def lr_factor(schedule: str, min_factor: float, step: int, total: int) -> float:
+    """Learning-rate multiplier at `step` of `total`: 1 throughout, or cosine from 1 to `min_factor`."""
+    if schedule == "constant":
+        return 1.0
+    p = min(max(step, 0) / max(total - 1, 1), 1.0)
+    return min_factor + 0.5 * (1.0 - min_factor) * (1.0 + math.cos(math.pi * p))
+
+
 def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     """Standard Gumbel(0, 1) noise drawn on the CPU from an explicit generator (device-independent)."""
     u = torch.rand(shape, generator=generator, dtype=torch.float32)
