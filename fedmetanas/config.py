@@ -242,7 +242,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(f"{where}: {value!r} is too large for a number") from None
         if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
             try:
                 return float(value)
@@ -299,6 +302,9 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(
                 f"model.reduction_layers: {bad} outside 0..{cfg.model.layers - 1}; "
                 "use layer indices smaller than model.layers")
+    if not all(0.0 <= b < 1.0 for b in cfg.algorithm.inner_betas):
+        raise ConfigError(f"algorithm.inner_betas: {list(cfg.algorithm.inner_betas)} must lie in [0, 1); "
+                          "MetaNAS uses [0.0, 0.999]")
     if not isinstance(cfg.model.primitives, str):
         from fedmetanas.search.operations import OPS  # noqa: PLC0415 - leaf import, avoids a cycle
 
@@ -309,13 +315,19 @@ def _validate(cfg: Config) -> None:
                 raise ConfigError(f"model.primitives: unknown primitive {name!r}{extra}")
         if len(set(cfg.model.primitives)) != len(cfg.model.primitives) or not cfg.model.primitives:
             raise ConfigError("model.primitives: list each primitive once, at least one")
+        if all(name == "none" for name in cfg.model.primitives):
+            raise ConfigError("model.primitives: needs at least one op other than 'none' (a cell cannot be all zeros)")
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: write it as section.key=value, e.g. federated.rounds=5")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML; quote it or fix the brackets") from None
+    return key.strip().split("."), value
 
 
 def config_from_dict(data: dict[str, Any] | None, overrides: typing.Sequence[str] = ()) -> Config:

@@ -20,3 +20,15 @@ def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
     fetch_mnist_from(SHARED_MNIST, root)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread per test, as `make test` gets from OMP_NUM_THREADS=1: the models here are
+    tiny, and with more threads than free cores thread hand-offs cost ~10x the compute."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

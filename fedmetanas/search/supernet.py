@@ -222,7 +222,7 @@ def _cell_arch(model: SuperNet, kind: str, masks: ArchMasks, tau: float, mode: R
         n_in = j + 2
         # c_i = sum of the weights of the pairs that contain input i.
         coeff.append(pw[j] @ model.pair_incidence[j, :, :n_in])
-        used = (pactive[j].to(torch.float32) @ inc_cpu[j, :, :n_in]) > 0
+        used = (pactive[j].to(inc_cpu.dtype) @ inc_cpu[j, :, :n_in]) > 0
         input_index.append(used.nonzero().flatten().tolist())
     return CellArch(w, op_index, coeff, input_index)
 

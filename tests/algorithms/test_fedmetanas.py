@@ -1,0 +1,271 @@
+"""FedMetaNAS's local search, checked against first-order MAML and Reptile written out by hand.
+
+The reference reproduces one meta-step from the same random streams: the batch generator gives the
+support batch then the query batch, the Gumbel generator the support sample then the query sample.
+The first Adam step with betas (0, 0.999) is p - lr * g / (|g| + eps): m = g and the bias-corrected
+v is g^2.
+"""
+
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fedmetanas.algorithms.fedmetanas import FedMetaNAS, LocalContext
+from fedmetanas.config import AlgorithmConfig
+from fedmetanas.data.client_data import sample_batch
+from fedmetanas.data.datasets import TensorSplit
+from fedmetanas.search.genotypes import METANAS_PRIMITIVES
+from fedmetanas.search.supernet import SuperNet, sample_arch
+
+N, CLASSES, BATCH, EPS = 24, 3, 4, 1e-8
+
+BASE = AlgorithmConfig(meta_update="fomaml", local_steps=1, inner_steps=1, batch_size=BATCH, query_batch_size=BATCH,
+                       inner_lr_w=0.05, inner_lr_alpha=0.08, meta_optimizer="sgd", meta_lr_w=0.3,
+                       meta_lr_alpha=0.5, reptile_lr_w=0.7, reptile_lr_alpha=0.6, weight_decay=0.0, grad_clip=0.0)
+
+
+def _net(seed: int = 0) -> SuperNet:
+    """Alphas come from the generator; module weights from the global RNG, seeded and restored here
+    (as the simulation builds its model)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SuperNet(1, CLASSES, channels=4, layers=2, nodes=2, primitives=METANAS_PRIMITIVES, stem_multiplier=1,
+                        reduction_layers=(1,), alpha_init_std=0.3, generator=torch.Generator().manual_seed(seed))
+
+
+def _split() -> TensorSplit:
+    gen = torch.Generator().manual_seed(123)
+    images = torch.randint(0, 256, (N, 1, 8, 8), generator=gen, dtype=torch.uint8)
+    labels = torch.randint(0, CLASSES, (N,), generator=gen)
+    return TensorSplit(images, labels, (0.5,), (0.25,), num_classes=CLASSES)
+
+
+def _ctx(net: SuperNet, batch_seed: int = 1, gumbel_seed: int = 2, mode: str = "hard",
+         lr_scale: float = 1.0) -> LocalContext:
+    return LocalContext(train=_split(), train_idx=torch.arange(N), masks=net.initial_masks(), tau=1.0,
+                        relax_mode=mode, batch_gen=torch.Generator().manual_seed(batch_seed),
+                        gumbel_gen=torch.Generator().manual_seed(gumbel_seed), lr_scale=lr_scale)
+
+
+def _clone(gen: torch.Generator) -> torch.Generator:
+    return torch.Generator().set_state(gen.get_state())
+
+
+def _loss_and_grads(model: SuperNet, ctx: LocalContext, batch_gen, gumbel_gen):
+    """One batch and one relaxed sample, in the code's order; gradients of all parameters (None if unused)."""
+    x, y = sample_batch(ctx.train, ctx.train_idx, BATCH, batch_gen)
+    arch = sample_arch(model, ctx.masks, ctx.tau, ctx.relax_mode, gumbel_gen)
+    loss = nn.functional.cross_entropy(model(x, arch), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    return loss.detach(), grads
+
+
+def _is_alpha(model: SuperNet):
+    alpha_ids = {id(p) for p in model.alphas()}
+    return [id(p) in alpha_ids for p in model.parameters()]
+
+
+def _clip_weight_grads(grads, kinds, max_norm: float):
+    """Scale the weights' gradients to total norm `max_norm` (torch's clip_grad_norm_ rule)."""
+    if max_norm <= 0:
+        return list(grads)
+    norm = math.sqrt(sum(float((g ** 2).sum()) for g, a in zip(grads, kinds) if g is not None and not a))
+    scale = min(1.0, max_norm / (norm + 1e-6))
+    return [g if g is None or a else g * scale for g, a in zip(grads, kinds)]
+
+
+def _reference_adapt(model: SuperNet, ctx: LocalContext, cfg: AlgorithmConfig, batch_gen, gumbel_gen):
+    """The task learner after one inner Adam step, computed by hand from cloned generators."""
+    task = copy.deepcopy(model)
+    loss, grads = _loss_and_grads(task, ctx, batch_gen, gumbel_gen)
+    grads = _clip_weight_grads(grads, _is_alpha(task), cfg.grad_clip)
+    with torch.no_grad():
+        for p, g, is_alpha in zip(task.parameters(), grads, _is_alpha(task)):
+            if g is not None:
+                lr = cfg.inner_lr_alpha if is_alpha else cfg.inner_lr_w * ctx.lr_scale
+                p.sub_(lr * g / (g.abs() + EPS))
+    return task, loss
+
+
+def _params(model: SuperNet) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+def _split_by_kind(model: SuperNet, tensors: list[torch.Tensor]):
+    kinds = _is_alpha(model)
+    return [t for t, a in zip(tensors, kinds) if not a], [t for t, a in zip(tensors, kinds) if a]
+
+
+# -- the meta-update rules ---------------------------------------------------------------------
+@pytest.mark.parametrize("lr_scale", [1.0, 0.5])
+def test_fomaml_step_is_the_query_gradient_at_the_adapted_parameters(lr_scale):
+    # Prepare: the round's lr_scale multiplies the weights' inner and meta rates, not the alphas'.
+    model, cfg = _net(), BASE
+    ctx = _ctx(model, lr_scale=lr_scale)
+    bg, gg = _clone(ctx.batch_gen), _clone(ctx.gumbel_gen)
+    before = _params(model)
+    adapted, _ = _reference_adapt(model, ctx, cfg, bg, gg)
+    query_loss, query_grads = _loss_and_grads(adapted, ctx, bg, gg)
+    kinds = _is_alpha(model)
+    expected = [p if g is None else p - (cfg.meta_lr_alpha if a else cfg.meta_lr_w * lr_scale) * g
+                for p, g, a in zip(before, query_grads, kinds)]
+
+    # Execute
+    result = FedMetaNAS(cfg).local_update(model, copy.deepcopy(model), ctx)
+
+    # Assert
+    after = _params(model)
+    assert _max_diff(after, expected) < 1e-6
+    moved_w, moved_a = _split_by_kind(model, [(x - y).abs().max() for x, y in zip(after, before)])
+    assert max(moved_w) > 1e-2 and max(moved_a) > 1e-2  # a real step for both parameter sets
+    assert result.loss == pytest.approx(float(query_loss), rel=1e-5)
+    assert result.steps == 2
+    # The adapted point matters: the query gradient at the *initial* parameters gives another step.
+    _, naive_grads = _loss_and_grads(copy.deepcopy(_net()), ctx, _clone(_ctx(model).batch_gen),
+                                     _clone(_ctx(model).gumbel_gen))
+    naive = [p if g is None else p - (cfg.meta_lr_alpha if a else cfg.meta_lr_w * lr_scale) * g
+             for p, g, a in zip(before, naive_grads, kinds)]
+    assert _max_diff(after, naive) > 1e-3
+
+
+def test_fomaml_copies_the_task_learners_bn_statistics():
+    model, cfg = _net(), BASE
+    ctx = _ctx(model)
+    bg, gg = _clone(ctx.batch_gen), _clone(ctx.gumbel_gen)
+    adapted, _ = _reference_adapt(model, ctx, cfg, bg, gg)
+    _loss_and_grads(adapted, ctx, bg, gg)  # the query forward updates the running statistics too
+    untouched = [b.clone() for b in model.buffers()]
+
+    FedMetaNAS(cfg).local_update(model, copy.deepcopy(model), ctx)
+
+    floats = [(b, r, u) for b, r, u in zip(model.buffers(), adapted.buffers(), untouched) if b.is_floating_point()]
+    assert all(torch.allclose(b, r, atol=1e-6) for b, r, _ in floats)
+    assert any(not torch.equal(b, u) for b, _, u in floats)
+    # BN step counters: 2 (support + query) where both passes computed the op, fewer where a hard
+    # sample skipped it.
+    counters = [(b, r) for b, r in zip(model.buffers(), adapted.buffers()) if not b.is_floating_point()]
+    assert all(torch.equal(b, r) for b, r in counters)
+    assert int(model.stem[1].num_batches_tracked) == 2
+
+
+def test_fomaml_clips_only_the_weight_gradient():
+    clip = 1e-3
+    model, cfg = _net(), dataclasses.replace(BASE, grad_clip=clip)
+    ctx = _ctx(model)
+    bg, gg = _clone(ctx.batch_gen), _clone(ctx.gumbel_gen)
+    adapted, _ = _reference_adapt(model, ctx, cfg, bg, gg)
+    _, query_grads = _loss_and_grads(adapted, ctx, bg, gg)
+    before = _params(model)
+
+    FedMetaNAS(cfg).local_update(model, copy.deepcopy(model), ctx)
+
+    steps = [b - a for a, b in zip(_params(model), before)]
+    w_steps, a_steps = _split_by_kind(model, steps)
+    _, a_grads = _split_by_kind(model, list(query_grads))
+    w_norm = math.sqrt(sum(float((s ** 2).sum()) for s in w_steps))
+    assert w_norm == pytest.approx(cfg.meta_lr_w * clip, rel=1e-3)
+    assert all(torch.allclose(s, cfg.meta_lr_alpha * g, atol=1e-5) for s, g in zip(a_steps, a_grads))
+
+
+@pytest.mark.parametrize("lr_scale", [1.0, 0.5])
+def test_reptile_moves_towards_the_adapted_parameters_with_separate_rates(lr_scale):
+    model, cfg = _net(), dataclasses.replace(BASE, meta_update="reptile")
+    ctx = _ctx(model, lr_scale=lr_scale)
+    before = _params(model)
+    adapted, inner_loss = _reference_adapt(model, ctx, cfg, _clone(ctx.batch_gen), _clone(ctx.gumbel_gen))
+    expected = [p + (cfg.reptile_lr_alpha if a else cfg.reptile_lr_w) * (q.detach() - p)
+                for p, q, a in zip(before, adapted.parameters(), _is_alpha(model))]
+
+    result = FedMetaNAS(cfg).local_update(model, copy.deepcopy(model), ctx)
+
+    after = _params(model)
+    assert _max_diff(after, expected) < 1e-6
+    moved_w, moved_a = _split_by_kind(model, [(x - y).abs().max() for x, y in zip(after, before)])
+    # One Adam step moves a parameter by ~lr; Reptile scales that by its own rate per set.
+    assert max(moved_w) == pytest.approx(cfg.reptile_lr_w * cfg.inner_lr_w * lr_scale, rel=1e-3)
+    assert max(moved_a) == pytest.approx(cfg.reptile_lr_alpha * cfg.inner_lr_alpha, rel=1e-3)
+    assert result.loss == pytest.approx(float(inner_loss), rel=1e-6)
+    assert result.steps == 1
+
+
+def test_reptile_with_unit_rates_returns_the_adapted_model():
+    model = _net()
+    cfg = dataclasses.replace(BASE, meta_update="reptile", reptile_lr_w=1.0, reptile_lr_alpha=1.0, inner_steps=2)
+    ctx = _ctx(model)
+    task = copy.deepcopy(model)
+    reference = copy.deepcopy(model)
+    FedMetaNAS(cfg).adapt(reference, _ctx(model), cfg.inner_steps)  # the task learner on its own
+
+    FedMetaNAS(cfg).local_update(model, task, ctx)
+
+    # p + 1 * (q - p) is q up to one rounding.
+    assert _max_diff(_params(model), _params(reference)) < 1e-6
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), reference.buffers()))
+
+
+# -- whole local updates -----------------------------------------------------------------------
+@pytest.mark.parametrize("meta_update", ["fomaml", "reptile"])
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_local_update_changes_weights_and_alphas_and_reports_a_finite_loss(meta_update, mode):
+    model = _net()
+    cfg = AlgorithmConfig(meta_update=meta_update, local_steps=2, inner_steps=2, batch_size=BATCH,
+                          query_batch_size=BATCH, meta_lr_w=0.05, meta_lr_alpha=0.05)
+    before = _params(model)
+
+    result = FedMetaNAS(cfg).local_update(model, copy.deepcopy(model), _ctx(model, mode=mode))
+
+    changed = [not torch.equal(a, b) for a, b in zip(_params(model), before)]
+    changed_w, changed_a = _split_by_kind(model, changed)
+    assert any(changed_w) and all(changed_a)
+    assert math.isfinite(result.loss) and result.loss > 0
+    assert result.steps == 2 * (2 + (meta_update == "fomaml"))
+
+
+def _run(batch_seed: int, gumbel_seed: int, meta_update: str = "fomaml"):
+    model = _net()
+    cfg = AlgorithmConfig(meta_update=meta_update, local_steps=2, inner_steps=2, batch_size=BATCH,
+                          query_batch_size=BATCH)
+    result = FedMetaNAS(cfg).local_update(model, _net(seed=77), _ctx(model, batch_seed, gumbel_seed))
+    return model.state_dict(), result.loss
+
+
+@pytest.mark.parametrize("meta_update", ["fomaml", "reptile"])
+def test_local_update_is_bit_identical_for_the_same_generator_seeds(meta_update):
+    rng_before = torch.get_rng_state()
+
+    state_a, loss_a = _run(1, 2, meta_update)
+    state_b, loss_b = _run(1, 2, meta_update)
+
+    assert loss_a == loss_b
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # only the explicit generators are used
+
+
+def test_local_update_depends_on_both_generators():
+    state, _ = _run(1, 2)
+    other_batches, _ = _run(5, 2)
+    other_gumbel, _ = _run(1, 5)
+
+    assert not torch.equal(state["alpha_normal"], other_batches["alpha_normal"])
+    assert not torch.equal(state["alpha_normal"], other_gumbel["alpha_normal"])
+
+
+def test_task_learner_starts_from_the_meta_model_not_its_own_state():
+    # The task model passed in holds unrelated values; local_update must overwrite them.
+    model = _net()
+    ctx_a, ctx_b = _ctx(model), _ctx(model)
+    model_b = copy.deepcopy(model)
+
+    FedMetaNAS(BASE).local_update(model, copy.deepcopy(model), ctx_a)
+    FedMetaNAS(BASE).local_update(model_b, _net(seed=55), ctx_b)
+
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model_b.parameters()))

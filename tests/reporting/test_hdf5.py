@@ -1,0 +1,177 @@
+"""The trajectory log: static facts at creation, one row per round, readable while it is written."""
+
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from fedmetanas.reporting.hdf5 import FORMAT_VERSION, NullLog, TrajectoryLog, read_rounds
+
+ATTRS = {"config": {"federated": {"rounds": 3}, "model": {"primitives": ["conv_3x3"]}}, "name": "unit", "seed": 7}
+STATIC = {"partition/class_counts": np.arange(12).reshape(3, 4), "partition/names": "dirichlet"}
+
+
+def _record(r: int) -> dict:
+    return {
+        "loss": 1.0 / (r + 1),
+        "round": r,
+        "alpha_normal": np.full((2, 3), r, dtype=np.float32),
+        "genotype": f"genotype-{r}",
+        "mask": np.array([True, r % 2 == 0, False]),
+    }
+
+
+def _reader_rounds(path) -> int:
+    """Open the file from a separate process, in SWMR mode, and count the rows under /rounds."""
+    code = ("import h5py, sys\n"
+            "with h5py.File(sys.argv[1], 'r', swmr=True) as f:\n"
+            "    print(f['rounds/loss'].shape[0] if 'rounds' in f else 0)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.strip())
+
+
+def test_creation_writes_attributes_and_static_datasets(tmp_path):
+    path = tmp_path / "run.h5"
+
+    log = TrajectoryLog(path, ATTRS, STATIC)
+    log.close()
+
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format_version"] == FORMAT_VERSION
+        assert json.loads(f.attrs["config"]) == ATTRS["config"]  # dicts are stored as JSON text
+        assert f.attrs["name"] == "unit" and f.attrs["seed"] == 7
+        assert np.array_equal(f["partition/class_counts"][()], np.arange(12).reshape(3, 4))
+        assert f["partition/names"][()].decode() == "dirichlet"
+        assert "rounds" not in f
+
+
+def test_creation_refuses_to_overwrite_an_existing_file(tmp_path):
+    path = tmp_path / "run.h5"
+    path.write_bytes(b"already here")
+
+    with pytest.raises(OSError):
+        TrajectoryLog(path, {}, {})
+
+    assert path.read_bytes() == b"already here"
+
+
+def test_three_appended_rounds_give_datasets_with_three_rows(tmp_path):
+    path = tmp_path / "run.h5"
+    log = TrajectoryLog(path, ATTRS, STATIC)
+
+    for r in range(3):
+        log.append(_record(r))
+    assert log.rounds_written == 3
+    log.close()
+
+    with h5py.File(path, "r") as f:
+        rounds = f["rounds"]
+        assert set(rounds) == set(_record(0))
+        assert rounds["loss"].shape == (3,) and rounds["round"].shape == (3,)
+        assert rounds["alpha_normal"].shape == (3, 2, 3)
+        assert rounds["genotype"].shape == (3,) and rounds["mask"].shape == (3, 3)
+        assert np.allclose(rounds["loss"][()], [1.0, 0.5, 1 / 3])
+        assert rounds["round"][()].tolist() == [0, 1, 2]
+        assert rounds["alpha_normal"].dtype == np.float32
+        assert np.array_equal(rounds["alpha_normal"][()], np.stack([np.full((2, 3), r) for r in range(3)]))
+        assert [s.decode() for s in rounds["genotype"][()]] == ["genotype-0", "genotype-1", "genotype-2"]
+        assert rounds["mask"][()].astype(bool).tolist() == [[True, True, False], [True, False, False],
+                                                           [True, True, False]]
+
+
+def test_a_record_with_changed_keys_is_rejected(tmp_path):
+    log = TrajectoryLog(tmp_path / "run.h5", {}, {})
+    log.append(_record(0))
+    extra = dict(_record(1), new_metric=1.0)
+    missing = {k: v for k, v in _record(1).items() if k != "loss"}
+
+    with pytest.raises(KeyError, match="new_metric"):
+        log.append(extra)
+    with pytest.raises(KeyError, match="loss"):
+        log.append(missing)
+
+    log.append(_record(1))  # the log is still usable
+    assert log.rounds_written == 2
+    log.close()
+    assert read_rounds(tmp_path / "run.h5")["round"].tolist() == [0, 1]
+
+
+def test_another_process_reads_the_rounds_while_the_writer_is_open(tmp_path):
+    path = tmp_path / "run.h5"
+    log = TrajectoryLog(path, ATTRS, STATIC)
+
+    try:
+        log.append(_record(0))
+        seen_after_one = _reader_rounds(path)
+        log.append(_record(1))
+        seen_after_two = _reader_rounds(path)
+    finally:
+        log.close()
+
+    assert (seen_after_one, seen_after_two) == (1, 2)
+
+
+def test_close_with_final_stores_a_summary_group(tmp_path):
+    path = tmp_path / "run.h5"
+    log = TrajectoryLog(path, {}, {})
+    log.append(_record(0))
+
+    log.close(final={"test_accuracy": 0.875, "genotype": "g-final", "rounds": 1})
+    log.close()  # closing twice is harmless
+
+    with h5py.File(path, "r") as f:
+        final = f["final"].attrs
+        assert final["test_accuracy"] == 0.875
+        assert final["genotype"] == "g-final"
+        assert final["rounds"] == 1
+        assert f["rounds/loss"].shape == (1,)
+
+
+def test_close_without_final_adds_no_summary(tmp_path):
+    path = tmp_path / "run.h5"
+    log = TrajectoryLog(path, {}, {})
+
+    log.close()
+
+    with h5py.File(path, "r") as f:
+        assert "final" not in f
+
+
+def test_read_rounds_returns_arrays(tmp_path):
+    path = tmp_path / "run.h5"
+    log = TrajectoryLog(path, {}, {})
+    for r in range(3):
+        log.append(_record(r))
+
+    during = read_rounds(path)
+    log.close()
+    after = read_rounds(path)
+
+    for rounds in (during, after):
+        assert set(rounds) == set(_record(0))
+        assert all(isinstance(v, np.ndarray) for v in rounds.values())
+        assert rounds["alpha_normal"].shape == (3, 2, 3)
+        assert rounds["round"].tolist() == [0, 1, 2]
+
+
+def test_read_rounds_of_a_log_without_rounds_is_empty(tmp_path):
+    path = tmp_path / "run.h5"
+    TrajectoryLog(path, {}, {}).close()
+
+    assert read_rounds(path) == {}
+
+
+def test_null_log_accepts_everything_and_writes_nothing(tmp_path):
+    log = NullLog()
+
+    for r in range(3):
+        log.append(_record(r))
+    log.append({"anything": 1})
+    log.close(final={"x": 1})
+
+    assert log.rounds_written == 0
+    assert list(tmp_path.iterdir()) == []
