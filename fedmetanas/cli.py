@@ -8,13 +8,16 @@ import os
 import sys
 from typing import Sequence
 
+from fedmetanas.checkpoint import CheckpointError
 from fedmetanas.config import ConfigError, load_config
 from fedmetanas.data.errors import DataError
 from fedmetanas.dist import DistError, init_distributed, launched_by_mpi, shutdown
 from fedmetanas.rundir import RunDirError
 
-USER_ERRORS = (ConfigError, DataError, DistError, RunDirError)
+USER_ERRORS = (ConfigError, DataError, DistError, RunDirError, CheckpointError)
 EXIT_USER_ERROR = 2
+EXIT_NUMERICAL_FAULT = 3
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; resume with --resume
 
 
 def env_rank() -> int:
@@ -30,6 +33,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML config file (defaults apply to what it leaves out)")
     p.add_argument("--name", help="run name: output goes to <output.dir>/<name> (same as output.name=...)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run from its newest valid checkpoint (a new run if there is none)")
     p.add_argument("--log-level", default="INFO", help="logging level on rank 0 (DEBUG, INFO, WARNING)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return p.parse_intermixed_args(argv)
@@ -45,13 +50,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides.append(f"output.name={args.name}")
     if args.overwrite:
         overrides.append("output.overwrite=true")
+    if args.resume:
+        overrides.append("output.resume=true")
     try:
         cfg = load_config(args.config, overrides)
         ctx = init_distributed(cfg.runtime.device, cfg.runtime.threads_per_rank, cfg.runtime.collective_timeout_s)
-        from fedmetanas.federated.simulation import run  # noqa: PLC0415 - heavy import after arg checks
+        from fedmetanas.federated.simulation import NumericalFault, Preempted, run  # noqa: PLC0415 - heavy
 
         try:
             result = run(cfg, ctx)
+        except Preempted as stop:
+            if rank == 0:
+                print(f"stopped: {stop}", file=sys.stderr)
+            return EXIT_PREEMPTED
+        except NumericalFault as fault:
+            if rank == 0:
+                print(f"error: {fault}", file=sys.stderr)
+            return EXIT_NUMERICAL_FAULT
         finally:
             shutdown()
     except USER_ERRORS as err:

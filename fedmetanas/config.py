@@ -102,6 +102,7 @@ class FederatedConfig:
     participation: float = 1.0
     rounds: int = 20
     seed: int = 0
+    nonfinite: Literal["exclude", "stop"] = "exclude"  # a client update with NaN/Inf: drop it, or stop
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,15 @@ class OutputConfig:
     dir: str = "runs"
     name: str = "default"
     overwrite: bool = False
+    resume: bool = False  # continue from the newest valid checkpoint in the run directory, if any
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """How often the server state is saved (also on SIGTERM / SIGUSR1), and how many are kept."""
+
+    every: int = 1  # rounds; 0 = only on a signal and at the end
+    keep: int = 2
 
 
 @dataclass(frozen=True)
@@ -144,6 +154,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +188,8 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("eval", "every"): (lambda v: v >= 1, "an integer >= 1"),
     ("eval", "subset"): (lambda v: v >= 0, "an integer >= 0 (0: full test set)"),
     ("eval", "batch_size"): (lambda v: v >= 1, "an integer >= 1"),
+    ("checkpoint", "every"): (lambda v: v >= 0, "an integer >= 0 (0: only on a signal and at the end)"),
+    ("checkpoint", "keep"): (lambda v: v >= 1, "an integer >= 1"),
     ("runtime", "threads_per_rank"): (lambda v: v >= 1, "an integer >= 1"),
     ("runtime", "collective_timeout_s"): (lambda v: v > 0, "a number of seconds > 0"),
 }

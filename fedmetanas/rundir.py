@@ -22,10 +22,10 @@ def run_dir(cfg: OutputConfig) -> Path:
 def check_run_dir(cfg: OutputConfig) -> Path:
     """Validate (without writing) that the run directory may be used; every rank may call it."""
     path = run_dir(cfg)
-    if (path / LOG_NAME).exists() and not cfg.overwrite:
+    if (path / LOG_NAME).exists() and not (cfg.overwrite or cfg.resume):
         raise RunDirError(
             f"output: run directory {str(path)!r} already holds a run; choose another output.name, "
-            "or pass --overwrite (output.overwrite: true) to replace it")
+            "--resume to continue it, or --overwrite (output.overwrite: true) to replace it")
     parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
     if not os.access(parent, os.W_OK):
         raise RunDirError(f"output.dir: {str(parent)!r} is not writable; choose a writable output.dir")
@@ -35,7 +35,7 @@ def check_run_dir(cfg: OutputConfig) -> Path:
 def prepare_run_dir(cfg: OutputConfig) -> Path:
     """Create the run directory (main rank only), clearing an old run only when overwrite is set."""
     path = check_run_dir(cfg)
-    if path.exists() and cfg.overwrite:
+    if path.exists() and cfg.overwrite and not cfg.resume:
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path

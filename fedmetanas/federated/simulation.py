@@ -8,6 +8,8 @@ float64 buffer, and a single all-reduce makes every rank's copy of the global mo
 from __future__ import annotations
 
 import logging
+import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ import torch
 import yaml
 
 from fedmetanas.algorithms.fedmetanas import FedMetaNAS, LocalContext, copy_state
+from fedmetanas.checkpoint import check_compatible, load_latest, save_checkpoint
 from fedmetanas.config import Config, ConfigError, to_dict
 from fedmetanas.data.client_data import ClientData, build_clients
 from fedmetanas.data.datasets import TensorSplit, load_dataset
@@ -111,144 +114,262 @@ class Evaluator:
 def _arch_record(net: SuperNet, masks: ArchMasks, tau: float) -> dict[str, Any]:
     rec: dict[str, Any] = {}
     for (name, p), (_, m) in zip(net.named_alphas(), masks.items()):
-        rec[name] = p.detach().cpu().numpy()
-        rec[f"mask_{name}"] = m.numpy()
+        rec[name] = p.detach().cpu().numpy().copy()  # a copy: the parameter keeps training
+        rec[f"mask_{name}"] = m.numpy().copy()
         rec[f"entropy_{name}"] = entropy(p, m, tau).numpy()
     return rec
 
 
-def run(cfg: Config, ctx: DistContext) -> RunResult:
-    """Run a whole federated search; rank 0 writes the run directory and the HDF5 log."""
-    t_start = time.perf_counter()
-    fed = cfg.federated
-    if ctx.world_size > fed.num_clients:
-        raise ConfigError(
-            f"federated.num_clients ({fed.num_clients}) is smaller than the number of ranks "
-            f"({ctx.world_size}); start at most {fed.num_clients} ranks or add clients")
-    check_run_dir(cfg.output)
+class Preempted(RuntimeError):
+    """A signal (SIGTERM / SIGUSR1) asked the run to stop; a checkpoint of the last round was written."""
 
-    train, test = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download)
-    clients, counts, part_hash = make_clients(cfg, train)
-    train, test = train.to(ctx.device), test.to(ctx.device)
-    train_idx = [c.train_idx.to(ctx.device) for c in clients]
 
-    net = build_supernet(cfg, train.in_channels, train.num_classes).to(ctx.device)
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    net = net.to(memory_format=memory_format)
-    worker = build_supernet(cfg, train.in_channels, train.num_classes).to(ctx.device, memory_format=memory_format)
-    task = build_supernet(cfg, train.in_channels, train.num_classes).to(ctx.device, memory_format=memory_format)
-    masks = net.initial_masks()
-    algo = FedMetaNAS(cfg.algorithm)
-    evaluator = Evaluator(cfg, ctx, test)
-    eval_idx = eval_indices(cfg, len(test))
+class NumericalFault(RuntimeError):
+    """A client's update held NaN/Inf and `federated.nonfinite: stop` was set."""
 
-    global_tensors = aggregated_tensors(net)
-    n_params = numel(global_tensors)
-    n_clients, world = fed.num_clients, ctx.world_size
-    # Flat buffer layout: [sum n*params | sum n | per-client loss | per-client flag | per-rank seconds]
-    off_n, off_loss = n_params, n_params + 1
-    off_flag, off_time = off_loss + n_clients, off_loss + 2 * n_clients
-    buf_len = off_time + world
-    per_round = clients_per_round(n_clients, fed.clients_per_round, fed.participation)
 
-    out_dir: Path | None = None
-    trajectory: TrajectoryLog | NullLog = NullLog()
-    if ctx.is_main:
-        out_dir = prepare_run_dir(cfg.output)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        trajectory = TrajectoryLog(
-            out_dir / LOG_NAME,
-            attrs={"config_yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False),
-                   "primitives": list(net.primitives), "nodes": net.nodes, "world_size": world,
-                   "algorithm": cfg.algorithm.name, "partition_hash": part_hash,
-                   "num_params": sum(p.numel() for p in net.weights())},
-            static={"partition/class_counts": counts,
-                    "partition/train_sizes": np.array([c.num_train for c in clients]),
-                    "partition/test_sizes": np.array([c.test_idx.numel() for c in clients])})
+class _StopFlag:
+    """Set from a signal handler; read once per round and shared with the other ranks via the all-reduce."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal handler signature
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+
+class Simulation:
+    """All state of one federated search on one rank, and the round loop over it."""
+
+    def __init__(self, cfg: Config, ctx: DistContext) -> None:
+        fed = cfg.federated
+        if ctx.world_size > fed.num_clients:
+            raise ConfigError(
+                f"federated.num_clients ({fed.num_clients}) is smaller than the number of ranks "
+                f"({ctx.world_size}); start at most {fed.num_clients} ranks or add clients")
+        self.cfg, self.ctx = cfg, ctx
+        self.run_path = check_run_dir(cfg.output)
+        train, test = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download)
+        self.clients, self.counts, self.partition_hash = make_clients(cfg, train)
+        self.train, self.test = train.to(ctx.device), test.to(ctx.device)
+        self.train_idx = [c.train_idx.to(ctx.device) for c in self.clients]
+
+        fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        # The global model, plus one worker replica and one task-learner replica: memory is
+        # O(replicas x model), never O(clients).
+        self.net, self.worker, self.task = (
+            build_supernet(cfg, train.in_channels, train.num_classes).to(ctx.device, memory_format=fmt)
+            for _ in range(3))
+        self.masks = self.net.initial_masks()
+        self.algo = FedMetaNAS(cfg.algorithm)
+        self.evaluator = Evaluator(cfg, ctx, self.test)
+        self.eval_idx = eval_indices(cfg, len(test))
+        self.global_tensors = aggregated_tensors(self.net)
+        self.per_round = clients_per_round(fed.num_clients, fed.clients_per_round, fed.participation)
+        # Flat buffer: [sum n*params | sum n | stop | client loss | client flag | client excluded | rank seconds]
+        k = fed.num_clients
+        self.n_params = numel(self.global_tensors)
+        self.off_n, self.off_stop = self.n_params, self.n_params + 1
+        self.off_loss = self.n_params + 2
+        self.off_flag, self.off_excl, self.off_time = self.off_loss + k, self.off_loss + 2 * k, self.off_loss + 3 * k
+        self.buf_len = self.off_time + ctx.world_size
+        self.start_round = 0
+        self.rows: list[dict[str, Any]] = []
+        self.wall_offset = 0.0
+        self.stop = _StopFlag()
+        self.trajectory: TrajectoryLog | NullLog = NullLog()
+        self.ckpt_dir = self.run_path / "checkpoints"
+
+    # -- setup -------------------------------------------------------------------------------
+    def _log_attrs(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        cfg_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+        attrs = {"config_yaml": cfg_yaml, "primitives": list(self.net.primitives), "nodes": self.net.nodes,
+                 "world_size": self.ctx.world_size, "algorithm": self.cfg.algorithm.name,
+                 "partition_hash": self.partition_hash, "num_params": sum(p.numel() for p in self.net.weights())}
+        static = {"partition/class_counts": self.counts,
+                  "partition/train_sizes": np.array([c.num_train for c in self.clients]),
+                  "partition/test_sizes": np.array([c.test_idx.numel() for c in self.clients])}
+        return attrs, static
+
+    def _resume(self) -> None:
+        """Load the newest valid checkpoint, if resuming and one exists (every rank reads it)."""
+        found = load_latest(self.ckpt_dir) if self.cfg.output.resume else None
+        if found is None:
+            if self.cfg.output.resume:
+                log.info("no checkpoint in %s: starting a new run", self.ckpt_dir)
+            return
+        state, path = found
+        check_compatible(state, path, to_dict(self.cfg), self.partition_hash)
+        self.net.load_state_dict(state["model"])
+        self.masks = ArchMasks(state["masks"]["ops"], state["masks"]["pairs"])
+        self.start_round = int(state["next_round"])
+        self.rows = list(state["rows"])
+        self.wall_offset = float(state["wall_time"])
+        log.info("resumed from %s at round %d", path, self.start_round + 1)
+
+    def _open_log(self) -> None:
+        """Rank 0: a fresh log, or on resume the log rebuilt from the checkpoint's rows (a killed run's
+        file may hold rounds after the checkpoint, or be torn; those rounds are recomputed)."""
+        if not self.ctx.is_main:
+            return
+        out_dir = prepare_run_dir(self.cfg.output)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        attrs, static = self._log_attrs()
+        final = out_dir / LOG_NAME
+        tmp = out_dir / (LOG_NAME + ".tmp")
+        tmp.unlink(missing_ok=True)
+        self.trajectory = TrajectoryLog(tmp, attrs, static)
+        for row in self.rows:
+            self.trajectory.append(row)
+        self.trajectory.rename(final)
         log.info("run directory %s; %d clients (%d per round) on %d rank(s); %d aggregated values",
-                 out_dir, n_clients, per_round, world, n_params)
+                 out_dir, self.cfg.federated.num_clients, self.per_round, self.ctx.world_size, self.n_params)
 
-    history: list[dict[str, Any]] = []
-    metrics: dict[str, float] = {}
-    genotype = derive_genotype(net, masks)
-    for rnd in range(fed.rounds):
-        t_round = time.perf_counter()
-        tau = temperature(cfg.search.tau_schedule, cfg.search.tau_max, cfg.search.tau_min, rnd,
-                          max(1, round(cfg.search.anneal_fraction * fed.rounds)))
-        lr_scale = lr_factor(cfg.algorithm.lr_schedule, cfg.algorithm.lr_min_factor, rnd, fed.rounds)
-        selected = sample_clients(n_clients, per_round, fed.seed, rnd)
-        plan = assign_to_ranks(selected, [1.0] * n_clients, world)
+    def _checkpoint(self, next_round: int, wall_time: float) -> None:
+        if not self.ctx.is_main:
+            return
+        state = {"next_round": next_round, "model": self.net.state_dict(),
+                 "masks": {"ops": self.masks.ops, "pairs": self.masks.pairs}, "rows": self.rows,
+                 "wall_time": wall_time, "config": to_dict(self.cfg), "partition_hash": self.partition_hash}
+        save_checkpoint(self.ckpt_dir, state, self.cfg.checkpoint.keep)
 
-        buf = torch.zeros(buf_len, dtype=torch.float64, device=ctx.device)
-        for cid in plan[ctx.rank]:
-            copy_state(worker, net)
-            local = LocalContext(train, train_idx[cid], masks, tau, cfg.search.gumbel,
+    # -- one round -----------------------------------------------------------------------------
+    def _local_work(self, rnd: int, tau: float, lr_scale: float, buf: torch.Tensor) -> None:
+        """Run this rank's clients of the round and add their contributions to `buf`."""
+        cfg, fed = self.cfg, self.cfg.federated
+        selected = sample_clients(fed.num_clients, self.per_round, fed.seed, rnd)
+        plan = assign_to_ranks(selected, [1.0] * fed.num_clients, self.ctx.world_size)
+        for cid in plan[self.ctx.rank]:
+            copy_state(self.worker, self.net)
+            local = LocalContext(self.train, self.train_idx[cid], self.masks, tau, cfg.search.gumbel,
                                  torch_generator(fed.seed, Purpose.BATCHES, rnd, cid),
                                  torch_generator(fed.seed, Purpose.GUMBEL, rnd, cid),
                                  cfg.data.augment, cfg.model.channels_last, lr_scale)
-            result = algo.local_update(worker, task, local)
-            n = clients[cid].num_train
-            add_weighted(buf, aggregated_tensors(worker), float(n))
-            buf[off_n] += n
-            buf[off_loss + cid] = result.loss
-            buf[off_flag + cid] = 1.0
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize(ctx.device)
-        t_local = time.perf_counter() - t_round
-        buf[off_time + ctx.rank] = t_local
+            result = self.algo.local_update(self.worker, self.task, local)
+            tensors = aggregated_tensors(self.worker)
+            buf[self.off_flag + cid] = 1.0
+            if not (math.isfinite(result.loss) and all(bool(torch.isfinite(t).all()) for t in tensors)):
+                buf[self.off_excl + cid] = 1.0  # excluded: contributes nothing to the average
+                continue
+            n = self.clients[cid].num_train
+            add_weighted(buf, tensors, float(n))
+            buf[self.off_n] += n
+            buf[self.off_loss + cid] = result.loss
 
-        t0 = time.perf_counter()
-        ctx.all_reduce_sum(buf)
-        t_comm = time.perf_counter() - t0
+    def _update_server(self, buf: torch.Tensor, tau: float) -> None:
+        """Average, then soft-prune: masks follow the annealed distributions of the new global logits."""
+        if float(buf[self.off_n]) > 0:  # else every client was excluded: keep the previous model
+            write_flat(self.global_tensors, buf[: self.n_params] / buf[self.off_n])
+        s = self.cfg.search
+        self.masks = ArchMasks(
+            {k: update_mask(getattr(self.net, f"alpha_{k}"), m, tau, s.op_prune_threshold)
+             for k, m in self.masks.ops.items()},
+            None if self.masks.pairs is None else
+            {k: update_mask(getattr(self.net, f"beta_{k}"), m, tau, s.pair_prune_threshold)
+             for k, m in self.masks.pairs.items()})
 
-        write_flat(global_tensors, buf[:n_params] / buf[off_n])
-        # Soft pruning: masks follow the annealed distributions of the new global logits.
-        masks = ArchMasks(
-            {k: update_mask(getattr(net, f"alpha_{k}"), m, tau, cfg.search.op_prune_threshold)
-             for k, m in masks.ops.items()},
-            None if masks.pairs is None else
-            {k: update_mask(getattr(net, f"beta_{k}"), m, tau, cfg.search.pair_prune_threshold)
-             for k, m in masks.pairs.items()})
-        genotype = derive_genotype(net, masks, tau)
+    def run(self) -> RunResult:
+        """The round loop; returns the final evaluation (identical on every rank)."""
+        t_start = time.perf_counter()
+        cfg, fed, k = self.cfg, self.cfg.federated, self.cfg.federated.num_clients
+        self._resume()
+        self._open_log()
+        self.stop.install()
+        t_start -= self.wall_offset
+        for rnd in range(self.start_round, fed.rounds):
+            t_round = time.perf_counter()
+            tau = self._tau(rnd)
+            lr_scale = lr_factor(cfg.algorithm.lr_schedule, cfg.algorithm.lr_min_factor, rnd, fed.rounds)
+            buf = torch.zeros(self.buf_len, dtype=torch.float64, device=self.ctx.device)
+            self._local_work(rnd, tau, lr_scale, buf)
+            if self.ctx.device.type == "cuda":
+                torch.cuda.synchronize(self.ctx.device)
+            t_local = time.perf_counter() - t_round
+            buf[self.off_time + self.ctx.rank] = t_local
+            buf[self.off_stop] = float(self.stop.requested)
 
-        t0 = time.perf_counter()
-        last = rnd == fed.rounds - 1
-        if rnd % cfg.eval.every == 0 or last:
-            metrics = evaluator(net, masks, tau, genotype, eval_idx)
-        else:
-            metrics = {k: float("nan") for k in ("supernet_loss", "supernet_acc", "discrete_loss", "discrete_acc")}
-        t_eval = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            self.ctx.all_reduce_sum(buf)
+            t_comm = time.perf_counter() - t0
 
-        tail = buf[off_loss:].cpu().numpy()
-        flags = tail[n_clients : 2 * n_clients] > 0
-        client_loss = np.where(flags, tail[:n_clients], np.nan)
-        rank_seconds = tail[2 * n_clients :]
-        row = {"round": rnd, "tau": tau, "genotype": genotype.to_string(), **metrics,
-               "client_loss": client_loss, "participants": flags,
-               "time_local_rank": rank_seconds, "time_local": float(rank_seconds.max()),
-               "time_allreduce": t_comm, "time_eval": t_eval,
-               "time_round": time.perf_counter() - t_round, "wall_time": time.perf_counter() - t_start,
-               "bytes_allreduced": buf.numel() * buf.element_size(), **_arch_record(net, masks, tau)}
-        trajectory.append(row)
-        history.append({k: v for k, v in row.items() if np.isscalar(v) or isinstance(v, str)})
-        if ctx.is_main:
-            log.info("round %3d/%d  tau %.3f  loss %.3f  acc supernet %.4f discrete %.4f  local %.1fs comm %.3fs eval %.1fs",
-                     rnd + 1, fed.rounds, tau, float(np.nanmean(client_loss)), metrics["supernet_acc"],
-                     metrics["discrete_acc"], row["time_local"], t_comm, t_eval)
+            tail = buf[self.off_loss :].cpu().numpy()
+            flags, excluded = tail[k : 2 * k] > 0, tail[2 * k : 3 * k] > 0
+            if excluded.any() and fed.nonfinite == "stop":
+                raise NumericalFault(
+                    f"round {rnd + 1}: the update of client(s) {np.flatnonzero(excluded).tolist()} holds NaN/Inf; "
+                    "lower the learning rates, or set federated.nonfinite: exclude to drop such updates")
+            if excluded.any():
+                log.warning("round %d: excluded non-finite update(s) of client(s) %s", rnd + 1,
+                            np.flatnonzero(excluded).tolist())
+            self._update_server(buf, tau)
+            genotype = derive_genotype(self.net, self.masks, tau)
 
-    # Final: the discrete network with the searched weights, no retraining, on the full test set.
-    final_idx = torch.arange(len(test)) if cfg.eval.final_full else eval_idx
-    final = evaluator(net, masks, tau, genotype, final_idx)
-    discrete = DiscreteNet.from_supernet(net, genotype)
-    seconds = time.perf_counter() - t_start
-    if ctx.is_main and out_dir is not None:
-        (out_dir / "genotype.txt").write_text(genotype.to_string() + "\n")
-        torch.save({"genotype": genotype.to_string(), "state_dict": discrete.state_dict(),
-                    "config": to_dict(cfg)}, out_dir / "discrete_model.pt")
-        torch.save({"state_dict": net.state_dict(), "masks": dict(masks.items()), "tau": tau,
-                    "config": to_dict(cfg)}, out_dir / "supernet.pt")
-        trajectory.close(final={"genotype": genotype.to_string(), "seconds": seconds,
-                                "eval_count": int(final_idx.numel()), **final})
-    alphas = {name: p.detach().cpu().numpy().copy() for name, p in net.named_alphas()}
-    return RunResult(genotype, final["discrete_acc"], final["supernet_acc"], final["discrete_loss"],
-                     seconds, alphas, out_dir, history)
+            t0 = time.perf_counter()
+            if rnd % cfg.eval.every == 0 or rnd == fed.rounds - 1:
+                metrics = self.evaluator(self.net, self.masks, tau, genotype, self.eval_idx)
+            else:
+                metrics = dict.fromkeys(("supernet_loss", "supernet_acc", "discrete_loss", "discrete_acc"), float("nan"))
+            t_eval = time.perf_counter() - t0
+
+            client_loss = np.where(flags & ~excluded, tail[:k], np.nan)
+            rank_seconds = tail[3 * k :]
+            row = {"round": rnd, "tau": tau, "genotype": genotype.to_string(), **metrics,
+                   "client_loss": client_loss, "participants": flags, "excluded": excluded,
+                   "time_local_rank": rank_seconds, "time_local": float(rank_seconds.max()),
+                   "time_allreduce": t_comm, "time_eval": t_eval,
+                   "time_round": time.perf_counter() - t_round, "wall_time": time.perf_counter() - t_start,
+                   "bytes_allreduced": buf.numel() * buf.element_size(), **_arch_record(self.net, self.masks, tau)}
+            self.rows.append(row)
+            self.trajectory.append(row)
+            log.info("round %3d/%d  tau %.3f  loss %.3f  acc supernet %.4f discrete %.4f  "
+                     "local %.1fs comm %.3fs eval %.1fs", rnd + 1, fed.rounds, tau,
+                     float(np.nanmean(client_loss)) if np.isfinite(client_loss).any() else float("nan"),
+                     metrics["supernet_acc"], metrics["discrete_acc"], row["time_local"], t_comm, t_eval)
+            stopping = float(buf[self.off_stop]) > 0
+            every = cfg.checkpoint.every
+            if stopping or (every and (rnd + 1) % every == 0) or rnd == fed.rounds - 1:
+                self._checkpoint(rnd + 1, row["wall_time"])
+            if stopping and rnd < fed.rounds - 1:
+                self.trajectory.close()
+                raise Preempted(f"stopped by {self.stop.signal_name or 'a signal on another rank'} after round "
+                                f"{rnd + 1}; checkpoint written, continue with --resume")
+        return self._finish(t_start)
+
+    def _tau(self, rnd: int) -> float:
+        s = self.cfg.search
+        anneal_rounds = max(1, round(s.anneal_fraction * self.cfg.federated.rounds))
+        return temperature(s.tau_schedule, s.tau_max, s.tau_min, rnd, anneal_rounds)
+
+    def _finish(self, t_start: float) -> RunResult:
+        """Final evaluation of the discrete (pruned, not retrained) net on the full test set; save models."""
+        cfg = self.cfg
+        tau = self._tau(cfg.federated.rounds - 1)
+        genotype = derive_genotype(self.net, self.masks, tau)
+        final_idx = torch.arange(len(self.test)) if cfg.eval.final_full else self.eval_idx
+        final = self.evaluator(self.net, self.masks, tau, genotype, final_idx)
+        discrete = DiscreteNet.from_supernet(self.net, genotype)
+        seconds = time.perf_counter() - t_start
+        out_dir = self.run_path if self.ctx.is_main else None
+        if out_dir is not None:
+            (out_dir / "genotype.txt").write_text(genotype.to_string() + "\n")
+            torch.save({"genotype": genotype.to_string(), "state_dict": discrete.state_dict(),
+                        "config": to_dict(cfg)}, out_dir / "discrete_model.pt")
+            torch.save({"state_dict": self.net.state_dict(), "masks": dict(self.masks.items()), "tau": tau,
+                        "config": to_dict(cfg)}, out_dir / "supernet.pt")
+            self.trajectory.close(final={"genotype": genotype.to_string(), "seconds": seconds,
+                                         "eval_count": int(final_idx.numel()), **final})
+        alphas = {name: p.detach().cpu().numpy().copy() for name, p in self.net.named_alphas()}
+        history = [{k: v for k, v in r.items() if np.isscalar(v) or isinstance(v, str)} for r in self.rows]
+        return RunResult(genotype, final["discrete_acc"], final["supernet_acc"], final["discrete_loss"],
+                         seconds, alphas, out_dir, history)
+
+
+def run(cfg: Config, ctx: DistContext) -> RunResult:
+    """Run (or resume) a whole federated search; rank 0 writes the run directory and the HDF5 log."""
+    return Simulation(cfg, ctx).run()

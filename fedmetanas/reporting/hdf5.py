@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -84,6 +85,11 @@ class TrajectoryLog:
         self._rows += 1
         self._file.flush()
 
+    def rename(self, path: str | Path) -> None:
+        """Move the open file (e.g. a log rebuilt under a temporary name onto the real one)."""
+        os.replace(self.path, path)
+        self.path = Path(path)
+
     def close(self, final: Mapping[str, Any] | None = None) -> None:
         """Close the file; `final` (name -> scalar or string) is stored as attributes of /final."""
         if self._file is None:
@@ -103,8 +109,16 @@ class NullLog:
 
     rounds_written = 0
 
+    def rename(self, path: str | Path) -> None:  # noqa: D102
+        pass
+
     def append(self, record: Mapping[str, Any]) -> None:  # noqa: D102
         pass
+
+    def rename(self, path: str | Path) -> None:
+        """Move the open file (e.g. a log rebuilt under a temporary name onto the real one)."""
+        os.replace(self.path, path)
+        self.path = Path(path)
 
     def close(self, final: Mapping[str, Any] | None = None) -> None:  # noqa: D102
         pass

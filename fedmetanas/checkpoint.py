@@ -1,0 +1,115 @@
+"""Atomic checkpoints of the server state, and the checks that a resumed run is the same run.
+
+A checkpoint holds everything the next round depends on: the global model (weights, architecture
+logits, BN statistics), the pruning masks, the round to run next, the resolved config, the
+partition's hash and every per-round log row so far (so the HDF5 log can be rebuilt exactly).
+No RNG state is needed: all randomness derives from (seed, round, client) (see seeding.py).
+Files are written to a temporary name, fsynced and renamed, so a kill never leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^round-(\d{6})\.pt$")
+FORMAT_VERSION = 1
+# Fields that may change between a run and its resumption without changing the search.
+RESUMABLE_CHANGES = ("output.overwrite", "output.resume", "runtime.", "eval.", "federated.rounds",
+                     "checkpoint.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used for this run; the message names the file or fields."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_path(directory: Path, next_round: int) -> Path:
+    return directory / f"round-{next_round:06d}.pt"
+
+
+def save_checkpoint(directory: Path, state: dict[str, Any], keep: int) -> Path:
+    """Write `state` atomically as round-NNNNNN.pt (NNNNNN = next round) and keep the newest `keep`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(directory, int(state["next_round"]))
+    tmp = final.with_suffix(".pt.tmp")
+    with open(tmp, "wb") as fh:
+        torch.save({"format_version": FORMAT_VERSION, **state}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(directory)
+    for old in list_checkpoints(directory)[keep:]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint files in `directory`, newest first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if _NAME.match(p.name)]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def load_latest(directory: Path) -> tuple[dict[str, Any], Path] | None:
+    """The newest checkpoint that loads; unreadable ones are reported and skipped (older ones kept)."""
+    for path in list_checkpoints(directory):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, and said so
+            log.warning("checkpoint %s is unreadable (%s); trying an older one", path, type(err).__name__)
+            continue
+        if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+            log.warning("checkpoint %s is not a fedmetanas checkpoint; trying an older one", path)
+            continue
+        return state, path
+    return None
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Config fields that differ and would change the search (those in RESUMABLE_CHANGES may differ)."""
+    a, b = _flatten(saved), _flatten(current)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k) and not any(
+        k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)]
+
+
+def check_compatible(state: dict[str, Any], path: Path, config: dict[str, Any], partition_hash: str) -> None:
+    """Refuse a checkpoint from a different search, naming what differs."""
+    diffs = config_differences(state["config"], config)
+    if diffs:
+        shown = ", ".join(f"{k} (checkpoint {_flatten(state['config']).get(k)!r}, now {_flatten(config).get(k)!r})"
+                          for k in diffs[:4])
+        more = f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""
+        raise CheckpointError(
+            f"checkpoint {path} belongs to a different search: {shown}{more}; resume with the same config "
+            "or start a new run (another --name)")
+    if state["partition_hash"] != partition_hash:
+        raise CheckpointError(
+            f"checkpoint {path} was made on a different client partition (data or partition settings changed); "
+            "resume with the same data, or start a new run")

@@ -1,0 +1,118 @@
+"""A run that dies loses nothing: resumed from its checkpoint it ends bit-identical to an uninterrupted
+run, and its HDF5 log holds every round exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import MPIRUN, REPO, launch, tiny_overrides
+
+ROUNDS = 4
+
+
+def _overrides(root: Path, out: Path, name: str) -> list[str]:
+    return tiny_overrides(root, out, name) + [f"federated.rounds={ROUNDS}"]
+
+
+def _final(run_dir: Path) -> tuple[dict[str, np.ndarray], str]:
+    saved = torch.load(run_dir / "supernet.pt", weights_only=False)
+    return ({k: v.numpy() for k, v in saved["state_dict"].items()}, (run_dir / "genotype.txt").read_text())
+
+
+def _start(args: list[str], np_: int) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [str(MPIRUN), "-np", str(np_), sys.executable, str(REPO / "launch" / "main.py"), *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, np.ndarray], str]:
+    out = tmp_path_factory.mktemp("ref")
+    proc = launch(_overrides(mnist_root, out, "ref"), np=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _final(out / "ref")
+
+
+def _assert_identical(run_dir: Path, reference: tuple[dict[str, np.ndarray], str]) -> None:
+    state, genotype = _final(run_dir)
+    ref_state, ref_genotype = reference
+    assert genotype == ref_genotype
+    assert state.keys() == ref_state.keys()
+    for name in state:
+        assert np.array_equal(state[name], ref_state[name]), name
+    with h5py.File(run_dir / "trajectory.h5", "r") as f:
+        assert f["rounds/round"][()].tolist() == list(range(ROUNDS))
+        assert "final" in f
+
+
+@pytest.mark.mpi
+def test_a_run_killed_inside_a_round_resumes_bit_identical(mnist_root: Path, tmp_path: Path, reference) -> None:
+    args = _overrides(mnist_root, tmp_path, "killed")
+    proc = _start(args, 2)
+    # Kill every rank (SIGKILL: no handler runs) as soon as round 2's checkpoint lands, i.e. in round 3.
+    _wait_for(tmp_path / "killed" / "checkpoints" / "round-000002.pt", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (tmp_path / "killed" / "genotype.txt").exists()
+
+    resumed = launch(args + ["--resume"], np=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    _assert_identical(tmp_path / "killed", reference)
+
+
+@pytest.mark.mpi
+def test_a_preemption_signal_checkpoints_exits_75_and_resumes_bit_identical(mnist_root: Path, tmp_path: Path,
+                                                                           reference) -> None:
+    args = _overrides(mnist_root, tmp_path, "preempted")
+    proc = _start(args, 2)
+    _wait_for(tmp_path / "preempted" / "checkpoints" / "round-000001.pt", proc)
+    os.killpg(proc.pid, signal.SIGUSR1)  # as SLURM's --signal delivers it to every task
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr[-2000:]
+    assert "continue with --resume" in stderr
+    with h5py.File(tmp_path / "preempted" / "trajectory.h5", "r") as f:
+        assert "final" not in f and f["rounds/round"].shape[0] < ROUNDS
+
+    resumed = launch(args + ["--resume"], np=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_identical(tmp_path / "preempted", reference)
+
+
+def test_a_checkpoint_from_a_different_search_is_refused_naming_the_field(mnist_root: Path, tmp_path: Path) -> None:
+    first = launch(_overrides(mnist_root, tmp_path, "run") + ["federated.rounds=1"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    proc = launch(_overrides(mnist_root, tmp_path, "run") + ["--resume", "algorithm.inner_steps=2"])
+    assert proc.returncode == 2
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "algorithm.inner_steps" in errors[0]
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(mnist_root: Path, tmp_path: Path) -> None:
+    args = _overrides(mnist_root, tmp_path, "run") + ["federated.rounds=2"]
+    assert launch(args).returncode == 0
+    ckpts = tmp_path / "run" / "checkpoints"
+    newest = ckpts / "round-000002.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # torn, as a disk-full or a bad copy would leave it
+    proc = launch(args + ["--resume"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "unreadable" in proc.stderr and "round-000001.pt" in proc.stderr
