@@ -27,8 +27,8 @@ def check_run_dir(cfg: OutputConfig) -> Path:
             f"output: run directory {str(path)!r} already holds a run; choose another output.name, "
             "--resume to continue it, or --overwrite (output.overwrite: true) to replace it")
     parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise RunDirError(f"output.dir: {str(parent)!r} is not writable; choose a writable output.dir")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise RunDirError(f"output.dir: {str(parent)!r} is not a writable directory; choose a writable output.dir")
     return path
 
 

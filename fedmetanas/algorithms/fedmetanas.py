@@ -37,6 +37,7 @@ class LocalContext:
     augment: bool = False
     channels_last: bool = False
     lr_scale: float = 1.0  # the round's factor on the weights' learning rates (schedule)
+    client_id: int = -1  # for logs and fault reports only: never a source of randomness here
 
 
 @dataclass
@@ -47,13 +48,11 @@ class LocalResult:
     steps: int
 
 
-def copy_state(dst: nn.Module, src: nn.Module) -> None:
+def copy_state(dst: SuperNet, src: SuperNet) -> None:
     """Copy parameters and buffers in place (no reallocation, keeps optimizer references valid)."""
     with torch.no_grad():
-        for d, s in zip(dst.parameters(), src.parameters()):
-            d.copy_(s)
-        for d, s in zip(dst.buffers(), src.buffers()):
-            d.copy_(s)
+        torch._foreach_copy_(dst.param_list(), src.param_list())
+        torch._foreach_copy_(dst.buffer_list(), src.buffer_list())
 
 
 def supervised_step(model: SuperNet, ctx: LocalContext, batch_size: int) -> torch.Tensor:
@@ -71,7 +70,7 @@ def supervised_step(model: SuperNet, ctx: LocalContext, batch_size: int) -> torc
 def clip_weight_grads(model: SuperNet, max_norm: float) -> None:
     """Clip the weights' gradient norm (as DARTS does); architecture gradients are left alone."""
     if max_norm > 0:
-        nn.utils.clip_grad_norm_(list(model.weights()), max_norm)
+        nn.utils.clip_grad_norm_(model.weights(), max_norm)
 
 
 class FedMetaNAS:
@@ -81,19 +80,19 @@ class FedMetaNAS:
         self.cfg = cfg
 
     def _meta_optimizer(self, model: SuperNet, lr_scale: float) -> torch.optim.Optimizer:
-        groups = [{"params": list(model.weights()), "lr": self.cfg.meta_lr_w * lr_scale,
+        groups = [{"params": model.weights(), "lr": self.cfg.meta_lr_w * lr_scale,
                    "weight_decay": self.cfg.weight_decay},
-                  {"params": list(model.alphas()), "lr": self.cfg.meta_lr_alpha, "weight_decay": 0.0}]
+                  {"params": model.alphas(), "lr": self.cfg.meta_lr_alpha, "weight_decay": 0.0}]
         if self.cfg.meta_optimizer == "adam":
-            return torch.optim.Adam(groups)
-        return torch.optim.SGD(groups)
+            return torch.optim.Adam(groups, foreach=True)
+        return torch.optim.SGD(groups, foreach=True)
 
     def adapt(self, task: SuperNet, ctx: LocalContext, steps: int) -> list[torch.Tensor]:
         """Task learner: `steps` joint Adam steps on weights and architecture logits."""
         betas = self.cfg.inner_betas
         opt_w = torch.optim.Adam(task.weights(), lr=self.cfg.inner_lr_w * ctx.lr_scale, betas=betas,
-                                 weight_decay=self.cfg.weight_decay)
-        opt_a = torch.optim.Adam(task.alphas(), lr=self.cfg.inner_lr_alpha, betas=betas)
+                                 weight_decay=self.cfg.weight_decay, foreach=True)
+        opt_a = torch.optim.Adam(task.alphas(), lr=self.cfg.inner_lr_alpha, betas=betas, foreach=True)
         losses = []
         for _ in range(steps):
             losses.append(supervised_step(task, ctx, self.cfg.batch_size))
@@ -112,7 +111,7 @@ class FedMetaNAS:
             inner = self.adapt(task, ctx, cfg.inner_steps)
             if meta_opt is not None:
                 losses.append(supervised_step(task, ctx, cfg.query_batch_size))
-                for p_meta, p_task in zip(model.parameters(), task.parameters()):
+                for p_meta, p_task in zip(model.param_list(), task.param_list()):
                     p_meta.grad = p_task.grad
                 clip_weight_grads(model, cfg.grad_clip)
                 meta_opt.step()
@@ -125,7 +124,6 @@ class FedMetaNAS:
                         p_meta.add_(p_task - p_meta, alpha=cfg.reptile_lr_alpha)
             # BN statistics follow what the task learner saw (they are not learned parameters).
             with torch.no_grad():
-                for b_meta, b_task in zip(model.buffers(), task.buffers()):
-                    b_meta.copy_(b_task)
+                torch._foreach_copy_(model.buffer_list(), task.buffer_list())
         mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
         return LocalResult(loss=mean_loss, steps=cfg.local_steps * (cfg.inner_steps + (meta_opt is not None)))

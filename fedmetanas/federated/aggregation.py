@@ -16,7 +16,7 @@ from torch import nn
 def aggregated_tensors(model: nn.Module) -> list[torch.Tensor]:
     """Everything the server averages: all parameters (weights and architecture logits) and the
     floating-point buffers (BN running statistics), in a fixed order."""
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     buffers = [b for b in model.buffers() if b.is_floating_point()]
     return params + buffers
 

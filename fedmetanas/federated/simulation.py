@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from fedmetanas.algorithms.fedmetanas import FedMetaNAS, LocalContext, copy_state
-from fedmetanas.checkpoint import check_compatible, load_latest, save_checkpoint
+from fedmetanas.checkpoint import CheckpointError, check_compatible, load_latest, save_checkpoint
 from fedmetanas.config import Config, ConfigError, to_dict
 from fedmetanas.data.client_data import ClientData, build_clients
 from fedmetanas.data.datasets import TensorSplit, load_dataset
@@ -201,6 +201,11 @@ class Simulation:
         """Load the newest valid checkpoint, if resuming and one exists (every rank reads it)."""
         found = load_latest(self.ckpt_dir) if self.cfg.output.resume else None
         if found is None:
+            if self.cfg.output.resume and (self.run_path / LOG_NAME).exists():
+                # Starting afresh would replace the existing log: refuse rather than lose it.
+                raise CheckpointError(
+                    f"output.resume: {self.ckpt_dir} holds no readable checkpoint, so the run in "
+                    f"{self.run_path} cannot be continued; start a new run with another --name")
             if self.cfg.output.resume:
                 log.info("no checkpoint in %s: starting a new run", self.ckpt_dir)
             return
@@ -250,7 +255,7 @@ class Simulation:
             local = LocalContext(self.train, self.train_idx[cid], self.masks, tau, cfg.search.gumbel,
                                  torch_generator(fed.seed, Purpose.BATCHES, rnd, cid),
                                  torch_generator(fed.seed, Purpose.GUMBEL, rnd, cid),
-                                 cfg.data.augment, cfg.model.channels_last, lr_scale)
+                                 cfg.data.augment, cfg.model.channels_last, lr_scale, cid)
             result = self.algo.local_update(self.worker, self.task, local)
             tensors = aggregated_tensors(self.worker)
             buf[self.off_flag + cid] = 1.0

@@ -1,0 +1,51 @@
+"""A client whose update holds NaN/Inf is caught before aggregation: excluded (and logged), or the run stops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from fedmetanas import cli
+from fedmetanas.algorithms.fedmetanas import FedMetaNAS
+from tests.helpers import tiny_overrides
+
+POISONED = 1
+
+
+@pytest.fixture
+def poison_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Client 1's local update ends with a NaN in one weight, as a diverging client would."""
+    original = FedMetaNAS.local_update
+
+    def local_update(self, model, task, ctx):
+        result = original(self, model, task, ctx)
+        if ctx.client_id == POISONED:
+            with torch.no_grad():
+                model.weights()[0].view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(FedMetaNAS, "local_update", local_update)
+
+
+def test_a_nonfinite_client_is_excluded_and_logged(poison_client: None, mnist_root: Path, tmp_path: Path) -> None:
+    code = cli.main(tiny_overrides(mnist_root, tmp_path) + ["federated.nonfinite=exclude"])
+    assert code == 0
+    with h5py.File(tmp_path / "tiny" / "trajectory.h5", "r") as f:
+        excluded = f["rounds/excluded"][()]
+        client_loss = f["rounds/client_loss"][()]
+    assert excluded[:, POISONED].all() and excluded.sum() == excluded.shape[0]
+    assert np.isnan(client_loss[:, POISONED]).all() and np.isfinite(np.delete(client_loss, POISONED, 1)).all()
+    state = torch.load(tmp_path / "tiny" / "supernet.pt", weights_only=False)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_a_nonfinite_client_stops_the_run_when_asked(poison_client: None, mnist_root: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(tiny_overrides(mnist_root, tmp_path) + ["federated.nonfinite=stop"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert f"client(s) [{POISONED}]" in err and "federated.nonfinite" in err
