@@ -218,7 +218,7 @@ class Simulation:
         self.wall_offset = float(state["wall_time"])
         log.info("resumed from %s at round %d", path, self.start_round + 1)
 
-    def _open_log(self) -> None:
+    def open_log(self) -> None:
         """Rank 0: a fresh log, or on resume the log rebuilt from the checkpoint's rows (a killed run's
         file may hold rounds after the checkpoint, or be torn; those rounds are recomputed)."""
         if not self.ctx.is_main:
@@ -282,69 +282,77 @@ class Simulation:
     def run(self) -> RunResult:
         """The round loop; returns the final evaluation (identical on every rank)."""
         t_start = time.perf_counter()
-        cfg, fed, k = self.cfg, self.cfg.federated, self.cfg.federated.num_clients
         self._resume()
-        self._open_log()
+        self.open_log()
         self.stop.install()
         t_start -= self.wall_offset
-        for rnd in range(self.start_round, fed.rounds):
-            t_round = time.perf_counter()
-            tau = self._tau(rnd)
-            lr_scale = lr_factor(cfg.algorithm.lr_schedule, cfg.algorithm.lr_min_factor, rnd, fed.rounds)
-            buf = torch.zeros(self.buf_len, dtype=torch.float64, device=self.ctx.device)
-            self._local_work(rnd, tau, lr_scale, buf)
-            if self.ctx.device.type == "cuda":
-                torch.cuda.synchronize(self.ctx.device)
-            t_local = time.perf_counter() - t_round
-            buf[self.off_time + self.ctx.rank] = t_local
-            buf[self.off_stop] = float(self.stop.requested)
-
-            t0 = time.perf_counter()
-            self.ctx.all_reduce_sum(buf)
-            t_comm = time.perf_counter() - t0
-
-            tail = buf[self.off_loss :].cpu().numpy()
-            flags, excluded = tail[k : 2 * k] > 0, tail[2 * k : 3 * k] > 0
-            if excluded.any() and fed.nonfinite == "stop":
-                raise NumericalFault(
-                    f"round {rnd + 1}: the update of client(s) {np.flatnonzero(excluded).tolist()} holds NaN/Inf; "
-                    "lower the learning rates, or set federated.nonfinite: exclude to drop such updates")
-            if excluded.any():
-                log.warning("round %d: excluded non-finite update(s) of client(s) %s", rnd + 1,
-                            np.flatnonzero(excluded).tolist())
-            self._update_server(buf, tau)
-            genotype = derive_genotype(self.net, self.masks, tau)
-
-            t0 = time.perf_counter()
-            if rnd % cfg.eval.every == 0 or rnd == fed.rounds - 1:
-                metrics = self.evaluator(self.net, self.masks, tau, genotype, self.eval_idx)
-            else:
-                metrics = dict.fromkeys(("supernet_loss", "supernet_acc", "discrete_loss", "discrete_acc"), float("nan"))
-            t_eval = time.perf_counter() - t0
-
-            client_loss = np.where(flags & ~excluded, tail[:k], np.nan)
-            rank_seconds = tail[3 * k :]
-            row = {"round": rnd, "tau": tau, "genotype": genotype.to_string(), **metrics,
-                   "client_loss": client_loss, "participants": flags, "excluded": excluded,
-                   "time_local_rank": rank_seconds, "time_local": float(rank_seconds.max()),
-                   "time_allreduce": t_comm, "time_eval": t_eval,
-                   "time_round": time.perf_counter() - t_round, "wall_time": time.perf_counter() - t_start,
-                   "bytes_allreduced": buf.numel() * buf.element_size(), **_arch_record(self.net, self.masks, tau)}
-            self.rows.append(row)
-            self.trajectory.append(row)
-            log.info("round %3d/%d  tau %.3f  loss %.3f  acc supernet %.4f discrete %.4f  "
-                     "local %.1fs comm %.3fs eval %.1fs", rnd + 1, fed.rounds, tau,
-                     float(np.nanmean(client_loss)) if np.isfinite(client_loss).any() else float("nan"),
-                     metrics["supernet_acc"], metrics["discrete_acc"], row["time_local"], t_comm, t_eval)
-            stopping = float(buf[self.off_stop]) > 0
-            every = cfg.checkpoint.every
-            if stopping or (every and (rnd + 1) % every == 0) or rnd == fed.rounds - 1:
+        rounds = self.cfg.federated.rounds
+        for rnd in range(self.start_round, rounds):
+            row, stopping = self.run_round(rnd, t_start)
+            every = self.cfg.checkpoint.every
+            if stopping or (every and (rnd + 1) % every == 0) or rnd == rounds - 1:
                 self._checkpoint(rnd + 1, row["wall_time"])
-            if stopping and rnd < fed.rounds - 1:
+            if stopping and rnd < rounds - 1:
                 self.trajectory.close()
                 raise Preempted(f"stopped by {self.stop.signal_name or 'a signal on another rank'} after round "
                                 f"{rnd + 1}; checkpoint written, continue with --resume")
         return self._finish(t_start)
+
+    def run_round(self, rnd: int, t_start: float) -> tuple[dict[str, Any], bool]:
+        """One round: local search, one all-reduce, server update, evaluation, log row.
+
+        Returns the round's log row and whether any rank was asked to stop (signal).
+        """
+        cfg, fed, k = self.cfg, self.cfg.federated, self.cfg.federated.num_clients
+        t_round = time.perf_counter()
+        tau = self._tau(rnd)
+        lr_scale = lr_factor(cfg.algorithm.lr_schedule, cfg.algorithm.lr_min_factor, rnd, fed.rounds)
+        buf = torch.zeros(self.buf_len, dtype=torch.float64, device=self.ctx.device)
+        self._local_work(rnd, tau, lr_scale, buf)
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+        t_local = time.perf_counter() - t_round
+        buf[self.off_time + self.ctx.rank] = t_local
+        buf[self.off_stop] = float(self.stop.requested)
+
+        t0 = time.perf_counter()
+        self.ctx.all_reduce_sum(buf)
+        t_comm = time.perf_counter() - t0
+
+        tail = buf[self.off_loss :].cpu().numpy()
+        flags, excluded = tail[k : 2 * k] > 0, tail[2 * k : 3 * k] > 0
+        if excluded.any() and fed.nonfinite == "stop":
+            raise NumericalFault(
+                f"round {rnd + 1}: the update of client(s) {np.flatnonzero(excluded).tolist()} holds NaN/Inf; "
+                "lower the learning rates, or set federated.nonfinite: exclude to drop such updates")
+        if excluded.any():
+            log.warning("round %d: excluded non-finite update(s) of client(s) %s", rnd + 1,
+                        np.flatnonzero(excluded).tolist())
+        self._update_server(buf, tau)
+        genotype = derive_genotype(self.net, self.masks, tau)
+
+        t0 = time.perf_counter()
+        if rnd % cfg.eval.every == 0 or rnd == fed.rounds - 1:
+            metrics = self.evaluator(self.net, self.masks, tau, genotype, self.eval_idx)
+        else:
+            metrics = dict.fromkeys(("supernet_loss", "supernet_acc", "discrete_loss", "discrete_acc"), float("nan"))
+        t_eval = time.perf_counter() - t0
+
+        client_loss = np.where(flags & ~excluded, tail[:k], np.nan)
+        rank_seconds = tail[3 * k :]
+        row = {"round": rnd, "tau": tau, "genotype": genotype.to_string(), **metrics,
+               "client_loss": client_loss, "participants": flags, "excluded": excluded,
+               "time_local_rank": rank_seconds, "time_local": float(rank_seconds.max()),
+               "time_allreduce": t_comm, "time_eval": t_eval,
+               "time_round": time.perf_counter() - t_round, "wall_time": time.perf_counter() - t_start,
+               "bytes_allreduced": buf.numel() * buf.element_size(), **_arch_record(self.net, self.masks, tau)}
+        self.rows.append(row)
+        self.trajectory.append(row)
+        log.info("round %3d/%d  tau %.3f  loss %.3f  acc supernet %.4f discrete %.4f  "
+                 "local %.1fs comm %.3fs eval %.1fs", rnd + 1, fed.rounds, tau,
+                 float(np.nanmean(client_loss)) if np.isfinite(client_loss).any() else float("nan"),
+                 metrics["supernet_acc"], metrics["discrete_acc"], row["time_local"], t_comm, t_eval)
+        return row, float(buf[self.off_stop]) > 0
 
     def _tau(self, rnd: int) -> float:
         s = self.cfg.search
