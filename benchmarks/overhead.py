@@ -34,7 +34,7 @@ from fedmetanas.search.supernet import sample_arch  # noqa: E402
 def bare_round(sim: Simulation, global_sd: dict[str, torch.Tensor], rnd: int, tau: float) -> dict[str, torch.Tensor]:
     """One FedMetaNAS round in plain torch (FOMAML, Adam meta optimizer), all clients, weighted average."""
     cfg, a = sim.cfg, sim.cfg.algorithm
-    model, task = sim.worker, sim.task
+    model, task = sim.executors[0].worker, sim.executors[0].task
     total, acc = 0.0, {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_sd.items()}
     for cid in range(cfg.federated.num_clients):
         model.load_state_dict(global_sd)

@@ -122,6 +122,7 @@ class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads_per_rank: int = 1
     collective_timeout_s: float = 600.0
+    streams_per_rank: int = 1  # concurrent clients per rank on a GPU (one CUDA stream each); 1 on a CPU
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("checkpoint", "every"): (lambda v: v >= 0, "an integer >= 0 (0: only on a signal and at the end)"),
     ("checkpoint", "keep"): (lambda v: v >= 1, "an integer >= 1"),
     ("runtime", "threads_per_rank"): (lambda v: v >= 1, "an integer >= 1"),
+    ("runtime", "streams_per_rank"): (lambda v: v >= 1, "an integer >= 1"),
     ("runtime", "collective_timeout_s"): (lambda v: v > 0, "a number of seconds > 0"),
 }
 for _name in ("inner_lr_w", "inner_lr_alpha", "meta_lr_w", "meta_lr_alpha", "reptile_lr_w",

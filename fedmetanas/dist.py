@@ -56,6 +56,12 @@ class DistContext:
         tdist.all_gather(out, t)
         return [o.cpu().tolist() for o in out]
 
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's picklable object, in rank order (small objects only: errors, decisions)."""
+        out: list[Any] = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         """Send a picklable object from `src` to all ranks."""
         box = [obj]

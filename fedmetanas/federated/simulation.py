@@ -13,7 +13,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,9 +28,10 @@ from fedmetanas.data.partition import class_counts, make_partition, partition_ha
 from fedmetanas.dist import DistContext
 from fedmetanas.federated.aggregation import add_weighted, aggregated_tensors, numel, write_flat
 from fedmetanas.federated.evaluation import evaluate, shard
+from fedmetanas.federated.executor import ClientExecutor, make_executors, run_clients
 from fedmetanas.federated.scheduling import assign_to_ranks, clients_per_round, sample_clients
-from fedmetanas.reporting.hdf5 import NullLog, TrajectoryLog
-from fedmetanas.rundir import LOG_NAME, check_run_dir, prepare_run_dir
+from fedmetanas.reporting.hdf5 import NullLog, TrajectoryLog, logged_rounds
+from fedmetanas.rundir import LOG_NAME, RunDirError, check_run_dir, prepare_run_dir
 from fedmetanas.search.discrete import DiscreteNet
 from fedmetanas.search.genotypes import Genotype, resolve_primitives
 from fedmetanas.search.relax import entropy, lr_factor, temperature, update_mask
@@ -161,11 +162,11 @@ class Simulation:
         self.train_idx = [c.train_idx.to(ctx.device) for c in self.clients]
 
         fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-        # The global model, plus one worker replica and one task-learner replica: memory is
-        # O(replicas x model), never O(clients).
-        self.net, self.worker, self.task = (
-            build_supernet(cfg, train.in_channels, train.num_classes).to(ctx.device, memory_format=fmt)
-            for _ in range(3))
+
+        def build() -> SuperNet:
+            return build_supernet(cfg, train.in_channels, train.num_classes).to(ctx.device, memory_format=fmt)
+
+        self.net = build()
         self.masks = self.net.initial_masks()
         self.algo = FedMetaNAS(cfg.algorithm)
         self.evaluator = Evaluator(cfg, ctx, self.test)
@@ -179,6 +180,8 @@ class Simulation:
         self.off_loss = self.n_params + 2
         self.off_flag, self.off_excl, self.off_time = self.off_loss + k, self.off_loss + 2 * k, self.off_loss + 3 * k
         self.buf_len = self.off_time + ctx.world_size
+        # Per lane a worker and a task-learner replica: memory is O(lanes x model), never O(clients).
+        self.executors = make_executors(cfg.runtime.streams_per_rank, build, self.buf_len, ctx.device)
         self.start_round = 0
         self.rows: list[dict[str, Any]] = []
         self.wall_offset = 0.0
@@ -201,8 +204,9 @@ class Simulation:
         """Load the newest valid checkpoint, if resuming and one exists (every rank reads it)."""
         found = load_latest(self.ckpt_dir) if self.cfg.output.resume else None
         if found is None:
-            if self.cfg.output.resume and (self.run_path / LOG_NAME).exists():
-                # Starting afresh would replace the existing log: refuse rather than lose it.
+            if self.cfg.output.resume and logged_rounds(self.run_path / LOG_NAME) != 0:
+                # Starting afresh would replace a log holding rounds (or an unreadable one): refuse
+                # rather than lose it. A log with no rounds (killed in round 1) holds nothing to lose.
                 raise CheckpointError(
                     f"output.resume: {self.ckpt_dir} holds no readable checkpoint, so the run in "
                     f"{self.run_path} cannot be continued; start a new run with another --name")
@@ -245,27 +249,31 @@ class Simulation:
         save_checkpoint(self.ckpt_dir, state, self.cfg.checkpoint.keep)
 
     # -- one round -----------------------------------------------------------------------------
-    def _local_work(self, rnd: int, tau: float, lr_scale: float, buf: torch.Tensor) -> None:
-        """Run this rank's clients of the round and add their contributions to `buf`."""
+    def _local_work(self, rnd: int, tau: float, lr_scale: float) -> torch.Tensor:
+        """Run this rank's clients of the round (concurrently on GPU streams); return their summed buffer."""
         cfg, fed = self.cfg, self.cfg.federated
         selected = sample_clients(fed.num_clients, self.per_round, fed.seed, rnd)
         plan = assign_to_ranks(selected, [1.0] * fed.num_clients, self.ctx.world_size)
-        for cid in plan[self.ctx.rank]:
-            copy_state(self.worker, self.net)
+
+        def client(ex: ClientExecutor, cid: int) -> None:
+            copy_state(ex.worker, self.net)
             local = LocalContext(self.train, self.train_idx[cid], self.masks, tau, cfg.search.gumbel,
                                  torch_generator(fed.seed, Purpose.BATCHES, rnd, cid),
                                  torch_generator(fed.seed, Purpose.GUMBEL, rnd, cid),
                                  cfg.data.augment, cfg.model.channels_last, lr_scale, cid)
-            result = self.algo.local_update(self.worker, self.task, local)
-            tensors = aggregated_tensors(self.worker)
+            result = self.algo.local_update(ex.worker, ex.task, local)
+            tensors = aggregated_tensors(ex.worker)
+            buf = ex.buffer
             buf[self.off_flag + cid] = 1.0
             if not (math.isfinite(result.loss) and all(bool(torch.isfinite(t).all()) for t in tensors)):
                 buf[self.off_excl + cid] = 1.0  # excluded: contributes nothing to the average
-                continue
+                return
             n = self.clients[cid].num_train
             add_weighted(buf, tensors, float(n))
             buf[self.off_n] += n
             buf[self.off_loss + cid] = result.loss
+
+        return run_clients(self.executors, plan[self.ctx.rank], client)
 
     def _update_server(self, buf: torch.Tensor, tau: float) -> None:
         """Average, then soft-prune: masks follow the annealed distributions of the new global logits."""
@@ -279,10 +287,25 @@ class Simulation:
             {k: update_mask(getattr(self.net, f"beta_{k}"), m, tau, s.pair_prune_threshold)
              for k, m in self.masks.pairs.items()})
 
+    def _agree(self, step: Callable[[], None]) -> None:
+        """Run a setup step on every rank; if it fails anywhere, fail everywhere with the same error
+        (so no rank waits forever for one that gave up, and rank 0 reports the first rank's message)."""
+        error: Exception | None = None
+        try:
+            step()
+        except (ConfigError, CheckpointError, RunDirError) as err:
+            error = err
+        errors = self.ctx.all_gather_objects(None if error is None else (type(error), str(error)))
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if failed:
+            kind, message = failed[0][1]
+            raise kind(message)
+
     def run(self) -> RunResult:
         """The round loop; returns the final evaluation (identical on every rank)."""
         t_start = time.perf_counter()
-        self._resume()
+        # Every rank decides from the same files before rank 0 writes any (no rank sees rank 0's new log).
+        self._agree(self._resume)
         self.open_log()
         self.stop.install()
         t_start -= self.wall_offset
@@ -307,8 +330,7 @@ class Simulation:
         t_round = time.perf_counter()
         tau = self._tau(rnd)
         lr_scale = lr_factor(cfg.algorithm.lr_schedule, cfg.algorithm.lr_min_factor, rnd, fed.rounds)
-        buf = torch.zeros(self.buf_len, dtype=torch.float64, device=self.ctx.device)
-        self._local_work(rnd, tau, lr_scale, buf)
+        buf = self._local_work(rnd, tau, lr_scale)
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
         t_local = time.perf_counter() - t_round

@@ -130,3 +130,14 @@ def read_rounds(path: str | Path) -> dict[str, np.ndarray]:
         if "rounds" not in f:
             return {}
         return {name: ds[()] for name, ds in f["rounds"].items()}
+
+
+def logged_rounds(path: str | Path) -> int | None:
+    """Rounds a log holds: 0 if there is no file (or no round yet), None if it cannot be read."""
+    if not Path(path).exists():
+        return 0
+    try:
+        with h5py.File(path, "r", swmr=True) as f:
+            return int(f["rounds/round"].shape[0]) if "rounds/round" in f else 0
+    except (OSError, KeyError, ValueError):
+        return None
