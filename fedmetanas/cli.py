@@ -11,12 +11,13 @@ from typing import Sequence
 from fedmetanas.checkpoint import CheckpointError
 from fedmetanas.config import ConfigError, load_config
 from fedmetanas.data.errors import DataError
-from fedmetanas.dist import DistError, init_distributed, launched_by_mpi, shutdown
+from fedmetanas.dist import CollectiveError, DistError, init_distributed, launched_by_mpi, shutdown
 from fedmetanas.rundir import RunDirError
 
 USER_ERRORS = (ConfigError, DataError, DistError, RunDirError, CheckpointError)
 EXIT_USER_ERROR = 2
 EXIT_NUMERICAL_FAULT = 3
+EXIT_COLLECTIVE = 4
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; resume with --resume
 
 
@@ -63,6 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if rank == 0:
                 print(f"stopped: {stop}", file=sys.stderr)
             return EXIT_PREEMPTED
+        except CollectiveError as err:
+            # Another rank is dead or hung: MPI_Finalize would wait for it forever, so leave now and
+            # let the launcher end the job. Every survivor says what it saw.
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            os._exit(EXIT_COLLECTIVE)
         except NumericalFault as fault:
             if rank == 0:
                 print(f"error: {fault}", file=sys.stderr)

@@ -123,6 +123,8 @@ class RuntimeConfig:
     threads_per_rank: int = 1
     collective_timeout_s: float = 600.0
     streams_per_rank: int = 1  # concurrent clients per rank on a GPU (one CUDA stream each); 1 on a CPU
+    # GPU id for each local rank (index into the visible GPUs); None: local rank % visible GPUs
+    devices: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,8 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("runtime", "threads_per_rank"): (lambda v: v >= 1, "an integer >= 1"),
     ("runtime", "streams_per_rank"): (lambda v: v >= 1, "an integer >= 1"),
     ("runtime", "collective_timeout_s"): (lambda v: v > 0, "a number of seconds > 0"),
+    ("runtime", "devices"): (lambda v: v is None or (len(v) > 0 and min(v) >= 0),
+                             "null or a non-empty list of GPU ids >= 0, one per rank on a node"),
 }
 for _name in ("inner_lr_w", "inner_lr_alpha", "meta_lr_w", "meta_lr_alpha", "reptile_lr_w",
               "reptile_lr_alpha", "weight_decay"):

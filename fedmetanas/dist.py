@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,24 @@ class DistError(RuntimeError):
     """A user-fixable problem with ranks or devices; the message names the fix."""
 
 
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out: another rank died or hangs."""
+
+
+def describe_collective_failure(message: str, rank: int, timeout_s: float) -> str:
+    """One line for the user from a backend's error text, naming the failed rank when it is known."""
+    found = re.search(r"[Rr]ank (\d+) failed to pass monitoredBarrier", message)
+    if found:
+        who = f"rank {found.group(1)} did not reach the round's all-reduce within {timeout_s:g} s (it died or hangs)"
+    elif "timed out" in message.lower() or "timeout" in message.lower():
+        who = f"a collective timed out after {timeout_s:g} s (rank 0 or the network stopped answering)"
+    else:
+        first = message.strip().splitlines()[0][:200] if message.strip() else "unknown error"
+        who = f"a collective failed: {first}"
+    return (f"rank {rank}: {who}; the last checkpoint is intact, continue with --resume "
+            "(runtime.collective_timeout_s sets the wait)")
+
+
 @dataclass
 class DistContext:
     """Where this process sits in the job and how it talks to the others."""
@@ -39,14 +58,24 @@ class DistContext:
     device: torch.device
     backend: str
     comm: Any = None  # mpi4py communicator, or None without MPI
+    timeout_s: float = 600.0  # collective timeout (runtime.collective_timeout_s)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def all_reduce_sum(self, buf: torch.Tensor) -> torch.Tensor:
-        """Sum `buf` over all ranks in place (one collective) and return it."""
-        tdist.all_reduce(buf, op=tdist.ReduceOp.SUM)
+        """Sum `buf` over all ranks in place (one collective) and return it.
+
+        On gloo a monitored barrier comes first: if a rank died or hangs, rank 0 learns *which* one
+        within `timeout_s` instead of every survivor blocking in the all-reduce.
+        """
+        try:
+            if self.backend == "gloo" and self.world_size > 1:
+                tdist.monitored_barrier(timeout=datetime.timedelta(seconds=self.timeout_s))
+            tdist.all_reduce(buf, op=tdist.ReduceOp.SUM)
+        except RuntimeError as err:
+            raise CollectiveError(describe_collective_failure(str(err), self.rank, self.timeout_s)) from None
         return buf
 
     def all_gather_floats(self, values: list[float]) -> list[list[float]]:
@@ -136,7 +165,7 @@ def init_distributed(device: str = "auto", threads_per_rank: int = 1,
     backend = "nccl" if dev.type == "cuda" else "gloo"
     tdist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world,
                              timeout=datetime.timedelta(seconds=timeout_s))
-    _CONTEXT = DistContext(rank, world, local_rank, local_size, dev, backend, comm)
+    _CONTEXT = DistContext(rank, world, local_rank, local_size, dev, backend, comm, timeout_s)
     log.debug("rank %d/%d on %s (%s)", rank, world, dev, backend)
     return _CONTEXT
 

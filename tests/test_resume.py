@@ -3,6 +3,7 @@ run, and its HDF5 log holds every round exactly once."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -116,3 +117,39 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(mnist_root: 
     proc = launch(args + ["--resume"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "unreadable" in proc.stderr and "round-000001.pt" in proc.stderr
+
+
+def _rank_pid(run_name: str, rank: int) -> int:
+    """PID of one rank of a run (by its MPI rank variable), as a test would find it with ps."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"launch/main.py" in cmd and run_name.encode() in cmd and f"PMI_RANK={rank}".encode() in env:
+            return int(proc.name)
+    raise AssertionError(f"rank {rank} of {run_name} not found")
+
+
+@pytest.mark.mpi
+def test_a_hung_rank_is_named_by_the_survivor_within_the_timeout(mnist_root: Path, tmp_path: Path) -> None:
+    args = _overrides(mnist_root, tmp_path, "hung") + ["runtime.collective_timeout_s=8"]
+    proc = _start(args, 2)
+    _wait_for(tmp_path / "hung" / "checkpoints" / "round-000001.pt", proc)
+    hung = _rank_pid("hung", 1)
+    os.kill(hung, signal.SIGSTOP)
+    t = time.time()
+    try:
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the launcher normally ends the stopped rank itself
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert time.time() - t < 60
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert errors and "rank 1 did not reach" in errors[0] and "--resume" in errors[0], stderr[-2000:]
+    state = torch.load(tmp_path / "hung" / "checkpoints" / "round-000001.pt", weights_only=False)
+    assert state["next_round"] >= 1
