@@ -1,9 +1,12 @@
 """The one module that touches MPI and torch.distributed.
 
 `init_distributed` reads rank and size from the MPI launcher (mpirun/mpiexec, or srun with PMIx),
-pins a device per local rank and starts a torch.distributed process group (gloo on CPU, NCCL on
-GPUs) whose address rank 0 picks and broadcasts over MPI. A plain `python launch/main.py` is the
-world-size-1 case of the same path: no `if distributed` anywhere else.
+or from Slurm when `srun --mpi=none` starts the tasks, pins a device per local rank and starts a
+torch.distributed process group (gloo on CPU, NCCL on GPUs) through a store that rank 0 serves (its
+port broadcast over MPI, or MASTER_ADDR/MASTER_PORT under srun). A plain `python launch/main.py` is the
+world-size-1 case of the same path: no `if distributed` anywhere else. The pure functions below
+(`placement_from_env`, `device_for`, `plan_backend`, `expand_nodelist`) hold the rules and are tested
+with fake environments.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ import datetime
 import logging
 import os
 import re
+import shutil
 import socket
+import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as tdist
@@ -112,61 +118,301 @@ class DistContext:
 _CONTEXT: DistContext | None = None
 
 
-def launched_by_mpi(environ: dict[str, str] | None = None) -> bool:
+def launched_by_mpi(environ: Mapping[str, str] | None = None) -> bool:
     """Whether the environment shows an MPI launcher (so mpi4py must be used)."""
     env = os.environ if environ is None else environ
     return any(k in env for k in _MPI_ENV)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
+def launched_by_srun(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this is a task of an `srun --mpi=none` step; the batch shell itself (no step id) is not."""
+    env = os.environ if environ is None else environ
+    return "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and not launched_by_mpi(env)
 
 
-def select_device(requested: str, local_rank: int, cuda_count: int) -> torch.device:
-    """The device for a local rank: one GPU each when CUDA is there (or asked for), else the CPU."""
-    if requested == "cpu" or (requested == "auto" and cuda_count == 0):
+@dataclass(frozen=True)
+class Placement:
+    """Where the launcher put this process, as its environment variables tell it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_size: int
+    launcher: Literal["mpi", "srun", "none"]
+
+
+def _env_int(env: Mapping[str, str], *keys: str) -> int | None:
+    """The first of `keys` that is set, as an integer (None when none is)."""
+    for key in keys:
+        if env.get(key, "").strip():
+            try:
+                return int(env[key])
+            except ValueError:
+                raise DistError(f"{key}={env[key]!r} is not an integer; unset it or fix the launcher") from None
+    return None
+
+
+def tasks_per_node(spec: str) -> list[int]:
+    """Slurm's compressed task counts per node ('2(x3),1') expanded to one entry per node ([2, 2, 2, 1])."""
+    counts: list[int] = []
+    for part in filter(None, spec.split(",")):
+        found = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not found:
+            raise DistError(f"SLURM_TASKS_PER_NODE={spec!r} is not Slurm's 'N(xM),K' form; unset it or fix the launcher")
+        counts += [int(found.group(1))] * int(found.group(2) or 1)
+    return counts
+
+
+def _slurm_local_size(env: Mapping[str, str]) -> int | None:
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if not spec:
+        return None
+    counts, node = tasks_per_node(spec), _env_int(env, "SLURM_NODEID") or 0
+    return counts[node] if node < len(counts) else None
+
+
+def local_rank_from_env(environ: Mapping[str, str] | None = None) -> int | None:
+    """This process's rank on its node from the launcher (OpenMPI, MPICH/Intel MPI, srun); None if unknown.
+
+    MPI's own variables come first: under `mpirun` inside a Slurm job every rank also inherits the
+    launcher step's SLURM_LOCALID (0 for all), which is only right for tasks that srun started itself.
+    """
+    env = os.environ if environ is None else environ
+    found = _env_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+    if found is None and "SLURM_STEP_ID" in env:
+        found = _env_int(env, "SLURM_LOCALID")
+    return found
+
+
+def placement_from_env(environ: Mapping[str, str] | None = None) -> Placement:
+    """Rank, size and node-local rank/size from the launcher's variables; a plain run is rank 0 of 1.
+
+    Under MPI this is a hint (MPI itself is the authority once initialised); under `srun` without MPI
+    it is all there is. Unknown node-local values fall back to the global ones (a single node).
+    """
+    env = os.environ if environ is None else environ
+    if launched_by_mpi(env):
+        rank = _env_int(env, "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK") or 0
+        in_step = "SLURM_STEP_ID" in env and "PMI_SIZE" not in env and "OMPI_COMM_WORLD_SIZE" not in env
+        world = _env_int(env, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE") or (
+            _env_int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") if in_step else None) or rank + 1
+        local_size = _env_int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS") or (
+            _slurm_local_size(env) if in_step else None)
+        launcher: Literal["mpi", "srun", "none"] = "mpi"
+    elif launched_by_srun(env):
+        rank = _env_int(env, "SLURM_PROCID") or 0
+        world = _env_int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") or 1
+        local_size = _slurm_local_size(env)
+        launcher = "srun"
+    else:
+        return Placement(0, 1, 0, 1, "none")
+    local_rank = local_rank_from_env(env)
+    if local_rank is None or local_size is None:  # nothing says otherwise: one node
+        local_rank, local_size = rank, world
+    return Placement(rank, world, local_rank, local_size, launcher)
+
+
+def _split_hostlist(spec: str) -> list[str]:
+    """Split a Slurm host list at the commas that are outside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(spec):
+        depth += (char == "[") - (char == "]")
+        if char == "," and depth == 0:
+            parts.append(spec[start:i])
+            start = i + 1
+    parts.append(spec[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _expand_host(part: str, spec: str) -> list[str]:
+    found = re.fullmatch(r"([^\[\]]*)\[([^\[\]]+)\](.*)", part)
+    if not found:
+        if "[" in part or "]" in part:
+            raise DistError(f"SLURM_JOB_NODELIST={spec!r} cannot be parsed; set MASTER_ADDR to the first node's name")
+        return [part]
+    prefix, ranges, rest = found.groups()
+    hosts = []
+    for item in ranges.split(","):
+        low, _, high = item.strip().partition("-")
+        if not low.isdigit() or not (high or low).isdigit():
+            raise DistError(f"SLURM_JOB_NODELIST={spec!r} cannot be parsed; set MASTER_ADDR to the first node's name")
+        for number in range(int(low), int(high or low) + 1):
+            hosts += [f"{prefix}{number:0{len(low)}d}{tail}" for tail in _expand_host(rest, spec)]
+    return hosts
+
+
+def expand_nodelist(spec: str) -> list[str]:
+    """Slurm's compact host list ('gpu[01-03,07],login1') as host names, in Slurm's order."""
+    return [host for part in _split_hostlist(spec) for host in _expand_host(part, spec)]
+
+
+def first_host(nodelist: str, scontrol: str | None = None) -> str:
+    """The first host of a Slurm node list: `scontrol show hostnames` when given, else our own parser."""
+    if scontrol:
+        try:
+            out = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 timeout=30, check=False)
+            if out.returncode == 0 and out.stdout.split():
+                return out.stdout.split()[0]
+        except (OSError, subprocess.TimeoutExpired):
+            pass  # fall back to the parser, which handles the usual forms
+    hosts = expand_nodelist(nodelist)
+    if not hosts:
+        raise DistError("SLURM_JOB_NODELIST is empty; set MASTER_ADDR to the first node's name")
+    return hosts[0]
+
+
+def rendezvous_address(environ: Mapping[str, str] | None = None, scontrol: str | None = None) -> tuple[str, int]:
+    """Where rank 0 of an `srun` step listens: MASTER_ADDR/MASTER_PORT if set, else derived from the job.
+
+    The address is the step's first node (where srun's block distribution puts rank 0); the port is
+    29500 + job id % 20000, so concurrent jobs sharing a node rarely collide (MASTER_PORT overrides).
+    """
+    env = os.environ if environ is None else environ
+    host = env.get("MASTER_ADDR") or ""
+    if not host:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if not nodelist:
+            raise DistError("MASTER_ADDR is unset and SLURM_JOB_NODELIST is missing; export MASTER_ADDR=<rank 0's host>")
+        host = first_host(nodelist, scontrol)
+    port = _env_int(env, "MASTER_PORT")
+    if port is None:
+        port = 29500 + (_env_int(env, "SLURM_JOB_ID", "SLURM_JOBID") or 0) % 20000
+    if not 0 < port < 65536:
+        raise DistError(f"MASTER_PORT={port} is not a TCP port; export MASTER_PORT=<a free port in 1024-65535>")
+    return host, port
+
+
+def device_for(requested: str, local_rank: int, local_size: int, cuda_count: int,
+               devices: Sequence[int] | None = None) -> torch.device:
+    """The device of one rank: CPU, or one GPU per local rank (`devices[local_rank]`, else local rank % GPUs).
+
+    All of `devices` is checked on every rank, so a bad list fails everywhere with the same message.
+    """
+    if requested == "cpu":
         return torch.device("cpu")
     if cuda_count == 0:
-        raise DistError("runtime.device: cuda was requested but no GPU is visible; set runtime.device: cpu (or auto)")
-    return torch.device("cuda", local_rank % cuda_count)
+        if requested == "cuda":
+            raise DistError("runtime.device: cuda was requested but no GPU is visible; "
+                            "set runtime.device: cpu (or auto), or run on a GPU node")
+        if devices is not None:
+            raise DistError("runtime.devices lists GPU ids but no GPU is visible; "
+                            "leave runtime.devices null, or run on a GPU node")
+        return torch.device("cpu")
+    if devices is None:
+        return torch.device("cuda", local_rank % cuda_count)
+    if len(devices) < local_size:
+        raise DistError(f"runtime.devices lists {len(devices)} GPU id(s) but {local_size} ranks run on this node; "
+                        "give one id per rank on a node, or leave it null")
+    missing = sorted({d for d in devices if not 0 <= d < cuda_count})
+    if missing:
+        raise DistError(f"runtime.devices names GPU {missing} but this rank sees {cuda_count} GPU(s) "
+                        f"(ids 0-{cuda_count - 1} of CUDA_VISIBLE_DEVICES); use visible ids, or leave it null "
+                        "(with Slurm's --gpus-per-task each rank sees only its own GPU 0)")
+    return torch.device("cuda", devices[local_rank])
 
 
-def init_distributed(device: str = "auto", threads_per_rank: int = 1,
-                     timeout_s: float = 600.0) -> DistContext:
-    """Join (or form) the job's process group; safe to call twice (returns the same context)."""
+def plan_backend(owners: Sequence[tuple[str, str]]) -> tuple[str, str | None]:
+    """The backend every rank must use, and a warning when ranks share a GPU, from each rank's (node, GPU).
+
+    `owners[rank]` is (node, physical GPU id), GPU '' for a CPU rank. NCCL refuses two ranks on one GPU,
+    so shared GPUs (or a mix of CPU and GPU ranks) fall back to gloo, which all-reduces CUDA tensors too.
+    """
+    if not owners or any(gpu == "" for _, gpu in owners):
+        mixed = any(gpu for _, gpu in owners)
+        return "gloo", ("some ranks run on the CPU and others on a GPU; collectives use gloo (slower): "
+                        "set runtime.device: cuda or cpu for all ranks") if mixed else None
+    ranks_of: dict[tuple[str, str], list[int]] = {}
+    for rank, owner in enumerate(owners):
+        ranks_of.setdefault(owner, []).append(rank)
+    shared = {owner: ranks for owner, ranks in ranks_of.items() if len(ranks) > 1}
+    if not shared:
+        return "nccl", None
+    nodes = sorted({node for node, _ in shared})
+    detail = "; ".join(f"ranks {', '.join(map(str, ranks))} on one GPU of {node}"
+                       for (node, _), ranks in sorted(shared.items(), key=lambda item: item[1]))
+    return "gloo", (f"{len(owners)} ranks but fewer GPUs on {', '.join(nodes)} ({detail}); NCCL cannot put two "
+                    "ranks on one GPU, so collectives use gloo (slower): start one rank per GPU "
+                    "(--ntasks-per-node = GPUs per node) or set runtime.devices")
+
+
+def _gpu_id(dev: torch.device) -> str:
+    """A physical identity of a GPU that is the same whatever CUDA_VISIBLE_DEVICES each rank sees."""
+    if dev.type != "cuda":
+        return ""
+    uuid = getattr(torch.cuda.get_device_properties(dev), "uuid", None)
+    return str(uuid) if uuid else f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')}#{dev.index}"
+
+
+def _owner(value: bytes) -> tuple[str, str]:
+    node, _, gpu = value.decode().partition("\n")
+    return node, gpu
+
+
+def _store(rank: int, world: int, host: str, port: int, timeout: datetime.timedelta) -> tdist.Store:
+    """The rendezvous store rank 0 serves; port 0 lets the OS pick (the MPI path broadcasts it)."""
+    if world == 1:
+        return tdist.HashStore()
+    try:
+        return tdist.TCPStore(host, port, world, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
+    except (RuntimeError, OSError) as err:
+        if rank == 0:
+            raise DistError(f"MASTER_PORT: rank 0 cannot listen on {host}:{port} ({str(err).splitlines()[0][:120]}); "
+                            "export MASTER_PORT=<a free port>") from None
+        raise
+
+
+def init_distributed(device: str = "auto", threads_per_rank: int = 1, timeout_s: float = 600.0,
+                     devices: Sequence[int] | None = None) -> DistContext:
+    """Join (or form) the job's process group; safe to call twice (returns the same context).
+
+    Args:
+        device: runtime.device ('auto', 'cpu', 'cuda').
+        threads_per_rank: torch intra-op threads of this process.
+        timeout_s: how long collectives and the rendezvous wait for the other ranks.
+        devices: runtime.devices, the GPU id of each local rank (None: local rank % visible GPUs).
+    """
     global _CONTEXT
     if _CONTEXT is not None and tdist.is_initialized():
         return _CONTEXT
     torch.set_num_threads(threads_per_rank)
-    comm = None
-    if launched_by_mpi():
+    timeout = datetime.timedelta(seconds=timeout_s)
+    placement, comm = placement_from_env(), None
+    if placement.launcher == "mpi":
         from mpi4py import MPI  # noqa: PLC0415 - importing initialises MPI; only under a launcher
 
         comm = MPI.COMM_WORLD
         rank, world = comm.Get_rank(), comm.Get_size()
-        node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)  # the truth about who shares this node
         local_rank, local_size = node.Get_rank(), node.Get_size()
         node.Free()
-        if rank == 0:
-            host = "127.0.0.1" if local_size == world else socket.gethostbyname(socket.gethostname())
-            address = (host, _free_port())
-        else:
-            address = None
-        host, port = comm.bcast(address, root=0)
-    else:
-        rank, world, local_rank, local_size = 0, 1, 0, 1
-        host, port = "127.0.0.1", _free_port()
+        host = "127.0.0.1" if local_size == world else socket.gethostbyname(socket.gethostname())
+        store = _store(rank, world, host, 0, timeout) if rank == 0 else None
+        port = store.port if isinstance(store, tdist.TCPStore) else 0  # world size 1: a HashStore
+        host, port = comm.bcast((host, port), root=0)
+        if store is None:
+            store = _store(rank, world, host, port, timeout)
+    else:  # srun without MPI, or a plain run (world size 1)
+        rank, world = placement.rank, placement.world_size
+        local_rank, local_size = placement.local_rank, placement.local_size
+        host, port = rendezvous_address(scontrol=shutil.which("scontrol")) if world > 1 else ("127.0.0.1", 0)
+        store = _store(rank, world, host, port, timeout)
 
-    dev = select_device(device, local_rank, torch.cuda.device_count())
+    dev = device_for(device, local_rank, local_size, torch.cuda.device_count(), devices)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
-    tdist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world,
-                             timeout=datetime.timedelta(seconds=timeout_s))
+    backend, warning = "gloo" if dev.type == "cpu" else "nccl", None
+    if world > 1:  # every rank's GPU, so that all ranks agree on the backend
+        store.set(f"fedmetanas/gpu/{rank}", f"{socket.gethostname()}\n{_gpu_id(dev)}")
+        keys = [f"fedmetanas/gpu/{r}" for r in range(world)]
+        owners = [_owner(value) for value in store.multi_get(keys)]
+        backend, warning = plan_backend(owners)
+    if warning and rank == 0:
+        log.warning("warning: %s", warning)
+    tdist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     _CONTEXT = DistContext(rank, world, local_rank, local_size, dev, backend, comm, timeout_s)
-    log.debug("rank %d/%d on %s (%s)", rank, world, dev, backend)
+    log.debug("rank %d/%d (local %d/%d, %s) on %s (%s)", rank, world, local_rank, local_size,
+              placement.launcher, dev, backend)
     return _CONTEXT
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import signal
 import time
 from dataclasses import dataclass, field
@@ -173,13 +174,15 @@ class Simulation:
         self.eval_idx = eval_indices(cfg, len(test))
         self.global_tensors = aggregated_tensors(self.net)
         self.per_round = clients_per_round(fed.num_clients, fed.clients_per_round, fed.participation)
-        # Flat buffer: [sum n*params | sum n | stop | client loss | client flag | client excluded | rank seconds]
+        # Flat buffer: [sum n*params | sum n | stop | client loss | client flag | client excluded |
+        #               rank seconds | rank peak memory]
         k = fed.num_clients
         self.n_params = numel(self.global_tensors)
         self.off_n, self.off_stop = self.n_params, self.n_params + 1
         self.off_loss = self.n_params + 2
         self.off_flag, self.off_excl, self.off_time = self.off_loss + k, self.off_loss + 2 * k, self.off_loss + 3 * k
-        self.buf_len = self.off_time + ctx.world_size
+        self.off_mem = self.off_time + ctx.world_size
+        self.buf_len = self.off_mem + ctx.world_size
         # Per lane a worker and a task-learner replica: memory is O(lanes x model), never O(clients).
         self.executors = make_executors(cfg.runtime.streams_per_rank, build, self.buf_len, ctx.device)
         self.start_round = 0
@@ -335,6 +338,7 @@ class Simulation:
             torch.cuda.synchronize(self.ctx.device)
         t_local = time.perf_counter() - t_round
         buf[self.off_time + self.ctx.rank] = t_local
+        buf[self.off_mem + self.ctx.rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # MiB
         buf[self.off_stop] = float(self.stop.requested)
 
         t0 = time.perf_counter()
@@ -361,10 +365,11 @@ class Simulation:
         t_eval = time.perf_counter() - t0
 
         client_loss = np.where(flags & ~excluded, tail[:k], np.nan)
-        rank_seconds = tail[3 * k :]
+        world = self.ctx.world_size
+        rank_seconds, rank_mib = tail[3 * k : 3 * k + world], tail[3 * k + world :]
         row = {"round": rnd, "tau": tau, "genotype": genotype.to_string(), **metrics,
                "client_loss": client_loss, "participants": flags, "excluded": excluded,
-               "time_local_rank": rank_seconds, "time_local": float(rank_seconds.max()),
+               "time_local_rank": rank_seconds, "time_local": float(rank_seconds.max()), "memory_rank_mib": rank_mib,
                "time_allreduce": t_comm, "time_eval": t_eval,
                "time_round": time.perf_counter() - t_round, "wall_time": time.perf_counter() - t_start,
                "bytes_allreduced": buf.numel() * buf.element_size(), **_arch_record(self.net, self.masks, tau)}
