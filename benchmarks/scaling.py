@@ -80,6 +80,10 @@ def plot(rows: list[dict], path: Path) -> None:
         bottom += vals
     axes[2].set(xticks=x, xticklabels=[str(r["ranks"]) for r in strong], xlabel="ranks",
                 ylabel="seconds per round and rank", title=f"Where the time goes ({strong[0]['mode']})")
+    for ax in axes[:2]:
+        ax.set_xticks(n_all, [str(n) for n in n_all])
+        ax.minorticks_off()
+    axes[0].set_yticks(n_all, [str(n) for n in n_all])
     for ax in axes:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
