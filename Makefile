@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 NP     ?= 2
 CONFIG ?= configs/default.yaml
-RUN    ?= demo-$(shell date +%Y%m%d-%H%M%S)
+NOW    := $(shell date +%Y%m%d-%H%M%S)
+RUN    ?= demo-$(NOW)
 export OMP_NUM_THREADS ?= 1
 
 .PHONY: demo test data venv clean-runs
@@ -23,9 +24,23 @@ data: $(STAMP)
 
 demo: data
 	scripts/mpirun.sh -np $(NP) $(PY) launch/main.py --config $(CONFIG) --name $(RUN)
+	$(PY) -m fedmetanas.report runs/$(RUN)/trajectory.h5 --out runs/$(RUN)/report
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 clean-runs:
 	rm -rf runs
+
+# The batch scripts in slurm/ on a real one-node Slurm (munged + slurmctld + slurmd on loopback, started
+# and stopped by the tests). Installs Debian's slurm-wlm and munge first when they are missing (as root).
+SLURM_BINS := slurmctld slurmd munged sbatch
+.PHONY: test-slurm
+test-slurm: $(STAMP)
+	@missing=0; for b in $(SLURM_BINS); do PATH="$$PATH:/usr/sbin:/sbin" command -v $$b >/dev/null || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "error: Slurm is not installed; as root run: apt-get install -y slurm-wlm munge" >&2; exit 1; fi; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q slurm-wlm munge || { apt-get update -q && apt-get install -y -q slurm-wlm munge; }; \
+	fi
+	$(PY) -m pytest -q tests/slurm tests/test_dist.py

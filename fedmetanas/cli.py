@@ -11,7 +11,7 @@ from typing import Sequence
 from fedmetanas.checkpoint import CheckpointError
 from fedmetanas.config import ConfigError, load_config
 from fedmetanas.data.errors import DataError
-from fedmetanas.dist import CollectiveError, DistError, init_distributed, launched_by_mpi, shutdown
+from fedmetanas.dist import CollectiveError, DistError, init_distributed, placement_from_env, shutdown
 from fedmetanas.rundir import RunDirError
 
 USER_ERRORS = (ConfigError, DataError, DistError, RunDirError, CheckpointError)
@@ -23,10 +23,10 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoi
 
 def env_rank() -> int:
     """This process's rank as the launcher tells it (before any MPI call)."""
-    for key in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
-        if key in os.environ and (key != "SLURM_PROCID" or launched_by_mpi()):
-            return int(os.environ[key])
-    return 0
+    try:
+        return placement_from_env().rank
+    except DistError:  # garbled launcher variables: init_distributed reports them inside the try
+        return 0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -55,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides.append("output.resume=true")
     try:
         cfg = load_config(args.config, overrides)
-        ctx = init_distributed(cfg.runtime.device, cfg.runtime.threads_per_rank, cfg.runtime.collective_timeout_s)
+        ctx = init_distributed(cfg.runtime.device, cfg.runtime.threads_per_rank, cfg.runtime.collective_timeout_s,
+                               cfg.runtime.devices)
         from fedmetanas.federated.simulation import NumericalFault, Preempted, run  # noqa: PLC0415 - heavy
 
         try:

@@ -158,7 +158,8 @@ def tasks_per_node(spec: str) -> list[int]:
     for part in filter(None, spec.split(",")):
         found = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
         if not found:
-            raise DistError(f"SLURM_TASKS_PER_NODE={spec!r} is not Slurm's 'N(xM),K' form; unset it or fix the launcher")
+            raise DistError(f"SLURM_TASKS_PER_NODE={spec!r} is not Slurm's 'N(xM),K' form; "
+                            "unset it or fix the launcher")
         counts += [int(found.group(1))] * int(found.group(2) or 1)
     return counts
 
@@ -171,17 +172,27 @@ def _slurm_local_size(env: Mapping[str, str]) -> int | None:
     return counts[node] if node < len(counts) else None
 
 
-def local_rank_from_env(environ: Mapping[str, str] | None = None) -> int | None:
-    """This process's rank on its node from the launcher (OpenMPI, MPICH/Intel MPI, srun); None if unknown.
+# Node-local (rank, size) variables of each MPI, most specific first.
+_LOCAL_ENV = (("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"), ("MPI_LOCALRANKID", "MPI_LOCALNRANKS"))
+
+
+def _local_from_env(env: Mapping[str, str]) -> tuple[int | None, int | None]:
+    """(local rank, ranks on this node) from the launcher, None where it does not say.
 
     MPI's own variables come first: under `mpirun` inside a Slurm job every rank also inherits the
-    launcher step's SLURM_LOCALID (0 for all), which is only right for tasks that srun started itself.
+    launcher step's SLURM_LOCALID (0 for all), which is right only for tasks that srun started itself.
     """
-    env = os.environ if environ is None else environ
-    found = _env_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
-    if found is None and "SLURM_STEP_ID" in env:
-        found = _env_int(env, "SLURM_LOCALID")
-    return found
+    for rank_key, size_key in _LOCAL_ENV:
+        if rank_key in env:
+            return _env_int(env, rank_key), _env_int(env, size_key)
+    if "SLURM_STEP_ID" in env:
+        return _env_int(env, "SLURM_LOCALID"), _slurm_local_size(env)
+    return None, None
+
+
+def local_rank_from_env(environ: Mapping[str, str] | None = None) -> int | None:
+    """This process's rank on its node (OpenMPI, MPICH/Intel MPI, or an srun task); None if unknown."""
+    return _local_from_env(os.environ if environ is None else environ)[0]
 
 
 def placement_from_env(environ: Mapping[str, str] | None = None) -> Placement:
@@ -191,22 +202,19 @@ def placement_from_env(environ: Mapping[str, str] | None = None) -> Placement:
     it is all there is. Unknown node-local values fall back to the global ones (a single node).
     """
     env = os.environ if environ is None else environ
+    in_step = "SLURM_STEP_ID" in env  # a task srun started (the batch shell has no step id)
     if launched_by_mpi(env):
         rank = _env_int(env, "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK") or 0
-        in_step = "SLURM_STEP_ID" in env and "PMI_SIZE" not in env and "OMPI_COMM_WORLD_SIZE" not in env
         world = _env_int(env, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE") or (
-            _env_int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") if in_step else None) or rank + 1
-        local_size = _env_int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS") or (
-            _slurm_local_size(env) if in_step else None)
+            _env_int(env, "SLURM_STEP_NUM_TASKS") if in_step else None) or rank + 1  # PMIx names no size
         launcher: Literal["mpi", "srun", "none"] = "mpi"
     elif launched_by_srun(env):
         rank = _env_int(env, "SLURM_PROCID") or 0
         world = _env_int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") or 1
-        local_size = _slurm_local_size(env)
         launcher = "srun"
     else:
         return Placement(0, 1, 0, 1, "none")
-    local_rank = local_rank_from_env(env)
+    local_rank, local_size = _local_from_env(env)
     if local_rank is None or local_size is None:  # nothing says otherwise: one node
         local_rank, local_size = rank, world
     return Placement(rank, world, local_rank, local_size, launcher)
@@ -273,7 +281,8 @@ def rendezvous_address(environ: Mapping[str, str] | None = None, scontrol: str |
     if not host:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if not nodelist:
-            raise DistError("MASTER_ADDR is unset and SLURM_JOB_NODELIST is missing; export MASTER_ADDR=<rank 0's host>")
+            raise DistError("MASTER_ADDR is unset and SLURM_JOB_NODELIST is missing; "
+                            "export MASTER_ADDR=<rank 0's host>")
         host = first_host(nodelist, scontrol)
     port = _env_int(env, "MASTER_PORT")
     if port is None:
