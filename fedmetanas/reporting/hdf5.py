@@ -115,11 +115,6 @@ class NullLog:
     def append(self, record: Mapping[str, Any]) -> None:  # noqa: D102
         pass
 
-    def rename(self, path: str | Path) -> None:
-        """Move the open file (e.g. a log rebuilt under a temporary name onto the real one)."""
-        os.replace(self.path, path)
-        self.path = Path(path)
-
     def close(self, final: Mapping[str, Any] | None = None) -> None:  # noqa: D102
         pass
 
