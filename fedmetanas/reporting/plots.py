@@ -223,6 +223,11 @@ def pruning(runs: Mapping[str, Series]) -> Figure:
     if not any_pairs:
         axes[1].text(0.5, 0.5, "no input-pair distributions\n(search.input_mode: all)", ha="center", va="center",
                      transform=axes[1].transAxes, color="0.4")
+    return _finish_counts(fig, axes)
+
+
+def _finish_counts(fig: Figure, axes: Any) -> Figure:
+    """Grid, a zero baseline and a legend where there are labelled lines: the style of count plots."""
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
@@ -465,13 +470,7 @@ def cost(runs: Mapping[str, Series]) -> Figure:
     _rounds_axis(ax_b, _all_rounds(runs))
     ax_t.set(ylabel="seconds since start", title="wall time")
     ax_b.set(ylabel="cumulative MiB all-reduced per rank", title="communication")
-    for ax in (ax_t, ax_b):
-        ax.grid(alpha=0.3)
-        ax.set_ylim(bottom=0)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return _finish_counts(fig, (ax_t, ax_b))
 
 
 def client_loss(rounds: np.ndarray, loss: np.ndarray, excluded: np.ndarray | None, title: str) -> Figure:
