@@ -84,30 +84,11 @@ class DistContext:
             raise CollectiveError(describe_collective_failure(str(err), self.rank, self.timeout_s)) from None
         return buf
 
-    def all_gather_floats(self, values: list[float]) -> list[list[float]]:
-        """Every rank's small list of floats (timings), in rank order."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        out = [torch.zeros_like(t) for _ in range(self.world_size)]
-        tdist.all_gather(out, t)
-        return [o.cpu().tolist() for o in out]
-
     def all_gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's picklable object, in rank order (small objects only: errors, decisions)."""
         out: list[Any] = [None] * self.world_size
         tdist.all_gather_object(out, obj)
         return out
-
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        """Send a picklable object from `src` to all ranks."""
-        box = [obj]
-        tdist.broadcast_object_list(box, src=src, device=self.device if self.backend == "nccl" else None)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.backend == "nccl":
-            tdist.barrier(device_ids=[self.device.index])
-        else:
-            tdist.barrier()
 
     def close(self) -> None:
         """Tear down the process group (MPI itself finalizes at interpreter exit)."""

@@ -12,7 +12,7 @@ import math
 import resource
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,9 +51,7 @@ class RunResult:
     supernet_acc: float
     discrete_loss: float
     seconds: float
-    alphas: dict[str, np.ndarray]
     run_dir: Path | None
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def build_supernet(cfg: Config, in_channels: int, num_classes: int) -> SuperNet:
@@ -404,10 +402,8 @@ class Simulation:
                         "config": to_dict(cfg)}, out_dir / "supernet.pt")
             self.trajectory.close(final={"genotype": genotype.to_string(), "seconds": seconds,
                                          "eval_count": int(final_idx.numel()), **final})
-        alphas = {name: p.detach().cpu().numpy().copy() for name, p in self.net.named_alphas()}
-        history = [{k: v for k, v in r.items() if np.isscalar(v) or isinstance(v, str)} for r in self.rows]
         return RunResult(genotype, final["discrete_acc"], final["supernet_acc"], final["discrete_loss"],
-                         seconds, alphas, out_dir, history)
+                         seconds, out_dir)
 
 
 def run(cfg: Config, ctx: DistContext) -> RunResult:
