@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^round-(\d{6})\.pt$")
 FORMAT_VERSION = 1
-# Fields that may change between a run and its resumption without changing the search.
-RESUMABLE_CHANGES = ("output.overwrite", "output.resume", "runtime.", "eval.", "federated.rounds",
-                     "checkpoint.")
+# Fields that may change between a run and its resumption without changing the search (output.*: a run
+# directory may be moved or renamed and resumed where it now lies).
+RESUMABLE_CHANGES = ("output.", "runtime.", "eval.", "federated.rounds",
+                     "checkpoint.", "personalize.")
 
 
 class CheckpointError(ValueError):

@@ -81,8 +81,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     if rank == 0:
-        print(f"final genotype: {result.genotype.to_string()}")
-        print(f"discrete net (pruned, not retrained) test accuracy: {result.discrete_acc:.4f} "
-              f"(loss {result.discrete_loss:.4f}); soft supernet: {result.supernet_acc:.4f}")
+        if result.genotype is not None:
+            print(f"final genotype: {result.genotype.to_string()}")
+        else:
+            print("final architecture: cnn (FedAvg paper's CNN)")
+        if result.algorithm == "fedmetanas":
+            print(f"discrete net (pruned, not retrained) test accuracy: {result.discrete_acc:.4f} "
+                  f"(loss {result.discrete_loss:.4f}); soft supernet: {result.supernet_acc:.4f}")
+        else:
+            searched = f"; searched in {result.search_seconds:.1f} s" if result.algorithm == "fednas" else ""
+            print(f"trained net test accuracy: {result.discrete_acc:.4f} (loss {result.discrete_loss:.4f}){searched}")
+        if result.personalization:
+            p = result.personalization
+            print(f"personalized accuracy, mean / worst 10%: {p['personal_before_mean']:.4f} / "
+                  f"{p['personal_before_worst10']:.4f} before, {p['personal_after_mean']:.4f} / "
+                  f"{p['personal_after_worst10']:.4f} after adaptation")
         print(f"total time: {result.seconds:.1f} s; run directory: {result.run_dir}")
     return 0

@@ -71,9 +71,9 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    """Local learning rule: FedMetaNAS's task + meta learners (baselines add their own fields)."""
+    """Which algorithm runs, and FedMetaNAS's task + meta learners (baselines: the fednas / fedavg sections)."""
 
-    name: Literal["fedmetanas"] = "fedmetanas"
+    name: Literal["fedmetanas", "fednas", "fedavg"] = "fedmetanas"
     meta_update: Literal["fomaml", "reptile"] = "fomaml"
     local_steps: int = 10
     inner_steps: int = 3
@@ -91,6 +91,56 @@ class AlgorithmConfig:
     grad_clip: float = 5.0
     lr_schedule: Literal["constant", "cosine"] = "constant"  # per round, on the weights' learning rates
     lr_min_factor: float = 0.05  # cosine ends at this fraction of the initial rates (DARTS: 0.001/0.025)
+
+
+@dataclass(frozen=True)
+class FedNASConfig:
+    """FedNAS (He et al. 2020): local MiLeNAS search with a plain softmax over the ops (search.gumbel,
+    tau and pruning do not apply), then `retrain_rounds` of FedAvg on the searched genotype (fedavg section).
+
+    Defaults are the public FedNAS / DARTS settings."""
+
+    local_steps: int = 10  # MiLeNAS steps (one train + one validation batch each) per client per round
+    batch_size: int = 32
+    lr_w: float = 0.025
+    lr_w_min: float = 0.001  # cosine over the search rounds
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    lr_alpha: float = 3e-4
+    alpha_betas: tuple[float, float] = (0.5, 0.999)
+    alpha_weight_decay: float = 1e-3
+    lambda_train: float = 1.0  # alpha gradient = grad L_val + lambda_train * grad L_train
+    grad_clip: float = 5.0  # on the weights' gradients (the public code clips the alphas': a defect)
+    retrain_rounds: int = 20
+
+
+@dataclass(frozen=True)
+class FedAvgConfig:
+    """FedAvg on a fixed architecture: the FedAvg baseline and FedNAS's retraining stage."""
+
+    # The FedAvg baseline's network: cnn (FedAvg paper's CNN), darts_v2, or a genotype string.
+    # FedNAS always retrains the genotype its search found.
+    architecture: str = "darts_v2"
+    local_steps: int = 10  # SGD steps (batches) per client per round
+    batch_size: int = 32
+    lr: float = 0.025
+    lr_min: float = 0.001  # cosine over the training rounds
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    channels: int = 0  # cells' initial channels; 0: model.channels
+    layers: int = 0  # cells; 0: model.layers
+
+
+@dataclass(frozen=True)
+class PersonalizeConfig:
+    """After training, each client adapts the global model on its local train split and is tested on
+    its local test split: FedMetaNAS with its task learner (weights and alphas, its inner rates),
+    the baselines by SGD fine-tuning of the weights."""
+
+    steps: int = 5  # 0: skip personalization
+    lr: float = 0.01  # the baselines' SGD rate (momentum 0.9)
+    batch_size: int = 32
 
 
 @dataclass(frozen=True)
@@ -153,6 +203,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    fednas: FedNASConfig = field(default_factory=FedNASConfig)
+    fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -199,6 +252,16 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("runtime", "devices"): (lambda v: v is None or (len(v) > 0 and min(v) >= 0),
                              "null or a non-empty list of GPU ids >= 0, one per rank on a node"),
 }
+for _section, _names in (("fednas", ("local_steps", "batch_size", "retrain_rounds")),
+                         ("fedavg", ("local_steps", "batch_size")), ("personalize", ("batch_size",))):
+    for _name in _names:
+        _RANGES[(_section, _name)] = (lambda v: v >= 1, "an integer >= 1")
+for _section, _names in (("fednas", ("lr_w", "lr_w_min", "momentum", "weight_decay", "lr_alpha",
+                                     "alpha_weight_decay", "lambda_train", "grad_clip")),
+                         ("fedavg", ("lr", "lr_min", "momentum", "weight_decay", "grad_clip", "channels", "layers")),
+                         ("personalize", ("steps", "lr"))):
+    for _name in _names:
+        _RANGES[(_section, _name)] = (lambda v: v >= 0, "a number >= 0")
 for _name in ("inner_lr_w", "inner_lr_alpha", "meta_lr_w", "meta_lr_alpha", "reptile_lr_w",
               "reptile_lr_alpha", "weight_decay"):
     _RANGES[("algorithm", _name)] = (lambda v: v >= 0, "a number >= 0")
@@ -321,9 +384,19 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(
                 f"model.reduction_layers: {bad} outside 0..{cfg.model.layers - 1}; "
                 "use layer indices smaller than model.layers")
-    if not all(0.0 <= b < 1.0 for b in cfg.algorithm.inner_betas):
-        raise ConfigError(f"algorithm.inner_betas: {list(cfg.algorithm.inner_betas)} must lie in [0, 1); "
-                          "MetaNAS uses [0.0, 0.999]")
+    for where, betas in (("algorithm.inner_betas", cfg.algorithm.inner_betas),
+                         ("fednas.alpha_betas", cfg.fednas.alpha_betas)):
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ConfigError(f"{where}: {list(betas)} must lie in [0, 1)")
+    arch = cfg.fedavg.architecture
+    if arch not in ("cnn", "darts_v2"):
+        from fedmetanas.search.genotypes import Genotype  # noqa: PLC0415 - leaf import
+
+        try:
+            Genotype.from_string(arch)
+        except (ValueError, SyntaxError, KeyError, TypeError):
+            raise ConfigError(f"fedavg.architecture: {arch[:60]!r} is not cnn, darts_v2 or a genotype string "
+                              "(as in a run's genotype.txt)") from None
     if not isinstance(cfg.model.primitives, str):
         from fedmetanas.search.operations import OPS  # noqa: PLC0415 - leaf import, avoids a cycle
 

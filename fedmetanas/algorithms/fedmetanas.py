@@ -11,66 +11,18 @@ For each of `local_steps` meta-steps on a client:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from torch import nn
 
+from fedmetanas.algorithms.common import (  # noqa: F401 - re-exported: the local-update interface
+    Forward,
+    LocalContext,
+    LocalResult,
+    clip_weight_grads,
+    copy_state,
+    supervised_step,
+)
 from fedmetanas.config import AlgorithmConfig
-from fedmetanas.data.client_data import sample_batch
-from fedmetanas.data.datasets import TensorSplit
-from fedmetanas.search.relax import RelaxMode
-from fedmetanas.search.supernet import ArchMasks, SuperNet, sample_arch
-
-
-@dataclass
-class LocalContext:
-    """What a client's local search needs besides its model: data, architecture state, randomness."""
-
-    train: TensorSplit
-    train_idx: torch.Tensor
-    masks: ArchMasks
-    tau: float
-    relax_mode: RelaxMode
-    batch_gen: torch.Generator
-    gumbel_gen: torch.Generator
-    augment: bool = False
-    channels_last: bool = False
-    lr_scale: float = 1.0  # the round's factor on the weights' learning rates (schedule)
-    client_id: int = -1  # for logs and fault reports only: never a source of randomness here
-
-
-@dataclass
-class LocalResult:
-    """Summary of one client's local work (the parameters themselves stay in the model)."""
-
-    loss: float
-    steps: int
-
-
-def copy_state(dst: SuperNet, src: SuperNet) -> None:
-    """Copy parameters and buffers in place (no reallocation, keeps optimizer references valid)."""
-    with torch.no_grad():
-        torch._foreach_copy_(dst.param_list(), src.param_list())
-        torch._foreach_copy_(dst.buffer_list(), src.buffer_list())
-
-
-def supervised_step(model: SuperNet, ctx: LocalContext, batch_size: int) -> torch.Tensor:
-    """Forward + backward of the cross-entropy on one sampled batch under one relaxed sample."""
-    x, y = sample_batch(ctx.train, ctx.train_idx, batch_size, ctx.batch_gen, ctx.augment)
-    if ctx.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    arch = sample_arch(model, ctx.masks, ctx.tau, ctx.relax_mode, ctx.gumbel_gen)
-    loss = nn.functional.cross_entropy(model(x, arch), y)
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    return loss.detach()
-
-
-def clip_weight_grads(model: SuperNet, max_norm: float) -> None:
-    """Clip the weights' gradient norm (as DARTS does); architecture gradients are left alone."""
-    if max_norm > 0:
-        nn.utils.clip_grad_norm_(model.weights(), max_norm)
+from fedmetanas.search.supernet import SuperNet, arch_from_genotype, derive_genotype
 
 
 class FedMetaNAS:
@@ -127,3 +79,11 @@ class FedMetaNAS:
                 torch._foreach_copy_(model.buffer_list(), task.buffer_list())
         mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
         return LocalResult(loss=mean_loss, steps=cfg.local_steps * (cfg.inner_steps + (meta_opt is not None)))
+
+    def personalize(self, model: SuperNet, task: SuperNet, ctx: LocalContext, steps: int) -> Forward:
+        """The task learner adapts a copy of the global model (weights and alphas) for `steps` steps on
+        the client's data; the client's model is then the discrete net of its adapted alphas."""
+        copy_state(task, model)
+        self.adapt(task, ctx, steps)
+        arch = arch_from_genotype(task, derive_genotype(task, ctx.masks, ctx.tau))
+        return lambda x: task(x, arch)

@@ -51,38 +51,45 @@ class TrajectoryLog:
         for name, value in static.items():
             arr = _as_array(value)
             self._file.create_dataset(name, data=arr, dtype=_STR if arr.dtype == object else arr.dtype)
-        self._rows = 0
-        self._names: tuple[str, ...] | None = None
+        self._rows: dict[str, int] = {}
+        self._names: dict[str, tuple[str, ...]] = {}
         self._file.flush()
 
     @property
     def rounds_written(self) -> int:
-        return self._rows
+        return self._rows.get("rounds", 0)
 
-    def _create(self, record: Mapping[str, Any]) -> None:
-        group = self._file.require_group("rounds")
+    def _create(self, group_name: str, record: Mapping[str, Any]) -> None:
+        if self._file.swmr_mode:
+            # SWMR forbids new objects: a second table (FedNAS's /retrain) is added after reopening.
+            self._file.close()
+            self._file = h5py.File(self.path, "a", libver="latest")
+        group = self._file.require_group(group_name)
         for name, value in record.items():
             arr = _as_array(value)
             dtype = _STR if arr.dtype == object else arr.dtype
             group.create_dataset(name, shape=(0, *arr.shape), maxshape=(None, *arr.shape), dtype=dtype,
                                  chunks=(max(1, min(64, 2**20 // max(arr.nbytes, 1))), *arr.shape) if arr.shape else (64,))
-        self._names = tuple(record)
+        self._names[group_name] = tuple(record)
+        self._rows[group_name] = 0
         # From here on only existing datasets grow, which SWMR allows; readers see every flush.
         self._file.swmr_mode = True
 
-    def append(self, record: Mapping[str, Any]) -> None:
-        """Append one round: every key must be the same (and same shape) as in the first round."""
-        if self._names is None:
-            self._create(record)
-        if set(record) != set(self._names or ()):
-            missing = set(self._names or ()) ^ set(record)
+    def append(self, record: Mapping[str, Any], group: str = "rounds") -> None:
+        """Append one row to table `group` (/rounds by default): every key must be the same (and same
+        shape) as in the table's first row."""
+        if group not in self._names:
+            self._create(group, record)
+        names = self._names[group]
+        if set(record) != set(names):
+            missing = set(names) ^ set(record)
             raise KeyError(f"round record keys changed: {sorted(missing)}")
-        group = self._file["rounds"]
-        for name in self._names or ():
-            ds = group[name]
-            ds.resize(self._rows + 1, axis=0)
-            ds[self._rows] = _as_array(record[name])
-        self._rows += 1
+        table, row = self._file[group], self._rows[group]
+        for name in names:
+            ds = table[name]
+            ds.resize(row + 1, axis=0)
+            ds[row] = _as_array(record[name])
+        self._rows[group] = row + 1
         self._file.flush()
 
     def rename(self, path: str | Path) -> None:
@@ -90,18 +97,23 @@ class TrajectoryLog:
         os.replace(self.path, path)
         self.path = Path(path)
 
-    def close(self, final: Mapping[str, Any] | None = None) -> None:
-        """Close the file; `final` (name -> scalar or string) is stored as attributes of /final."""
+    def close(self, final: Mapping[str, Any] | None = None,
+              datasets: Mapping[str, Any] | None = None) -> None:
+        """Close the file; `final` (name -> scalar or string) is stored as attributes of /final and
+        `datasets` (path -> array, e.g. "personalization/acc_after") as datasets."""
         if self._file is None:
             return
         self._file.close()
         self._file = None  # type: ignore[assignment]
-        if final:
+        if final or datasets:
             # SWMR forbids new objects, so the summary is added after reopening normally.
             with h5py.File(self.path, "a") as f:
                 group = f.require_group("final")
-                for key, value in final.items():
+                for key, value in (final or {}).items():
                     group.attrs[key] = value
+                for name, value in (datasets or {}).items():
+                    arr = _as_array(value)
+                    f.create_dataset(name, data=arr, dtype=_STR if arr.dtype == object else arr.dtype)
 
 
 class NullLog:
@@ -112,19 +124,21 @@ class NullLog:
     def rename(self, path: str | Path) -> None:  # noqa: D102
         pass
 
-    def append(self, record: Mapping[str, Any]) -> None:  # noqa: D102
+    def append(self, record: Mapping[str, Any], group: str = "rounds") -> None:  # noqa: D102
         pass
 
-    def close(self, final: Mapping[str, Any] | None = None) -> None:  # noqa: D102
+    def close(self, final: Mapping[str, Any] | None = None,  # noqa: D102
+              datasets: Mapping[str, Any] | None = None) -> None:
         pass
 
 
-def read_rounds(path: str | Path) -> dict[str, np.ndarray]:
-    """All per-round datasets of a (possibly still running) log, as arrays."""
+def read_rounds(path: str | Path, group: str = "rounds") -> dict[str, np.ndarray]:
+    """All per-round datasets of a table (/rounds, or FedNAS's /retrain) of a (possibly still running)
+    log, as arrays."""
     with h5py.File(path, "r", swmr=True) as f:
-        if "rounds" not in f:
+        if group not in f:
             return {}
-        return {name: ds[()] for name, ds in f["rounds"].items()}
+        return {name: ds[()] for name, ds in f[group].items()}
 
 
 def logged_rounds(path: str | Path) -> int | None:

@@ -107,15 +107,18 @@ def _read_group(f: h5py.File, name: str, notes: list[str]) -> dict[str, np.ndarr
 
 
 def _personalized(f: h5py.File, rounds: dict[str, np.ndarray]) -> np.ndarray | None:
-    """Per-client personalized accuracy, where a log carries it (a later feature; the layout may vary).
+    """Per-client personalized accuracy, where a log carries it.
 
-    Looks for a dataset named like `*acc*` under /personalization (shape (K,), or (R, K): last row with
-    a value), else for a (R, K) `/rounds/*personal*acc*`.
+    Our runs write `/personalization/acc_after` (after adaptation; docs/hdf5.md); other layouts are read
+    too: the first dataset named like `*acc*` under /personalization (shape (K,), or (R, K): last row
+    with a value), else a (R, K) `/rounds/*personal*acc*`.
     """
     found: list[Any] = []
     group = f.get("personalization")
     if isinstance(group, h5py.Group):
-        found += [group[n][()] for n in sorted(group) if "acc" in n and isinstance(group[n], h5py.Dataset)]
+        names = sorted((n for n in group if "acc" in n and isinstance(group[n], h5py.Dataset)),
+                       key=lambda n: (n != "acc_after", n))
+        found += [group[n][()] for n in names]
     found += [v for k, v in sorted(rounds.items()) if "personal" in k and "acc" in k]
     for value in found:
         try:

@@ -1,7 +1,11 @@
-"""A discrete network built from a genotype, reusing the searched supernet's weights.
+"""Networks of a fixed architecture: the discrete net of a genotype, and FedAvg's plain CNN.
 
-This is FedMetaNAS's final model: the cells of the genotype with exactly the op modules (and BN
-statistics) the supernet trained for them, used without retraining.
+`DiscreteNet.from_supernet` is FedMetaNAS's final model: the genotype's cells with exactly the op
+modules (and BN statistics) the supernet trained for them, used without retraining.
+`DiscreteNet.from_genotype` is a fresh network (affine BN, as DARTS's evaluation network) trained
+from scratch: FedNAS's retraining stage and the FedAvg baseline on a given genotype.
+Both share SuperNet's tensor-list interface (`weights()`, `alphas()` = [], `param_list()`,
+`buffer_list()`), so the same local-update, copy and aggregation code runs on every model.
 """
 
 from __future__ import annotations
@@ -12,7 +16,35 @@ import torch
 from torch import nn
 
 from fedmetanas.search.genotypes import Genotype
-from fedmetanas.search.supernet import SuperNet, edge_offsets
+from fedmetanas.search.operations import OPS, FactorizedReduce, ReLUConvBN
+from fedmetanas.search.supernet import SuperNet, default_reduction_layers, edge_offsets
+
+
+class FixedNet(nn.Module):
+    """A network with no architecture parameters; flat tensor lists cached like SuperNet's."""
+
+    def _tensor_lists(self) -> dict[str, list[torch.Tensor]]:
+        cache = self.__dict__.get("_lists")
+        if cache is None:
+            cache = {"params": list(self.parameters()), "buffers": list(self.buffers())}
+            self.__dict__["_lists"] = cache
+        return cache
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        self.__dict__.pop("_lists", None)
+        return super()._apply(fn, recurse)
+
+    def weights(self) -> list[nn.Parameter]:
+        return self._tensor_lists()["params"]
+
+    def alphas(self) -> list[nn.Parameter]:
+        return []
+
+    def param_list(self) -> list[nn.Parameter]:
+        return self._tensor_lists()["params"]
+
+    def buffer_list(self) -> list[torch.Tensor]:
+        return self._tensor_lists()["buffers"]
 
 
 class DiscreteCell(nn.Module):
@@ -38,7 +70,7 @@ class DiscreteCell(nn.Module):
         return torch.cat([states[i] for i in self.concat], dim=1)
 
 
-class DiscreteNet(nn.Module):
+class DiscreteNet(FixedNet):
     """Stem, discrete cells and classifier; same layout as the supernet it came from."""
 
     def __init__(self, stem: nn.Module, cells: list[DiscreteCell], classifier: nn.Module,
@@ -64,8 +96,60 @@ class DiscreteNet(nn.Module):
                                       concat, cell.reduction))
         return cls(copy.deepcopy(net.stem), cells, copy.deepcopy(net.classifier), genotype)
 
+    @classmethod
+    def from_genotype(cls, genotype: Genotype, in_channels: int, num_classes: int, channels: int, layers: int,
+                      stem_multiplier: int = 3, reduction_layers: tuple[int, ...] | None = None,
+                      stem_stride: int = 1) -> "DiscreteNet":
+        """A freshly initialised network of the genotype's cells (weights from the global RNG: seed it)."""
+        if len(genotype.normal) != len(genotype.reduce):
+            raise ValueError("genotype: the normal and reduction cells need the same number of nodes")
+        for gene in (genotype.normal, genotype.reduce):
+            for node in gene:
+                for op, _ in node:
+                    if op not in OPS or op == "none":
+                        raise ValueError(f"genotype: op {op!r} cannot be built (known: {', '.join(OPS)}; not 'none')")
+        if reduction_layers is None:
+            reduction_layers = default_reduction_layers(layers)
+        c_curr = stem_multiplier * channels
+        stem = nn.Sequential(nn.Conv2d(in_channels, c_curr, 3, stride=stem_stride, padding=1, bias=False),
+                             nn.BatchNorm2d(c_curr))
+        c_pp, c_p, c_curr = c_curr, c_curr, channels
+        cells, reduction_prev = [], False
+        for layer in range(layers):
+            reduction = layer in reduction_layers
+            if reduction:
+                c_curr *= 2
+            gene = genotype.reduce if reduction else genotype.normal
+            concat = genotype.reduce_concat if reduction else genotype.normal_concat
+            pre0 = (FactorizedReduce(c_pp, c_curr, affine=True) if reduction_prev
+                    else ReLUConvBN(c_pp, c_curr, 1, 1, 0, affine=True))
+            pre1 = ReLUConvBN(c_p, c_curr, 1, 1, 0, affine=True)
+            ops = [[OPS[op](c_curr, 2 if reduction and i < 2 else 1, True) for op, i in node] for node in gene]
+            cells.append(DiscreteCell(pre0, pre1, gene, ops, concat, reduction))
+            reduction_prev = reduction
+            c_pp, c_p = c_p, len(concat) * c_curr
+        return cls(stem, cells, nn.Linear(c_p, num_classes), genotype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1)
         return self.classifier(torch.flatten(self.pool(s1), 1))
+
+
+class CNN(FixedNet):
+    """The CNN of the FedAvg paper (McMahan et al. 2017): two 5x5 conv + 2x2 max-pool layers
+    (32, 64 channels), a 512-unit fully connected layer and the classifier."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int) -> None:
+        super().__init__()
+        side = image_size // 4
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * side * side, 512), nn.ReLU(),
+                                        nn.Linear(512, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))

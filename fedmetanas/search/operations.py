@@ -1,8 +1,10 @@
 """Candidate operations of the cell search space, as an `OPS` table of constructors.
 
-Every constructor takes (channels, stride) and returns a module mapping C channels at HxW to C
-channels at H/stride x W/stride. BatchNorm is affine-free as in DARTS's search phase, so the only
-scale on an op's output is its architecture weight.
+Every constructor takes (channels, stride, affine) and returns a module mapping C channels at HxW
+to C channels at H/stride x W/stride. In the supernet BatchNorm is affine-free as in DARTS's search
+phase, so the only scale on an op's output is its architecture weight; a network trained from scratch
+on a fixed genotype (FedNAS's retraining, FedAvg) uses affine BN and no BN after pooling, as DARTS's
+evaluation network does.
 """
 
 from __future__ import annotations
@@ -94,26 +96,28 @@ class FactorizedReduce(nn.Module):
         return self.bn(torch.cat([self.conv1(x), self.conv2(shifted)], dim=1))
 
 
-def _pool(kind: str, c: int, stride: int) -> nn.Module:
-    # DARTS's search cell follows pooling with an affine-free BN so its scale matches the convs.
+def _pool(kind: str, c: int, stride: int, affine: bool) -> nn.Module:
     pool = (nn.MaxPool2d(3, stride, padding=1) if kind == "max"
             else nn.AvgPool2d(3, stride, padding=1, count_include_pad=False))
+    if affine:
+        return pool  # DARTS's evaluation network: a bare pooling op
+    # DARTS's search cell follows pooling with an affine-free BN so its scale matches the convs.
     return nn.Sequential(pool, nn.BatchNorm2d(c, affine=False))
 
 
-def _skip(c: int, stride: int) -> nn.Module:
-    return nn.Identity() if stride == 1 else FactorizedReduce(c, c)
+def _skip(c: int, stride: int, affine: bool) -> nn.Module:
+    return nn.Identity() if stride == 1 else FactorizedReduce(c, c, affine)
 
 
-OPS: dict[str, Callable[[int, int], nn.Module]] = {
-    "none": lambda c, s: Zero(s),
-    "max_pool_3x3": lambda c, s: _pool("max", c, s),
-    "avg_pool_3x3": lambda c, s: _pool("avg", c, s),
-    "skip_connect": _skip,
-    "sep_conv_3x3": lambda c, s: SepConv(c, c, 3, s, 1),
-    "sep_conv_5x5": lambda c, s: SepConv(c, c, 5, s, 2),
-    "dil_conv_3x3": lambda c, s: DilConv(c, c, 3, s, 2, 2),
-    "dil_conv_5x5": lambda c, s: DilConv(c, c, 5, s, 4, 2),
-    "conv_3x3": lambda c, s: ReLUConvBN(c, c, 3, s, 1),
-    "conv_1x5_5x1": lambda c, s: FacConv(c, c, 5, s, 2),
+OPS: dict[str, Callable[..., nn.Module]] = {
+    "none": lambda c, s, affine=False: Zero(s),
+    "max_pool_3x3": lambda c, s, affine=False: _pool("max", c, s, affine),
+    "avg_pool_3x3": lambda c, s, affine=False: _pool("avg", c, s, affine),
+    "skip_connect": lambda c, s, affine=False: _skip(c, s, affine),
+    "sep_conv_3x3": lambda c, s, affine=False: SepConv(c, c, 3, s, 1, affine),
+    "sep_conv_5x5": lambda c, s, affine=False: SepConv(c, c, 5, s, 2, affine),
+    "dil_conv_3x3": lambda c, s, affine=False: DilConv(c, c, 3, s, 2, 2, affine),
+    "dil_conv_5x5": lambda c, s, affine=False: DilConv(c, c, 5, s, 4, 2, affine),
+    "conv_3x3": lambda c, s, affine=False: ReLUConvBN(c, c, 3, s, 1, affine),
+    "conv_1x5_5x1": lambda c, s, affine=False: FacConv(c, c, 5, s, 2, affine),
 }

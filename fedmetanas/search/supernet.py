@@ -36,6 +36,11 @@ def num_edges(nodes: int) -> int:
     return sum(j + 2 for j in range(nodes))
 
 
+def default_reduction_layers(layers: int) -> tuple[int, ...]:
+    """DARTS's placement of the reduction cells: at a third and two thirds of the depth."""
+    return tuple(sorted({layers // 3, 2 * layers // 3})) if layers >= 2 else ()
+
+
 @dataclass
 class CellArch:
     """One cell type's relaxed architecture: op weights per edge and input weights per node."""
@@ -132,7 +137,7 @@ class SuperNet(nn.Module):
                  generator: torch.Generator | None = None, stem_stride: int = 1) -> None:
         super().__init__()
         if reduction_layers is None:
-            reduction_layers = tuple(sorted({layers // 3, 2 * layers // 3})) if layers >= 2 else ()
+            reduction_layers = default_reduction_layers(layers)
         self.primitives = tuple(primitives)
         self.nodes = nodes
         self.input_mode = input_mode

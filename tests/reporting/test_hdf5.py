@@ -175,3 +175,24 @@ def test_null_log_accepts_everything_and_writes_nothing(tmp_path):
 
     assert log.rounds_written == 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_table_can_be_started_after_the_first_rows_and_both_stay_readable(tmp_path):
+    """FedNAS's retraining rows go to /retrain, created after /rounds already switched the file to SWMR."""
+    path = tmp_path / "two.h5"
+    log = TrajectoryLog(path, ATTRS, STATIC)
+    log.append(_record(0))
+    log.append(_record(1))
+    log.append({"round": 2, "acc": 0.5}, "retrain")
+    log.append({"round": 3, "acc": 0.6}, "retrain")
+    assert _reader_rounds(path) == 2  # a reader sees the file while it is still open
+    log.close(final={"acc": 0.6}, datasets={"personalization/acc_after": np.array([0.1, 0.2])})
+    assert read_rounds(path)["round"].tolist() == [0, 1]
+    assert read_rounds(path, "retrain")["acc"].tolist() == [0.5, 0.6]
+    with h5py.File(path, "r") as f:
+        assert f["personalization/acc_after"][()].tolist() == [0.1, 0.2]
+        assert f["final"].attrs["acc"] == 0.6
+    with pytest.raises(KeyError):
+        other = TrajectoryLog(tmp_path / "three.h5", ATTRS, STATIC)
+        other.append({"round": 0, "acc": 0.5}, "retrain")
+        other.append({"round": 1}, "retrain")

@@ -1,0 +1,90 @@
+"""What every local learning rule shares: the client's context, the result record, batches, copies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fedmetanas.data.client_data import sample_batch
+from fedmetanas.data.datasets import TensorSplit
+from fedmetanas.search.relax import RelaxMode
+from fedmetanas.search.supernet import ArchMasks, SuperNet, sample_arch
+
+
+@dataclass
+class LocalContext:
+    """What a client's local search needs besides its model: data, architecture state, randomness."""
+
+    train: TensorSplit
+    train_idx: torch.Tensor
+    masks: ArchMasks | None  # None for a fixed architecture
+    tau: float
+    relax_mode: RelaxMode
+    batch_gen: torch.Generator
+    gumbel_gen: torch.Generator
+    augment: bool = False
+    channels_last: bool = False
+    lr_scale: float = 1.0  # the round's factor on the weights' learning rates (schedule)
+    client_id: int = -1  # for logs and fault reports only: never a source of randomness here
+
+
+@dataclass
+class LocalResult:
+    """Summary of one client's local work (the parameters themselves stay in the model)."""
+
+    loss: float
+    steps: int
+
+
+def copy_state(dst: nn.Module, src: nn.Module) -> None:
+    """Copy parameters and buffers in place (no reallocation, keeps optimizer references valid)."""
+    with torch.no_grad():
+        for dst_list, src_list in ((dst.param_list(), src.param_list()), (dst.buffer_list(), src.buffer_list())):
+            if dst_list:  # a net without BN (the CNN) has no buffers
+                torch._foreach_copy_(dst_list, src_list)
+
+
+def draw_batch(ctx: LocalContext, idx: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch from the client's indices `idx`, from its batch generator."""
+    x, y = sample_batch(ctx.train, idx, batch_size, ctx.batch_gen, ctx.augment)
+    if ctx.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def supervised_step(model: SuperNet, ctx: LocalContext, batch_size: int) -> torch.Tensor:
+    """Forward + backward of the cross-entropy on one sampled batch under one relaxed sample."""
+    x, y = draw_batch(ctx, ctx.train_idx, batch_size)
+    arch = sample_arch(model, ctx.masks, ctx.tau, ctx.relax_mode, ctx.gumbel_gen)
+    loss = nn.functional.cross_entropy(model(x, arch), y)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss.detach()
+
+
+def clip_weight_grads(model: nn.Module, max_norm: float) -> None:
+    """Clip the weights' gradient norm (as DARTS does); architecture gradients are left alone."""
+    if max_norm > 0:
+        nn.utils.clip_grad_norm_(model.weights(), max_norm)
+
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def sgd_steps(model: nn.Module, ctx: LocalContext, steps: int, batch_size: int, lr: float, momentum: float,
+              weight_decay: float, grad_clip: float) -> list[torch.Tensor]:
+    """Plain supervised SGD on a fixed-architecture net (`model(x)`); returns the batch losses."""
+    opt = torch.optim.SGD(model.weights(), lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
+    losses = []
+    for _ in range(steps):
+        x, y = draw_batch(ctx, ctx.train_idx, batch_size)
+        loss = nn.functional.cross_entropy(model(x), y)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_weight_grads(model, grad_clip)
+        opt.step()
+        losses.append(loss.detach())
+    return losses

@@ -1,0 +1,79 @@
+"""FedNAS's local search: MiLeNAS (He et al. 2020), first order, on a softmax-relaxed supernet.
+
+Each step draws one batch from the client's training half and one from its validation half
+(the local train split's even / odd positions) and, as the public FedNAS code does,
+  1. updates the alphas (Adam) with  grad_alpha L_val(w, alpha) + lambda * grad_alpha L_train(w, alpha),
+  2. then updates the weights (SGD with momentum) with grad_w L_train(w, alpha) at the new alphas,
+     clipping the *weights'* gradient norm (the public code clips the alphas': see docs/method.md).
+The relaxation is the plain softmax of the logits over every op (no Gumbel noise, no pruning), so
+every op of every edge is computed: that is FedNAS's cost.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedmetanas.algorithms.common import LocalContext, LocalResult, clip_weight_grads, draw_batch
+from fedmetanas.config import FedNASConfig
+from fedmetanas.search.supernet import SuperNet, sample_arch
+
+
+def split_train_val(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A client's local train split halved into MiLeNAS's train and validation parts (alternate items)."""
+    if idx.numel() < 2:
+        return idx, idx
+    return idx[0::2], idx[1::2]
+
+
+def softmax_loss(model: SuperNet, ctx: LocalContext, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy under the softmax relaxation (temperature 1, the run's masks: none pruned)."""
+    return nn.functional.cross_entropy(model(x, sample_arch(model, ctx.masks, 1.0, "expected")), y)
+
+
+def milenas_alpha_grads(model: SuperNet, ctx: LocalContext, train: tuple[torch.Tensor, torch.Tensor],
+                        val: tuple[torch.Tensor, torch.Tensor], lambda_train: float) -> list[torch.Tensor]:
+    """grad_alpha L_val + lambda_train * grad_alpha L_train, both at the current (w, alpha)."""
+    alphas = model.alphas()
+    # allow_unused: a net with no normal cell (2 layers, both reductions) never uses alpha_normal.
+    g_train = torch.autograd.grad(softmax_loss(model, ctx, *train), alphas, allow_unused=True)
+    g_val = torch.autograd.grad(softmax_loss(model, ctx, *val), alphas, allow_unused=True)
+    return [torch.zeros_like(a) if gv is None else gv + lambda_train * gt
+            for a, gv, gt in zip(alphas, g_val, g_train)]
+
+
+class MiLeNAS:
+    """The client-side learning rule of FedNAS's search stage."""
+
+    def __init__(self, cfg: FedNASConfig) -> None:
+        self.cfg = cfg
+
+    def local_update(self, model: SuperNet, task: SuperNet, ctx: LocalContext) -> LocalResult:  # noqa: ARG002
+        """`local_steps` MiLeNAS steps; `model` holds the global parameters on entry, the client's after.
+
+        The optimizers start afresh every round (momentum and Adam moments are not kept per client:
+        a simulator's memory must not grow with the number of clients).
+        """
+        c = self.cfg
+        train_idx, val_idx = split_train_val(ctx.train_idx)
+        opt_w = torch.optim.SGD(model.weights(), lr=c.lr_w * ctx.lr_scale, momentum=c.momentum,
+                                weight_decay=c.weight_decay, foreach=True)
+        opt_a = torch.optim.Adam(model.alphas(), lr=c.lr_alpha, betas=c.alpha_betas,
+                                 weight_decay=c.alpha_weight_decay, foreach=True)
+        losses = []
+        for _ in range(c.local_steps):
+            train = draw_batch(ctx, train_idx, c.batch_size)
+            val = draw_batch(ctx, val_idx, c.batch_size)
+            grads = milenas_alpha_grads(model, ctx, train, val, c.lambda_train)
+            for a, g in zip(model.alphas(), grads):
+                a.grad = g
+            opt_a.step()
+            loss = softmax_loss(model, ctx, *train)
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            for a in model.alphas():
+                a.grad = None  # the weight step must not move the alphas
+            clip_weight_grads(model, c.grad_clip)
+            opt_w.step()
+            losses.append(loss.detach())
+        return LocalResult(loss=float(torch.stack(losses).mean()), steps=c.local_steps)
