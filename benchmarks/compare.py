@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,6 +38,8 @@ from tests.helpers import launch  # noqa: E402
 METHODS = ("fedmetanas", "fednas", "fedavg")
 CONFIGS = {"fedmetanas": "default.yaml", "fednas": "fednas.yaml", "fedavg": "fedavg.yaml"}
 LABELS = {"fedmetanas": "FedMetaNAS", "fednas": "FedNAS", "fedavg": "FedAvg (DARTS_V2)"}
+# What we tried when the claim did not hold (see docs/results.md): FedMetaNAS variants on the main setting.
+ATTEMPTS = (("48 rounds (cosine over 48)", ["federated.rounds=48"]),)
 SWEEP = (("0.1", ["data.dirichlet_alpha=0.1"]), ("0.5", []), ("1.0", ["data.dirichlet_alpha=1.0"]),
          ("IID", ["data.partition=iid"]))
 
@@ -57,7 +58,8 @@ class Run:
     total_s: float = 0.0
     rounds: int = 0
     bytes_clients: int = 0
-    wall_s: float = 0.0  # the whole process, start-up included
+    wall_s: float = math.nan  # the whole process, start-up included
+    parts: dict = field(default_factory=dict)  # where the time went, per stage: local work, all-reduce, evaluation
 
     @classmethod
     def load(cls, method: str, path: Path, wall_s: float) -> "Run":
@@ -70,6 +72,10 @@ class Run:
             usable = np.concatenate([np.full(t["round"].shape[0], t.name != "/rounds" or method != "fednas")
                                      for t in tables])
             nbytes = int(sum(int(t["bytes_clients"][()].sum()) for t in tables))
+            parts = {("search" if t.name == "/rounds" and method != "fedavg" else "train"): {
+                "rounds": int(t["round"].shape[0]), "local_s": float(t["time_local"][()].sum()),
+                "allreduce_s": float(t["time_allreduce"][()].sum()), "eval_s": float(t["time_eval"][()].sum()),
+                "memory_mib": float(t["memory_rank_mib"][-1].max())} for t in tables}
         train_time = wall - np.cumsum(t_eval)
         search_s = float(final.get("search_seconds", 0.0)) if method != "fedavg" else 0.0
         if method == "fednas":  # the search's last row, evaluation excluded
@@ -77,7 +83,7 @@ class Run:
         elif method == "fedmetanas":
             search_s = float(train_time[-1])
         return cls(method, path, final, acc, train_time, usable, search_s, float(train_time[-1]), len(acc), nbytes,
-                   wall_s)
+                   wall_s, parts)
 
     def time_to(self, target: float) -> float:
         """Training wall time until the first usable round whose accuracy reaches `target` (inf if never)."""
@@ -85,7 +91,18 @@ class Run:
         return float(self.train_time[hit[0]]) if hit.size else math.inf
 
 
+REUSE = False  # --reuse: read finished runs' logs instead of running them again
+
+
 def run_method(method: str, name: str, out: Path, np_: int, extra: list[str]) -> Run:
+    sidecar = out / name / "compare_wall.json"
+    if REUSE and (out / name / "trajectory.h5").is_file():
+        with h5py.File(out / name / "trajectory.h5", "r") as f:
+            finished = "final" in f
+        if finished:
+            wall = json.loads(sidecar.read_text())["wall_s"] if sidecar.is_file() else math.nan
+            print(f"  {name}: reused", flush=True)
+            return Run.load(method, out / name, wall)
     args = ["--config", str(REPO / "configs" / CONFIGS[method]), f"output.dir={out}", f"output.name={name}",
             "--overwrite", "checkpoint.every=0", *extra]
     t = time.perf_counter()
@@ -94,6 +111,7 @@ def run_method(method: str, name: str, out: Path, np_: int, extra: list[str]) ->
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     print(f"  {name}: {wall:.0f} s", flush=True)
+    sidecar.write_text(json.dumps({"wall_s": wall}))
     return Run.load(method, out / name, wall)
 
 
@@ -117,6 +135,21 @@ def compare(runs: dict[str, Run]) -> dict[str, dict[str, float]]:
     for m in rows:
         rows[m]["tta_ratio"] = rows[m]["time_to_target_s"] / nas if math.isfinite(nas) and nas > 0 else math.nan
     return rows
+
+
+def time_table(runs: dict[str, Run]) -> str:
+    """Where each method's time went, per stage (sums over rounds; local = the slowest rank's)."""
+    lines = ["| method | stage | rounds | local work s (per round) | all-reduce s | evaluation s | peak MiB per rank |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for m, r in runs.items():
+        for stage, p in r.parts.items():
+            lines.append(f"| {LABELS[m]} | {stage} | {p['rounds']} | {p['local_s']:.0f} ({p['local_s'] / p['rounds']:.1f}) | "
+                         f"{p['allreduce_s']:.1f} | {p['eval_s']:.0f} | {p['memory_mib']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(ratio: float, seconds: float) -> str:
+    return "FedNAS's accuracy not reached" if seconds == math.inf else f"{ratio:.2f}"
 
 
 def _pct(v: float) -> str:
@@ -148,7 +181,7 @@ def table(rows: dict[str, dict[str, float]]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # FedNAS on the public code's peer settings
-PEER = ["data.name=fashion_mnist", "federated.num_clients=4", "federated.rounds=4", "fednas.retrain_rounds=1",
+PEER = ["data.name=fashion_mnist", "federated.num_clients=4", "federated.rounds=2", "fednas.retrain_rounds=1",
         "fednas.local_steps=10", "fednas.batch_size=32", "model.primitives=darts", "model.channels=8",
         "model.layers=3", "model.nodes=4", "model.stem_stride=1", "search.input_mode=all", "personalize.steps=0",
         "eval.every=1", "eval.subset=2000", "eval.final_full=false"]
@@ -178,14 +211,19 @@ def peer_step_seconds(data_root: str, steps: int = 10) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def peer(out: Path, np_: int, data_root: str) -> dict[str, float]:
-    """Our FedNAS on the peer settings: local-search seconds per round, evaluation seconds, memory."""
+def peer(out: Path, np_: int, data_root: str, quick: bool = False) -> dict[str, float]:
+    """Our FedNAS on the peer settings: local-search seconds per round (the second: the first warms up),
+    evaluation seconds, memory per rank and per simulated client, and one step on one thread."""
     name = "peer_fednas"
     t = time.perf_counter()
-    proc = launch(["--config", str(REPO / "configs" / "fednas.yaml"), f"output.dir={out}", f"output.name={name}",
-                   "--overwrite", "checkpoint.every=0", f"data.root={data_root}", *PEER], np=np_, timeout=3600)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    extra = ["fednas.local_steps=1"] if quick else []
+    log = out / name / "trajectory.h5"
+    if not (REUSE and log.is_file()):
+        proc = launch(["--config", str(REPO / "configs" / "fednas.yaml"), f"output.dir={out}", f"output.name={name}",
+                       "--overwrite", "checkpoint.every=0", f"data.root={data_root}", *PEER, *extra], np=np_,
+                      timeout=3600)
+        if proc.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     wall = time.perf_counter() - t
     with h5py.File(out / name / "trajectory.h5", "r") as f:
         r = {k: f["rounds"][k][()] for k in ("time_local", "time_eval", "memory_rank_mib", "time_round")}
@@ -195,7 +233,7 @@ def peer(out: Path, np_: int, data_root: str) -> dict[str, float]:
             "round_eval_s": float(r["time_eval"][keep].mean()), "round_s": float(r["time_round"][keep].mean()),
             "rank_peak_mib": float(r["memory_rank_mib"][-1].max()),
             "mib_per_client": float(r["memory_rank_mib"][-1].max() / clients_per_rank),
-            "step_s_one_thread": peer_step_seconds(data_root), "wall_s": wall}
+            "step_s_one_thread": peer_step_seconds(data_root, 1 if quick else 5), "wall_s": wall}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,12 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/compare", help="where the runs go")
     p.add_argument("--docs", default="docs", help="where results.md and its figures go")
     p.add_argument("--parts", nargs="+", default=["main", "sweep", "mnist", "peer"],
-                   choices=["main", "sweep", "mnist", "peer"])
+                   choices=["main", "sweep", "mnist", "peer", "attempts"],
+                   help="attempts (not in the default): FedMetaNAS variants against the main comparison's FedNAS")
     p.add_argument("--data-root", default="data")
     p.add_argument("--quick", action="store_true", help="2 rounds per stage: checks the harness, measures nothing")
-    p.add_argument("--sweep-rounds", type=float, default=0.5,
+    p.add_argument("--reuse", action="store_true", help="read the logs of finished runs in --out instead of rerunning")
+    p.add_argument("--sweep-rounds", type=float, default=0.4,
                    help="the sweep's and MNIST's rounds as a fraction of the main comparison's (time budget)")
     args = p.parse_args(argv)
+    global REUSE
+    REUSE = args.reuse
     out, docs = (REPO / args.out).resolve(), (REPO / args.docs).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (docs / "img").mkdir(parents=True, exist_ok=True)
@@ -315,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 extra[m].append(f"fednas.retrain_rounds={max(2, round(cfg.fednas.retrain_rounds * fraction))}")
         return extra
 
-    sections: list[str] = []
+    sections: dict[str, str] = {}
     results: dict = {"np": args.np, "quick": args.quick}
     cmd = "python benchmarks/compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
     main_runs: dict[str, Run] | None = None
@@ -329,13 +371,14 @@ def main(argv: list[str] | None = None) -> int:
                     "Fashion-MNIST, Dirichlet(0.5), 10 clients")
         m_nas, m_meta = rows["fednas"], rows["fedmetanas"]
         holds = (m_meta["tta_ratio"] <= 0.5) and (m_meta["acc"] >= m_nas["acc"])
-        sections.append(
+        sections["main"] = (
             "### Fashion-MNIST, Dirichlet(0.5), 10 clients (the offline default)\n\n" + table(rows) +
-            f"\nTarget for time-to-accuracy: FedNAS's final accuracy on the {'shared'} evaluation subset, "
+            f"\nTarget for time-to-accuracy: FedNAS's final accuracy on the shared evaluation subset, "
             f"{100 * target:.2f}%. Claim (FedMetaNAS reaches it in ≤ 0.5× FedNAS's time, with final accuracy ≥ "
             f"FedNAS's): **{'holds' if holds else 'does not hold'}** "
-            f"(time ratio {m_meta['tta_ratio']:.2f}, accuracy {100 * m_meta['acc']:.2f}% vs {100 * m_nas['acc']:.2f}%).\n\n"
-            "![accuracy vs wall time](img/results_time.png)\n")
+            f"(time ratio {_ratio(m_meta['tta_ratio'], m_meta['time_to_target_s'])}, accuracy {100 * m_meta['acc']:.2f}% vs {100 * m_nas['acc']:.2f}%).\n\n"
+            "![accuracy vs wall time](img/results_time.png)\n\nWhere the time went (evaluation is excluded from the "
+            "times above):\n\n" + time_table(main_runs))
     if "sweep" in args.parts:
         extra = scaled(args.sweep_rounds)
         sweep: dict[str, dict[str, Run]] = {}
@@ -352,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             ratio = rows["fedmetanas"]["tta_ratio"]
             lines.append(f"| {a} | " + " | ".join(cells) + f" | {'—' if not math.isfinite(ratio) else f'{ratio:.2f}'} |")
         frac = "" if args.sweep_rounds == 1.0 else f" Rounds: {args.sweep_rounds:g}× the main comparison's."
-        sections.append("### Non-IID sweep, Fashion-MNIST\n\n" + "\n".join(lines) +
+        sections["sweep"] = ("### Non-IID sweep, Fashion-MNIST\n\n" + "\n".join(lines) +
                         f"\n\n{frac}\n\n![accuracy vs alpha](img/results_alpha.png)\n\n"
                         "![accuracy vs wall time per alpha](img/results_alpha_time.png)\n")
     if "mnist" in args.parts:
@@ -363,13 +406,32 @@ def main(argv: list[str] | None = None) -> int:
         rows = compare(mn)
         results["mnist"] = rows
         figure_main(mn, rows["fednas"]["target"], docs / "img" / "results_mnist_time.png", "MNIST, Dirichlet(0.5)")
-        sections.append("### MNIST, Dirichlet(0.5), 10 clients\n\n" + table(rows) +
+        sections["mnist"] = ("### MNIST, Dirichlet(0.5), 10 clients\n\n" + table(rows) +
                         "\n![MNIST accuracy vs wall time](img/results_mnist_time.png)\n")
+    if "attempts" in args.parts:
+        print("attempts: FedMetaNAS variants on the main setting", flush=True)
+        nas = run_method("fednas", "main_fednas", out, args.np, base)  # reused when --reuse finds it
+        lines = ["| FedMetaNAS variant | final acc % | total s | time to FedNAS's acc, s | ratio to FedNAS |",
+                 "| --- | --- | --- | --- | --- |"]
+        results["attempts"] = {}
+        images: list[str] = []
+        for i, (label, over) in enumerate(ATTEMPTS):
+            run = run_method("fedmetanas", f"attempt{i}_fedmetanas", out, args.np, base + over)
+            rows = compare({"fedmetanas": run, "fednas": nas})
+            r = rows["fedmetanas"]
+            results["attempts"][label] = r
+            lines.append(f"| {label} | {_pct(r['acc'])} | {_sec(r['total_s'])} | {_sec(r['time_to_target_s'])} | "
+                         f"{_ratio(r['tta_ratio'], r['time_to_target_s'])} |")
+            figure_main({"fedmetanas": run, "fednas": nas}, rows["fednas"]["target"],
+                        docs / "img" / f"results_attempt{i}.png", f"FedMetaNAS {label} vs FedNAS")
+            images.append(f"![FedMetaNAS {label} vs FedNAS](img/results_attempt{i}.png)\n")
+        sections["attempts"] = ("### What we tried: FedMetaNAS variants (Fashion-MNIST, Dirichlet(0.5))\n\n" +
+                                "\n".join(lines) + "\n\n" + "\n".join(images))
     if "peer" in args.parts:
         print("FedNAS on the public code's peer settings", flush=True)
-        pr = peer(out, args.np, args.data_root)
+        pr = peer(out, args.np, args.data_root, args.quick)
         results["peer"] = pr
-        sections.append(
+        sections["peer"] = (
             "### FedNAS on the peer settings of the public FedNAS code\n\n"
             "4 clients, Fashion-MNIST 28×28, batch 32, 1 normal + 2 reduction cells, 4 nodes, DARTS's 8 ops, C=8, "
             f"10 batches per client per round; ours on `mpirun -np {pr['ranks']}` (the public code: `-np 5`).\n\n"
@@ -382,14 +444,24 @@ def main(argv: list[str] | None = None) -> int:
             f"{pr['mib_per_client']:.0f} MiB per simulated client ({4 // pr['ranks']} per rank) |\n")
     total = time.perf_counter() - t0
     results["benchmark_seconds"] = total
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
-    generated = (f"Measured by `{cmd.strip()}` on {time.strftime('%Y-%m-%d')}, `mpirun -np {args.np}`, "
-                 f"this 2-core CPU machine; the benchmark took {total / 60:.1f} min "
-                 f"(peak memory of the driver {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)."
-                 "\n\n" + "\n".join(sections))
-    if not args.quick:
-        write_docs(docs / "results.md", generated)
-    print(generated)
+    (out / f"results_{'_'.join(args.parts)}.json").write_text(json.dumps(results, indent=1, default=float))
+    print("\n".join(sections.values()))
+    if args.quick:
+        return 0
+    # Each part's section is kept in runs/.../sections.json, so a partial rerun updates only its parts.
+    store = out / "sections.json"
+    saved = json.loads(store.read_text()) if store.is_file() else {}
+    stamp = (f"`{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')}, `mpirun -np {args.np}`, "
+             f"{total / 60:.1f} min" + (" (re-reading the finished runs' logs: their times are their own)"
+                                        if args.reuse else ""))
+    for part, text in sections.items():
+        saved[part] = {"text": text, "by": stamp}
+    store.write_text(json.dumps(saved, indent=1))
+    order = ["main", "sweep", "mnist", "attempts", "peer"]
+    generated = ("Measured on this 2-core CPU machine (one thread per rank) by `benchmarks/compare.py`; each "
+                 "section says which command measured it.\n\n" +
+                 "\n".join(f"{saved[k]['text']}\n*Measured by {saved[k]['by']}.*\n" for k in order if k in saved))
+    write_docs(docs / "results.md", generated)
     return 0
 
 

@@ -135,12 +135,13 @@ class FedAvgConfig:
 @dataclass(frozen=True)
 class PersonalizeConfig:
     """After training, each client adapts the global model on its local train split and is tested on
-    its local test split: FedMetaNAS with its task learner (weights and alphas, its inner rates),
-    the baselines by SGD fine-tuning of the weights."""
+    its local test split: FedMetaNAS with its task learner (weights and alphas), the baselines by SGD
+    fine-tuning of the weights (momentum 0.9), each at the weights' learning rate of its last training
+    round unless `lr` is set."""
 
     steps: int = 5  # 0: skip personalization
-    lr: float = 0.01  # the baselines' SGD rate (momentum 0.9)
-    batch_size: int = 32
+    lr: float = 0.0  # weights' learning rate of the adaptation; 0: the algorithm's rate in its last round
+    batch_size: int = 32  # the baselines' batches (FedMetaNAS uses algorithm.batch_size)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ ALGORITHMS = {
                f"fednas.retrain_rounds={RETRAIN}", "checkpoint.keep=10"],
     "fedavg": ["fedavg.architecture=cnn"],
 }
-COMMON = ["fedavg.local_steps=3", "fedavg.batch_size=16", "fedavg.channels=4", "personalize.steps=3",
+COMMON = ["fedavg.local_steps=3", "fedavg.batch_size=16", "fedavg.channels=4", "personalize.steps=3", "personalize.lr=0.05",
           f"federated.rounds={SEARCH}"]
 
 
@@ -144,6 +144,18 @@ def test_fednas_resumes_bit_identically_at_and_after_the_switch_to_retraining(ru
     got = torch.load(run_dir / "model.pt", weights_only=False)["state_dict"]
     for key, value in want.items():
         assert torch.equal(got[key], value), key
-    with h5py.File(run_dir / "trajectory.h5", "r") as f:
+    with h5py.File(run_dir / "trajectory.h5", "r") as f, h5py.File(runs["fednas"] / "trajectory.h5", "r") as ref:
         assert f["retrain/round"][()].tolist() == list(range(SEARCH, SEARCH + RETRAIN))
         assert f["rounds/round"][()].tolist() == list(range(SEARCH))
+        assert {k: f.attrs[k] for k in ("primitives", "nodes", "num_params")} == {
+            k: ref.attrs[k] for k in ("primitives", "nodes", "num_params")}  # the search's model, also resumed later
+
+
+def test_the_report_draws_fednas_retraining_and_every_baselines_log(runs: dict[str, Path], tmp_path: Path) -> None:
+    from fedmetanas.reporting.report import load_run, write_report
+
+    fednas = load_run(runs["fednas"] / "trajectory.h5")
+    assert fednas.retrain["round"].tolist() == list(range(SEARCH, SEARCH + RETRAIN))
+    assert "retrain/discrete_acc" in fednas.series()
+    page = write_report([runs[m] / "trajectory.h5" for m in ALGORITHMS], tmp_path / "report")
+    assert "accuracy.png" in page.read_text() and (tmp_path / "report" / "accuracy.png").stat().st_size > 1024

@@ -65,6 +65,38 @@ def test_the_shipped_default_config_loads_and_round_trips():
     assert config_from_dict(to_dict(cfg)) == cfg
 
 
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")))
+def test_every_shipped_config_loads_and_round_trips(path):
+    cfg = load_config(REPO / path)
+
+    assert config_from_dict(to_dict(cfg)) == cfg
+    if "paper" in path:  # GPU-sized: whole test set, CUDA streams, full resolution
+        assert cfg.runtime.device == "cuda" and cfg.eval.subset == 0 and cfg.model.stem_stride == 1
+        assert cfg.data.download and cfg.data.name in path
+
+
+def test_the_baseline_configs_share_the_default_configs_data_clients_and_evaluation():
+    base = load_config(REPO / "configs" / "default.yaml")
+    for name, algorithm in (("fednas.yaml", "fednas"), ("fedavg.yaml", "fedavg")):
+        cfg = load_config(REPO / "configs" / name)
+        assert cfg.algorithm.name == algorithm
+        assert (cfg.data, cfg.eval) == (base.data, base.eval)
+        assert dataclasses.replace(cfg.federated, rounds=base.federated.rounds) == base.federated
+        assert (cfg.model.channels, cfg.model.layers, cfg.model.stem_stride) == (
+            base.model.channels, base.model.layers, base.model.stem_stride)
+
+
+def test_fedavg_architecture_must_be_a_known_network_or_a_genotype_string():
+    assert load_config(None, ["fedavg.architecture=cnn"]).fedavg.architecture == "cnn"
+    with pytest.raises(ConfigError, match="fedavg.architecture"):
+        load_config(None, ["fedavg.architecture=resnet"])
+
+
+def test_an_algorithm_name_typo_names_the_field_and_the_nearest_choice():
+    with pytest.raises(ConfigError, match="algorithm.name.*'fednas'"):
+        load_config(None, ["algorithm.name=fednsa"])
+
+
 def test_an_empty_yaml_file_gives_the_defaults(tmp_path):
     assert load_config(_write(tmp_path, "")) == Config()
 

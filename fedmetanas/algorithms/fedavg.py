@@ -26,7 +26,9 @@ class FedAvgLocal:
         return LocalResult(loss=float(torch.stack(losses).mean()), steps=c.local_steps)
 
     def personalize(self, model: FixedNet, task: FixedNet, ctx: LocalContext, steps: int) -> Forward:  # noqa: ARG002
-        """Fine-tune the weights of (a client's copy of) the global model for `steps` SGD steps."""
-        p = self.personalize_cfg
-        sgd_steps(model, ctx, steps, p.batch_size, p.lr, 0.9, self.cfg.weight_decay, self.cfg.grad_clip)
+        """Fine-tune the weights of (a client's copy of) the global model for `steps` SGD steps at
+        `fedavg.lr * ctx.lr_scale`."""
+        c = self.cfg
+        sgd_steps(model, ctx, steps, self.personalize_cfg.batch_size, c.lr * ctx.lr_scale, 0.9, c.weight_decay,
+                  c.grad_clip)
         return model

@@ -81,8 +81,9 @@ class FedMetaNAS:
         return LocalResult(loss=mean_loss, steps=cfg.local_steps * (cfg.inner_steps + (meta_opt is not None)))
 
     def personalize(self, model: SuperNet, task: SuperNet, ctx: LocalContext, steps: int) -> Forward:
-        """The task learner adapts a copy of the global model (weights and alphas) for `steps` steps on
-        the client's data; the client's model is then the discrete net of its adapted alphas."""
+        """The task learner adapts a copy of the global model (weights at `inner_lr_w * ctx.lr_scale`,
+        alphas at `inner_lr_alpha`) for `steps` steps on the client's data; the client's model is then the
+        discrete net of its adapted alphas."""
         copy_state(task, model)
         self.adapt(task, ctx, steps)
         arch = arch_from_genotype(task, derive_genotype(task, ctx.masks, ctx.tau))

@@ -238,6 +238,7 @@ class Simulation:
         self.trajectory: TrajectoryLog | NullLog = NullLog()
         self.ckpt_dir = self.run_path / "checkpoints"
         self._enter(0, fixed_architecture(cfg) if self.stages[0].kind == "train" else None)
+        self.log_model_attrs = self._model_attrs()  # of the first stage's model, also after a resume in a later one
 
     # -- stages --------------------------------------------------------------------------------
     @property
@@ -298,16 +299,19 @@ class Simulation:
         self._enter(self.stage_index + 1, genotype)
 
     # -- setup -------------------------------------------------------------------------------
-    def _log_attrs(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        cfg_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+    def _model_attrs(self) -> dict[str, Any]:
         net = self.net
         primitives = list(net.primitives) if isinstance(net, SuperNet) else []
         nodes = net.nodes if isinstance(net, SuperNet) else (
             len(self.genotype_trained.normal) if self.genotype_trained is not None else 0)
-        attrs = {"config_yaml": cfg_yaml, "primitives": primitives, "nodes": nodes,
+        return {"primitives": primitives, "nodes": nodes, "num_params": sum(p.numel() for p in net.weights())}
+
+    def _log_attrs(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        cfg_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+        attrs = {"config_yaml": cfg_yaml, **self.log_model_attrs,
                  "world_size": self.ctx.world_size, "algorithm": self.cfg.algorithm.name,
                  "stages": json.dumps([asdict(st) for st in self.stages]),
-                 "partition_hash": self.partition_hash, "num_params": sum(p.numel() for p in net.weights())}
+                 "partition_hash": self.partition_hash}
         static = {"partition/class_counts": self.counts,
                   "partition/train_sizes": np.array([c.num_train for c in self.clients]),
                   "partition/test_sizes": np.array([c.test_idx.numel() for c in self.clients])}
@@ -340,7 +344,8 @@ class Simulation:
         if state.get("masks") is not None:
             self.masks = ArchMasks(state["masks"]["ops"], state["masks"]["pairs"])
         self.start_round = int(state["next_round"])
-        self.rows = [tuple(r) for r in state["rows"]]
+        # Checkpoints written before the baselines existed hold bare /rounds rows.
+        self.rows = [("rounds", r) if isinstance(r, dict) else tuple(r) for r in state["rows"]]
         self.wall_offset = float(state["wall_time"])
         log.info("resumed from %s at round %d", path, self.start_round + 1)
 
@@ -565,6 +570,9 @@ class Simulation:
         ex, cl, bs = self.executors[0], self.cfg.model.channels_last, self.cfg.eval.batch_size
         before = self._final_forward(self.net, genotype)
         total = self.stages[-1].end
+        # The weights' rate: the algorithm's own in its last round, or personalize.lr.
+        base = self.cfg.algorithm.inner_lr_w if isinstance(self.algo, FedMetaNAS) else self.cfg.fedavg.lr
+        lr_scale = p.lr / base if p.lr > 0 and base > 0 else self._lr_scale(total - 1)
         for cid in mine:
             test_idx = self.clients[cid].test_idx.to(self.ctx.device)
             if test_idx.numel() == 0:
@@ -573,7 +581,8 @@ class Simulation:
             sums[cid * 3 : cid * 3 + 3] = evaluate(before, self.train, test_idx, bs, cl)
             self.net.train()
             copy_state(ex.worker, self.net)
-            adapted = self.algo.personalize(ex.worker, ex.task, self._local_context(cid, tau, 1.0, total, 1), p.steps)
+            adapted = self.algo.personalize(ex.worker, ex.task, self._local_context(cid, tau, lr_scale, total, 1),
+                                          p.steps)
             ex.worker.eval()
             ex.task.eval()
             sums[3 * k + cid * 3 : 3 * k + cid * 3 + 3] = evaluate(adapted, self.train, test_idx, bs, cl)

@@ -26,7 +26,7 @@ from fedmetanas.search.genotypes import Genotype
 Series = Mapping[str, np.ndarray]  # one run's /rounds datasets by name
 CELLS = ("normal", "reduce")
 # Line styles tell apart what is plotted for one run; colours tell apart runs.
-_STYLES = {"discrete": "-", "supernet": "--", "alpha_normal": "-", "alpha_reduce": "--",
+_STYLES = {"discrete": "-", "supernet": "--", "retrained": "-.", "alpha_normal": "-", "alpha_reduce": "--",
            "beta_normal": ":", "beta_reduce": "-."}
 _PHASES = (("local search (slowest rank)", "#4c72b0"), ("all-reduce", "#dd8452"), ("evaluation", "#55a868"),
            ("server, logging", "#c7c7c7"))
@@ -63,7 +63,8 @@ def _rounds_axis(ax: Axes, rounds: np.ndarray) -> None:
 
 def _all_rounds(runs: Mapping[str, Series]) -> np.ndarray:
     """The 1-based rounds of every run, so that overlaid runs share one x range."""
-    return np.concatenate([np.asarray(r["round"]) + 1 for r in runs.values()] or [np.zeros(0)])
+    return np.concatenate([np.asarray(r[k]) + 1 for r in runs.values() for k in ("round", "retrain/round") if k in r]
+                          or [np.zeros(0)])
 
 
 def _two_legends(ax: Axes, labels: Sequence[str], styles: Mapping[str, str], **kw) -> None:
@@ -362,6 +363,16 @@ def accuracy_and_loss(runs: Mapping[str, Series]) -> Figure:
                       "marker": "." if ok.sum() < 40 else None, "label": f"{label}: {name}" if many else name}
                 axes[row, 0].plot(x[ok], y[ok], **kw)
                 axes[row, 1].plot(t[ok], y[ok], **kw)
+        if "retrain/round" in r:  # FedNAS: the searched genotype retrained from scratch (its second stage)
+            xr, tr = r["retrain/round"] + 1, r["retrain/wall_time"]
+            for row, metric in enumerate(("acc", "loss")):
+                y = r[f"retrain/discrete_{metric}"]
+                ok = np.isfinite(y)
+                kw = {"ls": _STYLES["retrained"], "color": color if many else "tab:red",
+                      "marker": "." if ok.sum() < 40 else None,
+                      "label": f"{label}: retrained net" if many else "retrained net (FedNAS's second stage)"}
+                axes[row, 0].plot(xr[ok], y[ok], **kw)
+                axes[row, 1].plot(tr[ok], y[ok], **kw)
     for row in range(2):
         _rounds_axis(axes[row, 0], _all_rounds(runs))
     for row, what in enumerate(("test accuracy", "test loss (cross-entropy)")):
@@ -370,8 +381,10 @@ def accuracy_and_loss(runs: Mapping[str, Series]) -> Figure:
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     if many:
-        _two_legends(axes[0, 0], list(runs), {"discrete net (pruned, not retrained)": _STYLES["discrete"],
-                                              "soft supernet": _STYLES["supernet"]}, fontsize=7)
+        styles = {"discrete net (pruned, not retrained)": _STYLES["discrete"], "soft supernet": _STYLES["supernet"]}
+        if any("retrain/round" in r for r in runs.values()):
+            styles["retrained net"] = _STYLES["retrained"]
+        _two_legends(axes[0, 0], list(runs), styles, fontsize=7)
     else:
         axes[0, 0].legend(fontsize=7)
     fig.tight_layout()

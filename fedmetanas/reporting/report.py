@@ -56,6 +56,7 @@ class RunData:
     partition: dict[str, np.ndarray] = field(default_factory=dict)
     final: dict[str, Any] = field(default_factory=dict)
     personalized: np.ndarray | None = None  # (K,) per-client personalized accuracy, when logged
+    retrain: dict[str, np.ndarray] = field(default_factory=dict)  # FedNAS's retraining rows (/retrain)
     notes: list[str] = field(default_factory=list)  # what could not be read
 
     @property
@@ -76,8 +77,10 @@ class RunData:
         return None
 
     def series(self) -> dict[str, np.ndarray]:
-        """The per-round arrays, for the figures that compare runs."""
-        return self.rounds
+        """The per-round arrays, for the figures that compare runs (FedNAS's retraining as `retrain/*`)."""
+        if not self.retrain:
+            return self.rounds
+        return {**self.rounds, **{f"retrain/{k}": v for k, v in self.retrain.items()}}
 
 
 def _text(value: Any) -> Any:
@@ -169,6 +172,12 @@ def load_run(path: str | Path, label: str | None = None) -> RunData:
             n = min((len(v) for v in raw.values() if v.ndim), default=0)
             rounds = {k: v[:n] for k, v in raw.items() if v.ndim}
             personalized = _personalized(f, rounds)
+            raw_retrain = _read_group(f, "retrain", notes)
+            m = min((len(v) for v in raw_retrain.values() if v.ndim), default=0)
+            retrain = {k: v[:m] for k, v in raw_retrain.items() if v.ndim}
+            if retrain and not {"round", "wall_time", "discrete_acc", "discrete_loss"} <= set(retrain):
+                notes.append("The /retrain table lacks round, wall_time or accuracy: the retrained net is not drawn.")
+                retrain = {}
     except BlockingIOError:
         raise ReportError(f"{p}: open for writing and not readable yet (a run becomes readable after its first "
                           "round); try again in a moment") from None
@@ -191,7 +200,7 @@ def load_run(path: str | Path, label: str | None = None) -> RunData:
         edges = rounds["alpha_normal"].shape[1]
         nodes = next((m for m in range(1, 64) if sum(j + 2 for j in range(m)) == edges), 0)
     return RunData(p, label or p.parent.name or p.stem, attrs, primitives, nodes, rounds, part, final,
-                   personalized, notes)
+                   personalized, retrain, notes)
 
 
 def annealed_probabilities(logits: np.ndarray, mask: np.ndarray, tau: np.ndarray) -> np.ndarray:
