@@ -36,8 +36,10 @@ sys.path.insert(0, str(REPO))
 from tests.helpers import launch  # noqa: E402
 
 METHODS = ("fedmetanas", "fednas", "fedavg")
-CONFIGS = {"fedmetanas": "default.yaml", "fednas": "fednas.yaml", "fedavg": "fedavg.yaml"}
-LABELS = {"fedmetanas": "FedMetaNAS", "fednas": "FedNAS", "fedavg": "FedAvg (DARTS_V2)"}
+MAIN_METHODS = (*METHODS, "fedavg_cnn")  # the main comparison adds FedAvg on the FedAvg paper's CNN
+CONFIGS = {"fedmetanas": "default.yaml", "fednas": "fednas.yaml", "fedavg": "fedavg.yaml", "fedavg_cnn": "fedavg.yaml"}
+METHOD_OVERRIDES = {"fedavg_cnn": ["fedavg.architecture=cnn"]}
+LABELS = {"fedmetanas": "FedMetaNAS", "fednas": "FedNAS", "fedavg": "FedAvg (DARTS_V2)", "fedavg_cnn": "FedAvg (CNN)"}
 # What we tried when the claim did not hold (see docs/results.md): FedMetaNAS variants on the main setting.
 ATTEMPTS = (("48 rounds (cosine over 48)", ["federated.rounds=48"]),)
 SWEEP = (("0.1", ["data.dirichlet_alpha=0.1"]), ("0.5", []), ("1.0", ["data.dirichlet_alpha=1.0"]),
@@ -72,12 +74,12 @@ class Run:
             usable = np.concatenate([np.full(t["round"].shape[0], t.name != "/rounds" or method != "fednas")
                                      for t in tables])
             nbytes = int(sum(int(t["bytes_clients"][()].sum()) for t in tables))
-            parts = {("search" if t.name == "/rounds" and method != "fedavg" else "train"): {
+            parts = {("search" if t.name == "/rounds" and not method.startswith("fedavg") else "train"): {
                 "rounds": int(t["round"].shape[0]), "local_s": float(t["time_local"][()].sum()),
                 "allreduce_s": float(t["time_allreduce"][()].sum()), "eval_s": float(t["time_eval"][()].sum()),
                 "memory_mib": float(t["memory_rank_mib"][-1].max())} for t in tables}
         train_time = wall - np.cumsum(t_eval)
-        search_s = float(final.get("search_seconds", 0.0)) if method != "fedavg" else 0.0
+        search_s = float(final.get("search_seconds", 0.0)) if not method.startswith("fedavg") else 0.0
         if method == "fednas":  # the search's last row, evaluation excluded
             search_s = float(train_time[~usable][-1])
         elif method == "fedmetanas":
@@ -104,7 +106,7 @@ def run_method(method: str, name: str, out: Path, np_: int, extra: list[str]) ->
             print(f"  {name}: reused", flush=True)
             return Run.load(method, out / name, wall)
     args = ["--config", str(REPO / "configs" / CONFIGS[method]), f"output.dir={out}", f"output.name={name}",
-            "--overwrite", "checkpoint.every=0", *extra]
+            "--overwrite", "checkpoint.every=0", *METHOD_OVERRIDES.get(method, []), *extra]
     t = time.perf_counter()
     proc = launch(args, np=np_, timeout=4 * 3600)
     wall = time.perf_counter() - t
@@ -247,7 +249,7 @@ def _plt():
     return plt
 
 
-COLORS = {"fedmetanas": "tab:blue", "fednas": "tab:red", "fedavg": "tab:green"}
+COLORS = {"fedmetanas": "tab:blue", "fednas": "tab:red", "fedavg": "tab:green", "fedavg_cnn": "tab:olive"}
 
 
 def plot_time(ax, runs: dict[str, Run], target: float | None) -> None:
@@ -363,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     main_runs: dict[str, Run] | None = None
     if "main" in args.parts:
         print("main comparison: Fashion-MNIST, Dirichlet(0.5)", flush=True)
-        main_runs = {m: run_method(m, f"main_{m}", out, args.np, base) for m in METHODS}
+        main_runs = {m: run_method(m, f"main_{m}", out, args.np, base) for m in MAIN_METHODS}
         rows = compare(main_runs)
         results["main"] = rows
         target = rows["fednas"]["target"]
