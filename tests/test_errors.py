@@ -76,6 +76,8 @@ CASES: dict[str, tuple[Prepare, str]] = {
     "more-per-round-than-clients": (lambda t, r: _base(t, r, "federated.clients_per_round=9"), "federated.clients_per_round"),
     "reduction-layer-out-of-range": (lambda t, r: _base(t, r, "model.reduction_layers=[5]"), "model.reduction_layers"),
     "inner-betas-out-of-range": (lambda t, r: _base(t, r, "algorithm.inner_betas=[1.5, 0.9]"), "algorithm.inner_betas"),
+    "misspelled-algorithm": (lambda t, r: _base(t, r, "algorithm.name=fednsa"), "did you mean 'fednas'"),
+    "unknown-fedavg-architecture": (lambda t, r: _base(t, r, "fedavg.architecture=resnet"), "fedavg.architecture"),
     "override-without-equals": (lambda t, r: _base(t, r, "federated.rounds"), "section.key=value"),
     "override-bad-yaml": (lambda t, r: _base(t, r, "model.primitives=[a"), "not valid YAML"),
     "missing-data-no-download": (lambda t, r: _base(t, t / "empty"), "data.root"),
