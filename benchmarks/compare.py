@@ -79,11 +79,9 @@ class Run:
                 "allreduce_s": float(t["time_allreduce"][()].sum()), "eval_s": float(t["time_eval"][()].sum()),
                 "memory_mib": float(t["memory_rank_mib"][-1].max())} for t in tables}
         train_time = wall - np.cumsum(t_eval)
-        search_s = float(final.get("search_seconds", 0.0)) if not method.startswith("fedavg") else 0.0
-        if method == "fednas":  # the search's last row, evaluation excluded
-            search_s = float(train_time[~usable][-1])
-        elif method == "fedmetanas":
-            search_s = float(train_time[-1])
+        # Search time, evaluation excluded: FedNAS up to its last search row, FedMetaNAS all of it, FedAvg none.
+        search_s = {"fednas": float(train_time[~usable][-1]) if (~usable).any() else 0.0,
+                    "fedmetanas": float(train_time[-1])}.get(method, 0.0)
         return cls(method, path, final, acc, train_time, usable, search_s, float(train_time[-1]), len(acc), nbytes,
                    wall_s, parts)
 

@@ -12,12 +12,12 @@ learning rule and the server's pruning differ.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import resource
 import signal
 import time
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -152,30 +152,31 @@ class Evaluator:
 
     def __call__(self, net: SuperNet, masks: ArchMasks | None, tau: float, genotype: Genotype,
                  idx: torch.Tensor) -> dict[str, float]:
-        mine = shard(idx, self.ctx.rank, self.ctx.world_size).to(self.test.labels.device)
-        cl = self.cfg.model.channels_last
-        net.eval()
         expected = sample_arch(net, masks, tau, "expected")
         discrete = arch_from_genotype(net, genotype)
-        sums = torch.cat([
-            evaluate(lambda x: net(x, expected), self.test, mine, self.cfg.eval.batch_size, cl),
-            evaluate(lambda x: net(x, discrete), self.test, mine, self.cfg.eval.batch_size, cl),
-        ])
-        net.train()
-        self.ctx.all_reduce_sum(sums)
-        s = sums.cpu().tolist()
-        return {"supernet_loss": s[0] / s[2], "supernet_acc": s[1] / s[2],
-                "discrete_loss": s[3] / s[5], "discrete_acc": s[4] / s[5]}
+        return self._metrics(net, idx, {"supernet": lambda x: net(x, expected),
+                                        "discrete": lambda x: net(x, discrete)})
 
     def fixed(self, net: FixedNet, idx: torch.Tensor) -> dict[str, float]:
         """A fixed-architecture net's test loss and accuracy (named like the discrete net's)."""
+        return self._metrics(net, idx, {"discrete": net})
+
+    def _metrics(self, net: torch.nn.Module, idx: torch.Tensor,
+                 forwards: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> dict[str, float]:
+        """`{name}_loss` and `{name}_acc` of each forward on this rank's shard of `idx`, summed over ranks
+        with one all-reduce (`net` in eval mode meanwhile)."""
         mine = shard(idx, self.ctx.rank, self.ctx.world_size).to(self.test.labels.device)
+        cl = self.cfg.model.channels_last
         net.eval()
-        sums = evaluate(net, self.test, mine, self.cfg.eval.batch_size, self.cfg.model.channels_last)
+        sums = torch.cat([evaluate(f, self.test, mine, self.cfg.eval.batch_size, cl) for f in forwards.values()])
         net.train()
         self.ctx.all_reduce_sum(sums)
         s = sums.cpu().tolist()
-        return {"discrete_loss": s[0] / s[2], "discrete_acc": s[1] / s[2]}
+        out = {}
+        for i, name in enumerate(forwards):
+            loss, correct, count = s[3 * i : 3 * i + 3]
+            out[f"{name}_loss"], out[f"{name}_acc"] = loss / count, correct / count
+        return out
 
 
 def _arch_record(net: SuperNet, masks: ArchMasks, tau: float) -> dict[str, Any]:
@@ -292,11 +293,15 @@ class Simulation:
                              "search_seconds": float(row["wall_time"])}
         if self.ctx.is_main:
             (self.run_path / "search_genotype.txt").write_text(genotype.to_string() + "\n")
-            torch.save({"state_dict": self.net.state_dict(), "masks": dict(self.masks.items()), "tau": tau,
-                        "config": to_dict(self.cfg)}, self.run_path / "supernet.pt")
+            self._save_supernet(tau)
         log.info("search finished after %.1f s: genotype %s; retraining it from scratch for %d rounds",
                  row["wall_time"], genotype.to_string(), self.stages[self.stage_index + 1].rounds)
         self._enter(self.stage_index + 1, genotype)
+
+    def _save_supernet(self, tau: float) -> None:
+        """Rank 0: the searched supernet (weights, logits, masks, temperature) as runs/<name>/supernet.pt."""
+        torch.save({"state_dict": self.net.state_dict(), "masks": dict(self.masks.items()), "tau": tau,
+                    "config": to_dict(self.cfg)}, self.run_path / "supernet.pt")
 
     # -- setup -------------------------------------------------------------------------------
     def _model_attrs(self) -> dict[str, Any]:
@@ -463,13 +468,10 @@ class Simulation:
     def _lr_scale(self, rnd: int) -> float:
         """The round's factor on the weights' learning rate (cosine within a stage, per its config)."""
         cfg, st = self.cfg, self.stage
-        if st.kind == "train":
-            f = cfg.fedavg
-            return lr_factor("cosine", f.lr_min / f.lr if f.lr > 0 else 1.0, rnd - st.first, st.rounds)
-        if cfg.algorithm.name == "fednas":
-            f2 = cfg.fednas
-            return lr_factor("cosine", f2.lr_w_min / f2.lr_w if f2.lr_w > 0 else 1.0, rnd - st.first, st.rounds)
-        return lr_factor(cfg.algorithm.lr_schedule, cfg.algorithm.lr_min_factor, rnd, cfg.federated.rounds)
+        if st.kind == "search" and cfg.algorithm.name == "fedmetanas":
+            return lr_factor(cfg.algorithm.lr_schedule, cfg.algorithm.lr_min_factor, rnd, cfg.federated.rounds)
+        lr, lr_min = (cfg.fednas.lr_w, cfg.fednas.lr_w_min) if st.kind == "search" else (cfg.fedavg.lr, cfg.fedavg.lr_min)
+        return lr_factor("cosine", lr_min / lr if lr > 0 else 1.0, rnd - st.first, st.rounds)
 
     def run_round(self, rnd: int, t_start: float) -> tuple[dict[str, Any], bool]:
         """One round: local work, one all-reduce, server update, evaluation, log row.
@@ -626,8 +628,7 @@ class Simulation:
                 discrete = DiscreteNet.from_supernet(self.net, genotype)
                 torch.save({"genotype": arch_text, "state_dict": discrete.state_dict(),
                             "config": to_dict(cfg)}, out_dir / "discrete_model.pt")
-                torch.save({"state_dict": self.net.state_dict(), "masks": dict(self.masks.items()), "tau": tau,
-                            "config": to_dict(cfg)}, out_dir / "supernet.pt")
+                self._save_supernet(tau)
             else:
                 torch.save({"architecture": arch_text, "state_dict": self.net.state_dict(),
                             "config": to_dict(cfg)}, out_dir / "model.pt")

@@ -18,33 +18,11 @@ from torch import nn
 from fedmetanas.search.genotypes import Genotype
 from fedmetanas.search.operations import OPS, FactorizedReduce, ReLUConvBN
 from fedmetanas.search.supernet import SuperNet, default_reduction_layers, edge_offsets
+from fedmetanas.search.tensor_lists import TensorListsModule
 
 
-class FixedNet(nn.Module):
-    """A network with no architecture parameters; flat tensor lists cached like SuperNet's."""
-
-    def _tensor_lists(self) -> dict[str, list[torch.Tensor]]:
-        cache = self.__dict__.get("_lists")
-        if cache is None:
-            cache = {"params": list(self.parameters()), "buffers": list(self.buffers())}
-            self.__dict__["_lists"] = cache
-        return cache
-
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
-        self.__dict__.pop("_lists", None)
-        return super()._apply(fn, recurse)
-
-    def weights(self) -> list[nn.Parameter]:
-        return self._tensor_lists()["params"]
-
-    def alphas(self) -> list[nn.Parameter]:
-        return []
-
-    def param_list(self) -> list[nn.Parameter]:
-        return self._tensor_lists()["params"]
-
-    def buffer_list(self) -> list[torch.Tensor]:
-        return self._tensor_lists()["buffers"]
+class FixedNet(TensorListsModule):
+    """A network with no architecture parameters: `weights()` is every parameter, `alphas()` is empty."""
 
 
 class DiscreteCell(nn.Module):

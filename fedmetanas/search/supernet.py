@@ -18,6 +18,7 @@ from torch import nn
 from fedmetanas.search.genotypes import Genotype
 from fedmetanas.search.operations import OPS, FactorizedReduce, ReLUConvBN
 from fedmetanas.search.relax import RelaxMode, gumbel_noise, probabilities, relax
+from fedmetanas.search.tensor_lists import TensorListsModule
 
 CELL_KINDS = ("normal", "reduce")
 
@@ -123,7 +124,7 @@ class Cell(nn.Module):
         return torch.cat(states[2:], dim=1)
 
 
-class SuperNet(nn.Module):
+class SuperNet(TensorListsModule):
     """Stem, a stack of normal/reduction cells, global pooling and a linear classifier.
 
     Architecture parameters are registered `nn.Parameter`s: `alpha_{normal,reduce}` (edges x ops)
@@ -176,52 +177,20 @@ class SuperNet(nn.Module):
         self.register_buffer("pair_incidence", inc, persistent=False)
 
     # -- the two named parameter sets ---------------------------------------------------------
+    @staticmethod
+    def _is_alpha(name: str) -> bool:
+        """Alphas (op logits) and, with pairwise inputs, betas (pair logits)."""
+        return name.startswith(("alpha_", "beta_"))
+
     def named_alphas(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, p in self.named_parameters():
-            if name.startswith(("alpha_", "beta_")):
+            if self._is_alpha(name):
                 yield name, p
 
     def named_weights(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, p in self.named_parameters():
-            if not name.startswith(("alpha_", "beta_")):
+            if not self._is_alpha(name):
                 yield name, p
-
-    def _tensor_lists(self) -> dict[str, list[torch.Tensor]]:
-        # Walking hundreds of submodules costs more than a small step on a CPU (measured: ~40% of
-        # a local update), so the flat lists are built once and rebuilt after `.to()` / `_apply`.
-        cache = self.__dict__.get("_lists")
-        if cache is None:
-            cache = {"weights": [p for _, p in self.named_weights()], "alphas": [p for _, p in self.named_alphas()],
-                     "params": list(self.parameters()), "buffers": list(self.buffers())}
-            self.__dict__["_lists"] = cache
-        return cache
-
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
-        self.__dict__.pop("_lists", None)
-        return super()._apply(fn, recurse)
-
-    def alphas(self) -> list[nn.Parameter]:
-        """The architecture parameters (alphas, and betas with pairwise inputs)."""
-        return self._tensor_lists()["alphas"]
-
-    def weights(self) -> list[nn.Parameter]:
-        """The network weights (everything trainable that is not an architecture parameter)."""
-        return self._tensor_lists()["weights"]
-
-    def param_list(self) -> list[nn.Parameter]:
-        """All parameters, in `parameters()` order."""
-        return self._tensor_lists()["params"]
-
-    def buffer_list(self) -> list[torch.Tensor]:
-        """All buffers (BN statistics, constants), in `buffers()` order."""
-        return self._tensor_lists()["buffers"]
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.param_list():
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
 
     def initial_masks(self) -> ArchMasks:
         """Nothing pruned; only the padding of the pair logits is masked out."""
