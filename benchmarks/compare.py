@@ -36,10 +36,14 @@ sys.path.insert(0, str(REPO))
 from tests.helpers import launch  # noqa: E402
 
 METHODS = ("fedmetanas", "fednas", "fedavg")
-MAIN_METHODS = (*METHODS, "fedavg_cnn")  # the main comparison adds FedAvg on the FedAvg paper's CNN
-CONFIGS = {"fedmetanas": "default.yaml", "fednas": "fednas.yaml", "fedavg": "fedavg.yaml", "fedavg_cnn": "fedavg.yaml"}
+# The main comparison adds FedAvg on the FedAvg paper's CNN, and Per-FedAvg (FedMetaNAS's dual learner on
+# DARTS_V2, no search): meta-learning without architecture search.
+MAIN_METHODS = (*METHODS, "fedavg_cnn", "perfedavg")
+CONFIGS = {"fedmetanas": "default.yaml", "fednas": "fednas.yaml", "fedavg": "fedavg.yaml", "fedavg_cnn": "fedavg.yaml",
+           "perfedavg": "perfedavg.yaml"}
 METHOD_OVERRIDES = {"fedavg_cnn": ["fedavg.architecture=cnn"]}
-LABELS = {"fedmetanas": "FedMetaNAS", "fednas": "FedNAS", "fedavg": "FedAvg (DARTS_V2)", "fedavg_cnn": "FedAvg (CNN)"}
+LABELS = {"fedmetanas": "FedMetaNAS", "fednas": "FedNAS", "fedavg": "FedAvg (DARTS_V2)", "fedavg_cnn": "FedAvg (CNN)",
+          "perfedavg": "Per-FedAvg (DARTS_V2)"}
 # What we tried when the claim did not hold (see docs/results.md): FedMetaNAS variants on the main setting.
 ATTEMPTS = (("48 rounds (cosine over 48)", ["federated.rounds=48"]),)
 SWEEP = (("0.1", ["data.dirichlet_alpha=0.1"]), ("0.5", []), ("1.0", ["data.dirichlet_alpha=1.0"]),
@@ -74,7 +78,7 @@ class Run:
             usable = np.concatenate([np.full(t["round"].shape[0], t.name != "/rounds" or method != "fednas")
                                      for t in tables])
             nbytes = int(sum(int(t["bytes_clients"][()].sum()) for t in tables))
-            parts = {("search" if t.name == "/rounds" and not method.startswith("fedavg") else "train"): {
+            parts = {("search" if t.name == "/rounds" and method in ("fedmetanas", "fednas") else "train"): {
                 "rounds": int(t["round"].shape[0]), "local_s": float(t["time_local"][()].sum()),
                 "allreduce_s": float(t["time_allreduce"][()].sum()), "eval_s": float(t["time_eval"][()].sum()),
                 "memory_mib": float(t["memory_rank_mib"][-1].max())} for t in tables}
@@ -195,7 +199,7 @@ def peer_step_seconds(data_root: str, steps: int = 10) -> float:
     from fedmetanas.algorithms.fednas import MiLeNAS
     from fedmetanas.config import load_config
     from fedmetanas.data.datasets import load_dataset
-    from fedmetanas.federated.simulation import build_supernet
+    from fedmetanas.algorithms.phases import build_supernet
 
     torch.set_num_threads(1)
     cfg = load_config(REPO / "configs" / "fednas.yaml", [*PEER, f"fednas.local_steps={steps}", f"data.root={data_root}"])

@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedmetanas.config import load_config  # noqa: E402
 from fedmetanas.data.client_data import sample_batch  # noqa: E402
 from fedmetanas.dist import init_distributed, shutdown  # noqa: E402
-from fedmetanas.federated.simulation import Simulation  # noqa: E402
+from fedmetanas.federated.loop import Loop  # noqa: E402
 from fedmetanas.seeding import Purpose, torch_generator  # noqa: E402
 from fedmetanas.search.supernet import sample_arch  # noqa: E402
 
 
-def bare_round(sim: Simulation, global_sd: dict[str, torch.Tensor], rnd: int, tau: float) -> dict[str, torch.Tensor]:
+def bare_round(sim: Loop, global_sd: dict[str, torch.Tensor], rnd: int, tau: float) -> dict[str, torch.Tensor]:
     """One FedMetaNAS round in plain torch (FOMAML, Adam meta optimizer), all clients, weighted average."""
     cfg, a = sim.cfg, sim.cfg.algorithm
     model, task = sim.executors[0].worker, sim.executors[0].task
@@ -45,9 +45,9 @@ def bare_round(sim: Simulation, global_sd: dict[str, torch.Tensor], rnd: int, ta
         meta = torch.optim.Adam([{"params": weights, "lr": a.meta_lr_w}, {"params": alphas, "lr": a.meta_lr_alpha}])
 
         def step(net: torch.nn.Module, size: int) -> None:
-            x, y = sample_batch(sim.train, sim.train_idx[cid], size, bg)
+            x, y = sample_batch(sim.setup.train, sim.setup.train_idx[cid], size, bg)
             x = x.contiguous(memory_format=torch.channels_last)
-            loss = torch.nn.functional.cross_entropy(net(x, sample_arch(net, sim.masks, tau, "hard", gg)), y)
+            loss = torch.nn.functional.cross_entropy(net(x, sample_arch(net, sim.phase.masks(), tau, "hard", gg)), y)
             net.zero_grad()
             loss.backward()
 
@@ -70,7 +70,7 @@ def bare_round(sim: Simulation, global_sd: dict[str, torch.Tensor], rnd: int, ta
             with torch.no_grad():
                 for b, c in zip(model.buffers(), task.buffers()):
                     b.copy_(c)
-        n = float(sim.clients[cid].num_train)
+        n = float(sim.setup.clients[cid].num_train)
         total += n
         for k, v in model.state_dict().items():
             if v.is_floating_point():
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         "algorithm.local_steps=5", "algorithm.lr_schedule=constant", "eval.every=100000", "eval.subset=100",
         "eval.final_full=false", f"output.dir={out}", "output.name=framework", *args.overrides])
     ctx = init_distributed("cpu", 1, 600.0)
-    sim = Simulation(cfg, ctx)
-    sim.open_log()
+    sim = Loop(cfg, ctx)
+    sim._start()
     t_start = time.perf_counter()
 
     # Interleaved: the bare loop's round r, then the framework's round r, from the same global state.
@@ -99,11 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(args.rounds):
         start = {k: v.clone() for k, v in sim.net.state_dict().items()}
         t = time.perf_counter()
-        bare = bare_round(sim, start, rnd, sim._tau(rnd))
+        plan = sim.phase.round_plan(rnd)
+        bare = bare_round(sim, start, rnd, plan.tau)
         bare_s.append(time.perf_counter() - t)
         sim.net.load_state_dict(start)
         t = time.perf_counter()
-        row, _ = sim.run_round(rnd, t_start)
+        row, _ = sim.run_round(rnd, plan, t_start)
         framework_s.append(time.perf_counter() - t - row["time_eval"])
         got = sim.net.state_dict()
         diff = max(float((got[k].double() - bare[k].double()).abs().max()) for k in got if got[k].is_floating_point())

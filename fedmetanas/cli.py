@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         ctx = init_distributed(cfg.runtime.device, cfg.runtime.threads_per_rank, cfg.runtime.collective_timeout_s,
                                cfg.runtime.devices)
-        from fedmetanas.federated.simulation import NumericalFault, Preempted, run  # noqa: PLC0415 - heavy
+        from fedmetanas.federated.loop import NumericalFault, Preempted, run  # noqa: PLC0415 - heavy
 
         try:
             result = run(cfg, ctx)
@@ -81,16 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     if rank == 0:
-        if result.genotype is not None:
-            print(f"final genotype: {result.genotype.to_string()}")
-        else:
-            print("final architecture: cnn (FedAvg paper's CNN)")
-        if result.algorithm == "fedmetanas":
-            print(f"discrete net (pruned, not retrained) test accuracy: {result.discrete_acc:.4f} "
-                  f"(loss {result.discrete_loss:.4f}); soft supernet: {result.supernet_acc:.4f}")
-        else:
-            searched = f"; searched in {result.search_seconds:.1f} s" if result.algorithm == "fednas" else ""
-            print(f"trained net test accuracy: {result.discrete_acc:.4f} (loss {result.discrete_loss:.4f}){searched}")
+        for line in result.lines:
+            print(line)
         if result.personalization:
             p = result.personalization
             print(f"personalized accuracy, mean / worst 10%: {p['personal_before_mean']:.4f} / "

@@ -71,9 +71,11 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    """Which algorithm runs, and FedMetaNAS's task + meta learners (baselines: the fednas / fedavg sections)."""
+    """Which algorithm runs (`name`, one of the registry's: `fedmetanas.algorithms.ALGORITHMS`), and the
+    dual learner (task + meta learner) that FedMetaNAS searches with and Per-FedAvg trains with. Other
+    algorithms' settings are in their own sections (fednas, fedavg, ...), declared next to them."""
 
-    name: Literal["fedmetanas", "fednas", "fedavg"] = "fedmetanas"
+    name: str = "fedmetanas"
     meta_update: Literal["fomaml", "reptile"] = "fomaml"
     local_steps: int = 10
     inner_steps: int = 3
@@ -91,45 +93,6 @@ class AlgorithmConfig:
     grad_clip: float = 5.0
     lr_schedule: Literal["constant", "cosine"] = "constant"  # per round, on the weights' learning rates
     lr_min_factor: float = 0.05  # cosine ends at this fraction of the initial rates (DARTS: 0.001/0.025)
-
-
-@dataclass(frozen=True)
-class FedNASConfig:
-    """FedNAS (He et al. 2020): local MiLeNAS search with a plain softmax over the ops (search.gumbel,
-    tau and pruning do not apply), then `retrain_rounds` of FedAvg on the searched genotype (fedavg section).
-
-    Defaults are the public FedNAS / DARTS settings."""
-
-    local_steps: int = 10  # MiLeNAS steps (one train + one validation batch each) per client per round
-    batch_size: int = 32
-    lr_w: float = 0.025
-    lr_w_min: float = 0.001  # cosine over the search rounds
-    momentum: float = 0.9
-    weight_decay: float = 3e-4
-    lr_alpha: float = 3e-4
-    alpha_betas: tuple[float, float] = (0.5, 0.999)
-    alpha_weight_decay: float = 1e-3
-    lambda_train: float = 1.0  # alpha gradient = grad L_val + lambda_train * grad L_train
-    grad_clip: float = 5.0  # on the weights' gradients (the public code clips the alphas': a defect)
-    retrain_rounds: int = 20
-
-
-@dataclass(frozen=True)
-class FedAvgConfig:
-    """FedAvg on a fixed architecture: the FedAvg baseline and FedNAS's retraining stage."""
-
-    # The FedAvg baseline's network: cnn (FedAvg paper's CNN), darts_v2, or a genotype string.
-    # FedNAS always retrains the genotype its search found.
-    architecture: str = "darts_v2"
-    local_steps: int = 10  # SGD steps (batches) per client per round
-    batch_size: int = 32
-    lr: float = 0.025
-    lr_min: float = 0.001  # cosine over the training rounds
-    momentum: float = 0.9
-    weight_decay: float = 3e-4
-    grad_clip: float = 5.0
-    channels: int = 0  # cells' initial channels; 0: model.channels
-    layers: int = 0  # cells; 0: model.layers
 
 
 @dataclass(frozen=True)
@@ -204,14 +167,40 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    fednas: FedNASConfig = field(default_factory=FedNASConfig)
-    fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
     personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # The algorithms' own sections (fednas, fedavg, ...) by YAML key, every registered one present:
+    # read them as attributes (`cfg.fednas`).
+    sections: dict[str, Any] = field(default_factory=lambda: {k: cls() for k, cls in algorithm_sections().items()})
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__!r} has no attribute or config section {name!r}")
+
+
+def algorithm_sections() -> dict[str, type]:
+    """The config sections the registered algorithms declare (YAML key -> frozen dataclass)."""
+    from fedmetanas.algorithms import SECTIONS  # noqa: PLC0415 - the registry imports this module
+
+    return dict(SECTIONS)
+
+
+def section_classes() -> dict[str, type]:
+    """Every top-level config section, in the order of a resolved config file."""
+    core = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "sections"}
+    hints = typing.get_type_hints(Config)
+    out: dict[str, type] = {}
+    for name in core:
+        out[name] = hints[name]
+        if name == "algorithm":
+            out.update(algorithm_sections())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,8 +337,9 @@ def _build(cls: type, data: Any, where: str) -> Any:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    top = cls is Config  # its keys are the core sections and the algorithms' sections
+    hints = section_classes() if top else typing.get_type_hints(cls)
+    names = list(hints) if top else [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         full = f"{where}.{key}" if where else str(key)
@@ -366,7 +356,14 @@ def _build(cls: type, data: Any, where: str) -> Any:
             check = _RANGES.get((where, key))
             if check is not None and not check[0](kwargs[key]):
                 raise ConfigError(f"{full}: {kwargs[key]!r} is out of range; use {check[1]}")
-    return cls(**kwargs)
+    if top:
+        registered = algorithm_sections()
+        kwargs["sections"] = {k: kwargs.pop(k) if k in kwargs else c() for k, c in registered.items()}
+    out = cls(**kwargs)
+    check = getattr(out, "check", None)  # a section's checks across its own fields
+    if check is not None:
+        check()
+    return out
 
 
 def _validate(cfg: Config) -> None:
@@ -385,19 +382,15 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(
                 f"model.reduction_layers: {bad} outside 0..{cfg.model.layers - 1}; "
                 "use layer indices smaller than model.layers")
-    for where, betas in (("algorithm.inner_betas", cfg.algorithm.inner_betas),
-                         ("fednas.alpha_betas", cfg.fednas.alpha_betas)):
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ConfigError(f"{where}: {list(betas)} must lie in [0, 1)")
-    arch = cfg.fedavg.architecture
-    if arch not in ("cnn", "darts_v2"):
-        from fedmetanas.search.genotypes import Genotype  # noqa: PLC0415 - leaf import
+    check_betas("algorithm.inner_betas", cfg.algorithm.inner_betas)
+    from fedmetanas.algorithms import ALGORITHMS  # noqa: PLC0415 - the registry imports this module
 
-        try:
-            Genotype.from_string(arch)
-        except (ValueError, SyntaxError, KeyError, TypeError):
-            raise ConfigError(f"fedavg.architecture: {arch[:60]!r} is not cnn, darts_v2 or a genotype string "
-                              "(as in a run's genotype.txt)") from None
+    if cfg.algorithm.name not in ALGORITHMS:
+        names = list(ALGORITHMS)
+        hint = difflib.get_close_matches(cfg.algorithm.name, names, n=1)
+        extra = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigError(f"algorithm.name: {cfg.algorithm.name!r} is not valid; use one of "
+                          f"{', '.join(repr(n) for n in names)}{extra}")
     if not isinstance(cfg.model.primitives, str):
         from fedmetanas.search.operations import OPS  # noqa: PLC0415 - leaf import, avoids a cycle
 
@@ -410,6 +403,25 @@ def _validate(cfg: Config) -> None:
             raise ConfigError("model.primitives: list each primitive once, at least one")
         if all(name == "none" for name in cfg.model.primitives):
             raise ConfigError("model.primitives: needs at least one op other than 'none' (a cell cannot be all zeros)")
+
+
+def check_betas(where: str, betas: tuple[float, float]) -> None:
+    """Adam's betas must lie in [0, 1)."""
+    if not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"{where}: {list(betas)} must lie in [0, 1)")
+
+
+def check_architecture(where: str, arch: str) -> None:
+    """`cnn`, `darts_v2` or a genotype string (as in a run's genotype.txt)."""
+    if arch in ("cnn", "darts_v2"):
+        return
+    from fedmetanas.search.genotypes import Genotype  # noqa: PLC0415 - leaf import
+
+    try:
+        Genotype.from_string(arch)
+    except (ValueError, SyntaxError, KeyError, TypeError):
+        raise ConfigError(f"{where}: {arch[:60]!r} is not cnn, darts_v2 or a genotype string "
+                          "(as in a run's genotype.txt)") from None
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -467,4 +479,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(dataclasses.asdict(cfg))
+    data = plain(dataclasses.asdict(cfg))
+    if isinstance(cfg, Config):  # the algorithms' sections sit beside the core ones, after `algorithm`
+        sections = data.pop("sections")
+        data = {k: v for name, value in data.items()
+                for k, v in ([(name, value)] + (list(sections.items()) if name == "algorithm" else []))}
+    return data

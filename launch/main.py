@@ -1,4 +1,4 @@
-"""Run a federated architecture search: args -> config -> DistContext -> simulation.run.
+"""Run a federated architecture search: args -> config -> DistContext -> federated.loop.run.
 
     mpirun -np 2 python launch/main.py --config configs/default.yaml [section.key=value ...]
 """

@@ -16,7 +16,7 @@ import torch
 from fedmetanas.config import load_config
 from fedmetanas.data.datasets import load_dataset
 from fedmetanas.federated.evaluation import evaluate
-from fedmetanas.federated.simulation import eval_indices
+from fedmetanas.federated.setup import eval_indices
 from fedmetanas.search.discrete import CNN, DiscreteNet
 from fedmetanas.search.genotypes import Genotype
 from tests.helpers import REPO, launch, tiny_overrides
@@ -27,6 +27,7 @@ ALGORITHMS = {
     "fednas": ["model.primitives=darts", "search.input_mode=all", "fednas.local_steps=2", "fednas.batch_size=16",
                f"fednas.retrain_rounds={RETRAIN}", "checkpoint.keep=10"],
     "fedavg": ["fedavg.architecture=cnn"],
+    "perfedavg": ["perfedavg.architecture=cnn"],
 }
 COMMON = ["fedavg.local_steps=3", "fedavg.batch_size=16", "fedavg.channels=4", "personalize.steps=3", "personalize.lr=0.05",
           f"federated.rounds={SEARCH}"]

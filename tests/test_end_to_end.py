@@ -37,7 +37,8 @@ def test_the_saved_discrete_model_reproduces_the_logged_final_accuracy(tiny_run:
     from fedmetanas.config import config_from_dict
     from fedmetanas.data.datasets import load_dataset
     from fedmetanas.federated.evaluation import evaluate
-    from fedmetanas.federated.simulation import eval_indices, build_supernet
+    from fedmetanas.algorithms.phases import build_supernet
+    from fedmetanas.federated.setup import eval_indices
     from fedmetanas.search.discrete import DiscreteNet
 
     run_dir, _ = tiny_run

@@ -1,0 +1,24 @@
+"""The algorithm registry: `algorithm.name` -> Algorithm class, and the config sections they declare.
+
+Adding an algorithm is one file in this package and one line in `_REGISTERED` (docs/extending.md).
+"""
+
+from __future__ import annotations
+
+from fedmetanas.algorithms.base import Algorithm
+from fedmetanas.algorithms.fedavg import FedAvg
+from fedmetanas.algorithms.fedmetanas import FedMetaNASAlgorithm
+from fedmetanas.algorithms.fednas import FedNAS
+from fedmetanas.algorithms.perfedavg import PerFedAvg
+
+_REGISTERED: tuple[type[Algorithm], ...] = (FedMetaNASAlgorithm, FedNAS, FedAvg, PerFedAvg)
+
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in _REGISTERED}
+
+# Every section any registered algorithm declares, once, in registration order.
+SECTIONS: dict[str, type] = {k: v for cls in _REGISTERED for k, v in cls.sections.items()}
+
+
+def get_algorithm(name: str) -> type[Algorithm]:
+    """The class registered as `name` (config validation has already checked it exists)."""
+    return ALGORITHMS[name]

@@ -11,7 +11,7 @@ from torch import nn
 from fedmetanas.data.client_data import sample_batch
 from fedmetanas.data.datasets import TensorSplit
 from fedmetanas.search.relax import RelaxMode
-from fedmetanas.search.supernet import ArchMasks, SuperNet, sample_arch
+from fedmetanas.search.supernet import ArchMasks, sample_arch
 
 
 @dataclass
@@ -55,11 +55,15 @@ def draw_batch(ctx: LocalContext, idx: torch.Tensor, batch_size: int) -> tuple[t
     return x, y
 
 
-def supervised_step(model: SuperNet, ctx: LocalContext, batch_size: int) -> torch.Tensor:
-    """Forward + backward of the cross-entropy on one sampled batch under one relaxed sample."""
+def supervised_step(model: nn.Module, ctx: LocalContext, batch_size: int) -> torch.Tensor:
+    """Forward + backward of the cross-entropy on one sampled batch under one relaxed sample (a supernet)
+    or through the network itself (a fixed architecture, `ctx.masks` None)."""
     x, y = draw_batch(ctx, ctx.train_idx, batch_size)
-    arch = sample_arch(model, ctx.masks, ctx.tau, ctx.relax_mode, ctx.gumbel_gen)
-    loss = nn.functional.cross_entropy(model(x, arch), y)
+    if ctx.masks is None:  # a fixed architecture: nothing to sample
+        logits = model(x)
+    else:
+        logits = model(x, sample_arch(model, ctx.masks, ctx.tau, ctx.relax_mode, ctx.gumbel_gen))
+    loss = nn.functional.cross_entropy(logits, y)
     model.zero_grad(set_to_none=True)
     loss.backward()
     return loss.detach()

@@ -1,14 +1,42 @@
-"""FedAvg's local update on a fixed architecture (McMahan et al. 2017): SGD with momentum on the
-client's batches. Used by the FedAvg baseline and by FedNAS's retraining stage; personalization of
-both is the same SGD, fine-tuning the weights."""
+"""FedAvg (McMahan et al. 2017) on a fixed architecture: SGD with momentum on the client's batches.
+
+The local rule (`FedAvgLocal`) also retrains FedNAS's searched genotype; personalization of both is the
+same SGD, fine-tuning the weights.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from fedmetanas.algorithms.base import Algorithm, Phase, Span
 from fedmetanas.algorithms.common import Forward, LocalContext, LocalResult, sgd_steps
-from fedmetanas.config import FedAvgConfig, PersonalizeConfig
+from fedmetanas.algorithms.phases import TrainPhase
+from fedmetanas.config import PersonalizeConfig, check_architecture
 from fedmetanas.search.discrete import FixedNet
+from fedmetanas.search.relax import lr_factor
+
+
+@dataclass(frozen=True)
+class FedAvgConfig:
+    """FedAvg on a fixed architecture: the FedAvg baseline and FedNAS's retraining stage."""
+
+    # The FedAvg baseline's network: cnn (FedAvg paper's CNN), darts_v2, or a genotype string.
+    # FedNAS always retrains the genotype its search found.
+    architecture: str = "darts_v2"
+    local_steps: int = 10  # SGD steps (batches) per client per round
+    batch_size: int = 32
+    lr: float = 0.025
+    lr_min: float = 0.001  # cosine over the training rounds
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    channels: int = 0  # cells' initial channels; 0: model.channels
+    layers: int = 0  # cells; 0: model.layers
+
+    def check(self) -> None:
+        check_architecture("fedavg.architecture", self.architecture)
 
 
 class FedAvgLocal:
@@ -18,17 +46,39 @@ class FedAvgLocal:
         self.cfg = cfg
         self.personalize_cfg = personalize or PersonalizeConfig()
 
-    def local_update(self, model: FixedNet, task: FixedNet, ctx: LocalContext) -> LocalResult:  # noqa: ARG002
+    def local_update(self, model: FixedNet, task: FixedNet | None, ctx: LocalContext) -> LocalResult:  # noqa: ARG002
         """`local_steps` SGD steps from the global weights (fresh momentum every round)."""
         c = self.cfg
         losses = sgd_steps(model, ctx, c.local_steps, c.batch_size, c.lr * ctx.lr_scale, c.momentum,
                            c.weight_decay, c.grad_clip)
         return LocalResult(loss=float(torch.stack(losses).mean()), steps=c.local_steps)
 
-    def personalize(self, model: FixedNet, task: FixedNet, ctx: LocalContext, steps: int) -> Forward:  # noqa: ARG002
+    def personalize(self, model: FixedNet, task: FixedNet | None, ctx: LocalContext, steps: int) -> Forward:  # noqa: ARG002
         """Fine-tune the weights of (a client's copy of) the global model for `steps` SGD steps at
         `fedavg.lr * ctx.lr_scale`."""
         c = self.cfg
         sgd_steps(model, ctx, steps, self.personalize_cfg.batch_size, c.lr * ctx.lr_scale, 0.9, c.weight_decay,
                   c.grad_clip)
         return model
+
+
+def fedavg_phase(algo: Algorithm, span: Span, architecture: str | None) -> TrainPhase:
+    """A FedAvg training phase over `span`: cosine learning rate from `fedavg.lr` to `fedavg.lr_min`."""
+    cfg, f = algo.cfg, algo.cfg.fedavg
+
+    def lr_scale(rnd: int) -> float:
+        return lr_factor("cosine", f.lr_min / f.lr if f.lr > 0 else 1.0, rnd - span.first, span.rounds)
+
+    return TrainPhase(cfg, span, FedAvgLocal(f, cfg.personalize), architecture=architecture, lr_scale=lr_scale,
+                      base_lr=f.lr, channels=f.channels, layers=f.layers)
+
+
+class FedAvg(Algorithm):
+    """FedAvg baseline: `federated.rounds` of training `fedavg.architecture`."""
+
+    name = "fedavg"
+    sections = {"fedavg": FedAvgConfig}
+
+    def phases(self) -> list[Phase]:
+        span = Span("train", "rounds", 0, self.cfg.federated.rounds)
+        return [fedavg_phase(self, span, self.cfg.fedavg.architecture)]

@@ -11,6 +11,8 @@ For each of `local_steps` meta-steps on a client:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from fedmetanas.algorithms.common import (  # noqa: F401 - re-exported: the local-update interface
@@ -21,20 +23,25 @@ from fedmetanas.algorithms.common import (  # noqa: F401 - re-exported: the loca
     copy_state,
     supervised_step,
 )
+from fedmetanas.algorithms.base import Algorithm, Phase, Span
+from fedmetanas.algorithms.phases import SearchPhase
 from fedmetanas.config import AlgorithmConfig
+from fedmetanas.search.relax import lr_factor, temperature
 from fedmetanas.search.supernet import SuperNet, arch_from_genotype, derive_genotype
 
 
 class FedMetaNAS:
-    """The client-side learning rule of FedMetaNAS."""
+    """The client-side learning rule of FedMetaNAS (the dual learner). On a fixed architecture (no
+    architecture parameters, `ctx.masks` None) it is first-order MAML on the weights: Per-FedAvg."""
 
     def __init__(self, cfg: AlgorithmConfig) -> None:
         self.cfg = cfg
 
     def _meta_optimizer(self, model: SuperNet, lr_scale: float) -> torch.optim.Optimizer:
         groups = [{"params": model.weights(), "lr": self.cfg.meta_lr_w * lr_scale,
-                   "weight_decay": self.cfg.weight_decay},
-                  {"params": model.alphas(), "lr": self.cfg.meta_lr_alpha, "weight_decay": 0.0}]
+                   "weight_decay": self.cfg.weight_decay}]
+        if model.alphas():  # a fixed architecture has none
+            groups.append({"params": model.alphas(), "lr": self.cfg.meta_lr_alpha, "weight_decay": 0.0})
         if self.cfg.meta_optimizer == "adam":
             return torch.optim.Adam(groups, foreach=True)
         return torch.optim.SGD(groups, foreach=True)
@@ -44,13 +51,15 @@ class FedMetaNAS:
         betas = self.cfg.inner_betas
         opt_w = torch.optim.Adam(task.weights(), lr=self.cfg.inner_lr_w * ctx.lr_scale, betas=betas,
                                  weight_decay=self.cfg.weight_decay, foreach=True)
-        opt_a = torch.optim.Adam(task.alphas(), lr=self.cfg.inner_lr_alpha, betas=betas, foreach=True)
+        opt_a = torch.optim.Adam(task.alphas(), lr=self.cfg.inner_lr_alpha, betas=betas,
+                                 foreach=True) if task.alphas() else None
         losses = []
         for _ in range(steps):
             losses.append(supervised_step(task, ctx, self.cfg.batch_size))
             clip_weight_grads(task, self.cfg.grad_clip)
             opt_w.step()
-            opt_a.step()
+            if opt_a is not None:
+                opt_a.step()
         return losses
 
     def local_update(self, model: SuperNet, task: SuperNet, ctx: LocalContext) -> LocalResult:
@@ -75,16 +84,44 @@ class FedMetaNAS:
                     for p_meta, p_task in zip(model.alphas(), task.alphas()):
                         p_meta.add_(p_task - p_meta, alpha=cfg.reptile_lr_alpha)
             # BN statistics follow what the task learner saw (they are not learned parameters).
-            with torch.no_grad():
-                torch._foreach_copy_(model.buffer_list(), task.buffer_list())
+            if model.buffer_list():  # a net without BN (the CNN) has none
+                with torch.no_grad():
+                    torch._foreach_copy_(model.buffer_list(), task.buffer_list())
         mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
         return LocalResult(loss=mean_loss, steps=cfg.local_steps * (cfg.inner_steps + (meta_opt is not None)))
 
     def personalize(self, model: SuperNet, task: SuperNet, ctx: LocalContext, steps: int) -> Forward:
         """The task learner adapts a copy of the global model (weights at `inner_lr_w * ctx.lr_scale`,
         alphas at `inner_lr_alpha`) for `steps` steps on the client's data; the client's model is then the
-        discrete net of its adapted alphas."""
+        discrete net of its adapted alphas (on a fixed architecture: the adapted network)."""
         copy_state(task, model)
         self.adapt(task, ctx, steps)
+        if ctx.masks is None:
+            return task
         arch = arch_from_genotype(task, derive_genotype(task, ctx.masks, ctx.tau))
         return lambda x: task(x, arch)
+
+
+def dual_learner_lr_scale(cfg: AlgorithmConfig, rounds: int) -> Callable[[int], float]:
+    """The dual learner's per-round factor on the weights' rates (`algorithm.lr_schedule` over `rounds`)."""
+    return lambda rnd: lr_factor(cfg.lr_schedule, cfg.lr_min_factor, rnd, rounds)
+
+
+class FedMetaNASAlgorithm(Algorithm):
+    """FedMetaNAS: one search phase; Gumbel relaxation (`search.gumbel`) at an annealed temperature,
+    the dual learner on each client, soft pruning by the server; the final net is not retrained."""
+
+    name = "fedmetanas"
+    sections: dict[str, type] = {}  # its settings are the `algorithm` and `search` sections
+
+    def phases(self) -> list[Phase]:
+        cfg, s = self.cfg, self.cfg.search
+        rounds = cfg.federated.rounds
+        anneal_rounds = max(1, round(s.anneal_fraction * rounds))
+
+        def tau(rnd: int) -> float:
+            return temperature(s.tau_schedule, s.tau_max, s.tau_min, rnd, anneal_rounds)
+
+        return [SearchPhase(cfg, Span("search", "rounds", 0, rounds), FedMetaNAS(cfg.algorithm), tau=tau,
+                            lr_scale=dual_learner_lr_scale(cfg.algorithm, rounds), relax_mode=s.gumbel, prune=True,
+                            base_lr=cfg.algorithm.inner_lr_w)]

@@ -11,12 +11,42 @@ every op of every edge is computed: that is FedNAS's cost.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from fedmetanas.algorithms.base import Algorithm, Phase, Span
 from fedmetanas.algorithms.common import LocalContext, LocalResult, clip_weight_grads, draw_batch
-from fedmetanas.config import FedNASConfig
+from fedmetanas.algorithms.fedavg import FedAvgConfig, fedavg_phase
+from fedmetanas.algorithms.phases import SearchPhase
+from fedmetanas.config import check_betas
+from fedmetanas.search.relax import lr_factor
 from fedmetanas.search.supernet import SuperNet, sample_arch
+
+
+@dataclass(frozen=True)
+class FedNASConfig:
+    """FedNAS (He et al. 2020): local MiLeNAS search with a plain softmax over the ops (search.gumbel,
+    tau and pruning do not apply), then `retrain_rounds` of FedAvg on the searched genotype (fedavg section).
+
+    Defaults are the public FedNAS / DARTS settings."""
+
+    local_steps: int = 10  # MiLeNAS steps (one train + one validation batch each) per client per round
+    batch_size: int = 32
+    lr_w: float = 0.025
+    lr_w_min: float = 0.001  # cosine over the search rounds
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    lr_alpha: float = 3e-4
+    alpha_betas: tuple[float, float] = (0.5, 0.999)
+    alpha_weight_decay: float = 1e-3
+    lambda_train: float = 1.0  # alpha gradient = grad L_val + lambda_train * grad L_train
+    grad_clip: float = 5.0  # on the weights' gradients (the public code clips the alphas': a defect)
+    retrain_rounds: int = 20
+
+    def check(self) -> None:
+        check_betas("fednas.alpha_betas", self.alpha_betas)
 
 
 def split_train_val(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +78,7 @@ class MiLeNAS:
     def __init__(self, cfg: FedNASConfig) -> None:
         self.cfg = cfg
 
-    def local_update(self, model: SuperNet, task: SuperNet, ctx: LocalContext) -> LocalResult:  # noqa: ARG002
+    def local_update(self, model: SuperNet, task: SuperNet | None, ctx: LocalContext) -> LocalResult:  # noqa: ARG002
         """`local_steps` MiLeNAS steps; `model` holds the global parameters on entry, the client's after.
 
         The optimizers start afresh every round (momentum and Adam moments are not kept per client:
@@ -77,3 +107,23 @@ class MiLeNAS:
             opt_w.step()
             losses.append(loss.detach())
         return LocalResult(loss=float(torch.stack(losses).mean()), steps=c.local_steps)
+
+
+class FedNAS(Algorithm):
+    """FedNAS: `federated.rounds` of MiLeNAS search (softmax, temperature 1, no pruning), then
+    `fednas.retrain_rounds` of FedAvg training the searched genotype from scratch (rows in /retrain)."""
+
+    name = "fednas"
+    sections = {"fednas": FedNASConfig, "fedavg": FedAvgConfig}
+
+    def phases(self) -> list[Phase]:
+        cfg, c = self.cfg, self.cfg.fednas
+        search = Span("search", "rounds", 0, cfg.federated.rounds)
+
+        def lr_scale(rnd: int) -> float:
+            return lr_factor("cosine", c.lr_w_min / c.lr_w if c.lr_w > 0 else 1.0, rnd - search.first, search.rounds)
+
+        # Personalization happens after retraining, so the search phase's base rate is never used for it.
+        return [SearchPhase(cfg, search, MiLeNAS(c), tau=lambda rnd: 1.0, lr_scale=lr_scale, relax_mode="expected",
+                            prune=False, base_lr=c.lr_w, needs_task=False),
+                fedavg_phase(self, Span("train", "retrain", search.end, c.retrain_rounds), None)]

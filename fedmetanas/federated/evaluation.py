@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch import nn
 
 from fedmetanas.data.client_data import iterate_batches
 from fedmetanas.data.datasets import TensorSplit
+from fedmetanas.dist import DistContext
+from fedmetanas.federated.layout import metrics_layout
 
 
 @torch.no_grad()
@@ -33,3 +36,20 @@ def shard(idx: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     n = idx.numel()
     lo, hi = rank * n // world_size, (rank + 1) * n // world_size
     return idx[lo:hi]
+
+
+def evaluate_forwards(ctx: DistContext, net: nn.Module, forwards: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+                      test: TensorSplit, idx: torch.Tensor, batch_size: int,
+                      channels_last: bool = False) -> dict[str, float]:
+    """`{name}_loss` and `{name}_acc` of each forward over `idx`, each rank evaluating its shard and one
+    all-reduce summing them (`net` in eval mode meanwhile)."""
+    mine = shard(idx, ctx.rank, ctx.world_size).to(test.labels.device)
+    layout = metrics_layout(list(forwards))
+    net.eval()
+    sums = torch.cat([evaluate(f, test, mine, batch_size, channels_last) for f in forwards.values()])
+    net.train()
+    ctx.all_reduce_sum(sums)
+    out = {}
+    for name, (loss, correct, count) in layout.split(sums.cpu()).items():
+        out[f"{name}_loss"], out[f"{name}_acc"] = float(loss) / float(count), float(correct) / float(count)
+    return out

@@ -16,16 +16,15 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-
-from fedmetanas.search.supernet import SuperNet
+from torch import nn
 
 
 @dataclass(eq=False)  # identity semantics: a lane is a resource, not a value
 class ClientExecutor:
     """One lane of concurrent client work."""
 
-    worker: SuperNet
-    task: SuperNet
+    worker: nn.Module
+    task: nn.Module | None  # a task-learner replica, for rules that adapt a copy (None otherwise)
     buffer: torch.Tensor  # float64 partial sums of this lane's clients
     stream: torch.cuda.Stream | None = None
 
@@ -33,11 +32,12 @@ class ClientExecutor:
         return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
 
 
-def make_executors(count: int, build: Callable[[], SuperNet], buffer_len: int,
-                   device: torch.device) -> list[ClientExecutor]:
-    """`count` lanes on a GPU (one stream each); a single lane on a CPU."""
+def make_executors(count: int, build: Callable[[], nn.Module], buffer_len: int,
+                   device: torch.device, with_task: bool = True) -> list[ClientExecutor]:
+    """`count` lanes on a GPU (one stream each); a single lane on a CPU. Each lane holds a worker
+    replica and, `with_task`, a task-learner replica."""
     lanes = count if device.type == "cuda" else 1
-    return [ClientExecutor(build(), build(), torch.zeros(buffer_len, dtype=torch.float64, device=device),
+    return [ClientExecutor(build(), build() if with_task else None, torch.zeros(buffer_len, dtype=torch.float64, device=device),
                            torch.cuda.Stream(device) if device.type == "cuda" else None)
             for _ in range(lanes)]
 

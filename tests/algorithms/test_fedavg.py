@@ -8,7 +8,8 @@ from torch import nn
 
 from fedmetanas.algorithms.common import LocalContext
 from fedmetanas.algorithms.fedavg import FedAvgLocal
-from fedmetanas.config import FedAvgConfig, PersonalizeConfig
+from fedmetanas.algorithms.fedavg import FedAvgConfig
+from fedmetanas.config import PersonalizeConfig
 from fedmetanas.data.client_data import sample_batch
 from fedmetanas.data.datasets import TensorSplit
 from fedmetanas.search.discrete import CNN

@@ -14,7 +14,7 @@ from torch import nn
 
 from fedmetanas.algorithms.common import LocalContext
 from fedmetanas.algorithms.fednas import MiLeNAS, milenas_alpha_grads, split_train_val
-from fedmetanas.config import FedNASConfig
+from fedmetanas.algorithms.fednas import FedNASConfig
 from fedmetanas.data.client_data import sample_batch
 from fedmetanas.data.datasets import TensorSplit
 from fedmetanas.search.genotypes import DARTS_PRIMITIVES

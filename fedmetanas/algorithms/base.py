@@ -1,0 +1,195 @@
+"""What an algorithm is to the round loop: a list of phases, each a span of rounds with one kind of model.
+
+The loop (`federated/loop.py`) never learns an algorithm's name. It asks the current phase for its
+model, the round's hyper-parameters (`RoundPlan`), one client's local update, the server update after
+the engine's averaging, what to evaluate, what to log, how to personalize and what to save. In the
+spirit of Flower's Strategy and pfl-research's Algorithm, but split by phase because one algorithm
+(FedNAS) searches and then retrains a different network on the same round counter.
+
+A new algorithm is one file in `algorithms/` with an `Algorithm` subclass and a line in the registry
+(`algorithms/__init__.py`); `docs/extending.md` walks through Per-FedAvg's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from torch import nn
+
+from fedmetanas.algorithms.common import Forward, LocalContext, LocalResult
+from fedmetanas.config import Config
+from fedmetanas.data.datasets import TensorSplit
+from fedmetanas.search.genotypes import Genotype
+from fedmetanas.search.relax import RelaxMode
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where a phase sits on the run's round counter, and the HDF5 table its rows go to."""
+
+    kind: Literal["search", "train"]
+    group: str  # HDF5 table: /rounds, or /retrain for a second phase
+    first: int  # first round (global counter)
+    rounds: int
+
+    @property
+    def end(self) -> int:
+        return self.first + self.rounds
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """A round's hyper-parameters, the same on every rank and every client."""
+
+    tau: float = math.nan  # relaxation temperature; NaN where the phase has no relaxation
+    lr_scale: float = 1.0  # factor on the weights' learning rates (the phase's schedule)
+    relax_mode: RelaxMode = "expected"  # how a client samples the architecture (ignored by fixed nets)
+
+
+@dataclass
+class PhaseOutcome:
+    """What a phase hands to the next one (and to the final record): its genotype and a summary."""
+
+    genotype: Genotype | None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """The dataset facts a model is built from (identical on every rank)."""
+
+    in_channels: int
+    num_classes: int
+    image_size: int
+
+    @classmethod
+    def of(cls, split: TensorSplit) -> "ModelInputs":
+        return cls(split.in_channels, split.num_classes, split.image_size)
+
+
+Artifact = str | dict[str, Any]  # a text file's content, or a dict for torch.save
+
+
+class Phase:
+    """One span of rounds with one kind of model. Subclasses implement the methods that raise.
+
+    A phase object lives for the whole run; `enter` is called when its rounds begin (or when a resume
+    lands in it) with the previous phase's outcome, and must leave it ready to `build_model`.
+    """
+
+    needs_task: ClassVar[bool] = True  # a second replica per lane for a task learner
+
+    def __init__(self, cfg: Config, span: Span) -> None:
+        self.cfg, self.span = cfg, span
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def enter(self, previous: PhaseOutcome | None) -> None:
+        """Receive the previous phase's outcome (None for the first phase)."""
+
+    def build_model(self, inputs: ModelInputs) -> nn.Module:
+        """A fresh global model, identical on every rank (seeded; built on the CPU)."""
+        raise NotImplementedError
+
+    def on_model(self, model: nn.Module) -> None:
+        """Called once the phase's global model exists (e.g. to create pruning masks)."""
+
+    def model_attrs(self, model: nn.Module) -> dict[str, Any]:
+        """Facts about the model for the log's attributes (primitives, nodes, num_params)."""
+        return {"primitives": [], "nodes": 0, "num_params": sum(p.numel() for p in model.weights())}
+
+    # -- one round -------------------------------------------------------------------------------
+    def round_plan(self, rnd: int) -> RoundPlan:
+        """The hyper-parameters of global round `rnd`."""
+        return RoundPlan()
+
+    def masks(self) -> Any:
+        """The architecture masks clients search under (None: a fixed architecture)."""
+        return None
+
+    def local_update(self, model: nn.Module, task: nn.Module | None, ctx: LocalContext) -> LocalResult:
+        """One client's local work: `model` holds the global parameters on entry, the client's after."""
+        raise NotImplementedError
+
+    def server_update(self, model: nn.Module, plan: RoundPlan) -> None:
+        """After the engine's sample-weighted averaging (e.g. pruning). Default: nothing."""
+
+    eval_names: ClassVar[tuple[str, ...]] = ("discrete",)
+
+    def forwards(self, model: nn.Module, plan: RoundPlan) -> dict[str, Forward]:  # noqa: ARG002
+        """What to evaluate, by name (`eval_names`, in order): each gives `{name}_loss` and `{name}_acc`."""
+        return {"discrete": model}
+
+    def record(self, model: nn.Module, plan: RoundPlan) -> dict[str, Any]:  # noqa: ARG002
+        """Extra per-round values for the log (the architecture's state). Default: none."""
+        return {}
+
+    def describe_round(self, row: dict[str, Any], mean_loss: float) -> str:
+        """The middle of the console line of a round."""
+        return f"train  loss {mean_loss:.3f}  acc {row['discrete_acc']:.4f}"
+
+    # -- end of the phase / of the run -------------------------------------------------------------
+    def outcome(self, model: nn.Module, plan: RoundPlan, last_row: dict[str, Any]) -> PhaseOutcome:
+        """What the next phase starts from."""
+        raise NotImplementedError
+
+    def final_forward(self, model: nn.Module, plan: RoundPlan) -> Forward:  # noqa: ARG002
+        """The run's final model as a function (evaluated at the end, and before personalization)."""
+        return model
+
+    def final_record(self, metrics: dict[str, float], previous: PhaseOutcome | None,
+                     elapsed: float) -> dict[str, Any]:
+        """The final metrics plus what the log's /final keeps of earlier phases; must hold
+        `supernet_acc`, `supernet_loss` and `search_seconds`."""
+        raise NotImplementedError
+
+    def describe_final(self, final: dict[str, Any]) -> list[str]:
+        """What the command line prints about the final model (`final` holds the final record and
+        `genotype`, the architecture's text)."""
+        raise NotImplementedError
+
+    def final_genotype(self, model: nn.Module, plan: RoundPlan) -> Genotype | None:
+        """The final model's cells (None for a network that has no genotype, such as the CNN)."""
+        raise NotImplementedError
+
+    def arch_text(self, model: nn.Module, plan: RoundPlan) -> str:
+        """The final architecture as text (genotype.txt)."""
+        raise NotImplementedError
+
+    def artifacts(self, model: nn.Module, plan: RoundPlan, last: bool) -> dict[str, Artifact]:
+        """Files to write (rank 0) into the run directory at the end of the phase; `last`: of the run."""
+        return {}
+
+    # -- personalization -------------------------------------------------------------------------
+    def personalize_base_lr(self) -> float:
+        """The weights' learning rate `personalize.lr` is relative to."""
+        raise NotImplementedError
+
+    def personalize(self, model: nn.Module, task: nn.Module | None, ctx: LocalContext, steps: int) -> Forward:
+        """Adapt (a client's copy of) the final model on the client's data; return the adapted model."""
+        raise NotImplementedError
+
+    # -- checkpoint ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Phase state beyond the model (masks, counters) for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` saved."""
+
+
+class Algorithm:
+    """A registered algorithm: its name, the config sections it owns, and its phases."""
+
+    name: ClassVar[str]
+    # Config sections this algorithm declares (YAML key -> frozen dataclass); several algorithms may
+    # list the same section (FedNAS retrains with the fedavg section).
+    sections: ClassVar[dict[str, type]] = {}
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def phases(self) -> list[Phase]:
+        """The phases in order, with their spans on the round counter."""
+        raise NotImplementedError

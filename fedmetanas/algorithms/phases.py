@@ -1,0 +1,262 @@
+"""The two kinds of phase the shipped algorithms are made of.
+
+- `SearchPhase`: a supernet searched with some local rule (FedMetaNAS's dual learner, FedNAS's
+  MiLeNAS) under a relaxation, temperature and learning-rate schedule; optionally soft-pruned by the
+  server after each average. Evaluates the soft supernet and the discrete net of its genotype.
+- `TrainPhase`: a fixed architecture (a genotype, DARTS_V2, the FedAvg paper's CNN, or the genotype
+  the previous phase found) trained with some local rule (FedAvg's SGD, Per-FedAvg's dual learner).
+
+An algorithm is a small file that picks its phases and fills in their rules (see `fedavg.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+from fedmetanas.algorithms.base import Artifact, ModelInputs, Phase, PhaseOutcome, RoundPlan, Span
+from fedmetanas.algorithms.common import Forward, LocalContext, LocalResult
+from fedmetanas.config import Config, to_dict
+from fedmetanas.search.discrete import CNN, DiscreteNet, FixedNet
+from fedmetanas.search.genotypes import DARTS_V2, Genotype, resolve_primitives
+from fedmetanas.search.relax import RelaxMode, entropy, update_mask
+from fedmetanas.search.supernet import ArchMasks, SuperNet, arch_from_genotype, derive_genotype, sample_arch
+from fedmetanas.seeding import Purpose, derive_seed, torch_generator
+
+
+class LocalRule(Protocol):
+    """A client-side learning rule: what FedMetaNAS, MiLeNAS, FedAvg's SGD have in common."""
+
+    def local_update(self, model: nn.Module, task: nn.Module | None, ctx: LocalContext) -> LocalResult: ...
+
+
+class PersonalizingRule(LocalRule, Protocol):
+    def personalize(self, model: nn.Module, task: nn.Module | None, ctx: LocalContext, steps: int) -> Forward: ...
+
+
+Schedule = Callable[[int], float]  # global round -> value
+
+
+def build_supernet(cfg: Config, in_channels: int, num_classes: int) -> SuperNet:
+    """The initial supernet, identical on every rank (seeded, built on the CPU)."""
+    m = cfg.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.federated.seed, Purpose.INIT))
+        net = SuperNet(in_channels, num_classes, m.channels, m.layers, m.nodes, resolve_primitives(m.primitives),
+                       m.stem_multiplier, m.reduction_layers, cfg.search.input_mode, cfg.search.alpha_init_std,
+                       generator=torch_generator(cfg.federated.seed, Purpose.INIT, 1), stem_stride=m.stem_stride)
+    return net
+
+
+def parse_architecture(text: str) -> Genotype | None:
+    """`cnn` (None: the FedAvg paper's CNN), `darts_v2`, or a genotype string."""
+    if text == "cnn":
+        return None
+    return DARTS_V2 if text == "darts_v2" else Genotype.from_string(text)
+
+
+def build_fixed(cfg: Config, genotype: Genotype | None, inputs: ModelInputs, channels: int = 0,
+                layers: int = 0) -> FixedNet:
+    """A fresh fixed-architecture network, identical on every rank (seeded, built on the CPU).
+    `channels` / `layers` 0: the model section's."""
+    m = cfg.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.federated.seed, Purpose.INIT, 2))
+        if genotype is None:
+            return CNN(inputs.in_channels, inputs.num_classes, inputs.image_size)
+        return DiscreteNet.from_genotype(genotype, inputs.in_channels, inputs.num_classes, channels or m.channels,
+                                         layers or m.layers, m.stem_multiplier,
+                                         m.reduction_layers if not layers else None, m.stem_stride)
+
+
+class SearchPhase(Phase):
+    """A supernet searched by `rule`; the server soft-prunes after averaging when `prune` is set."""
+
+    eval_names = ("supernet", "discrete")
+
+    def __init__(self, cfg: Config, span: Span, rule: PersonalizingRule | LocalRule, *, tau: Schedule,
+                 lr_scale: Schedule, relax_mode: RelaxMode, prune: bool, base_lr: float,
+                 needs_task: bool = True) -> None:
+        super().__init__(cfg, span)
+        self.rule, self.tau, self.lr_scale, self.relax_mode = rule, tau, lr_scale, relax_mode
+        self.prune, self.base_lr = prune, base_lr
+        self.needs_task = needs_task  # type: ignore[misc] - per instance: MiLeNAS needs no task learner
+        self._masks: ArchMasks | None = None
+        self.genotype: Genotype | None = None  # of the current logits, after each server update
+
+    def build_model(self, inputs: ModelInputs) -> SuperNet:
+        return build_supernet(self.cfg, inputs.in_channels, inputs.num_classes)
+
+    def on_model(self, model: SuperNet) -> None:
+        self._masks = model.initial_masks()
+
+    def model_attrs(self, model: SuperNet) -> dict[str, Any]:
+        return {"primitives": list(model.primitives), "nodes": model.nodes,
+                "num_params": sum(p.numel() for p in model.weights())}
+
+    def round_plan(self, rnd: int) -> RoundPlan:
+        return RoundPlan(self.tau(rnd), self.lr_scale(rnd), self.relax_mode)
+
+    def masks(self) -> ArchMasks | None:
+        return self._masks
+
+    def local_update(self, model: nn.Module, task: nn.Module | None, ctx: LocalContext) -> LocalResult:
+        return self.rule.local_update(model, task, ctx)
+
+    def server_update(self, model: SuperNet, plan: RoundPlan) -> None:
+        """Soft pruning: the masks follow the annealed distributions of the averaged logits."""
+        if self.prune:
+            s, m = self.cfg.search, self._masks
+            self._masks = ArchMasks(
+                {k: update_mask(getattr(model, f"alpha_{k}"), v, plan.tau, s.op_prune_threshold)
+                 for k, v in m.ops.items()},
+                None if m.pairs is None else
+                {k: update_mask(getattr(model, f"beta_{k}"), v, plan.tau, s.pair_prune_threshold)
+                 for k, v in m.pairs.items()})
+        self.genotype = derive_genotype(model, self._masks, plan.tau)
+
+    def forwards(self, model: SuperNet, plan: RoundPlan) -> dict[str, Forward]:
+        expected = sample_arch(model, self._masks, plan.tau, "expected")
+        discrete = arch_from_genotype(model, self.genotype)
+        return {"supernet": lambda x: model(x, expected), "discrete": lambda x: model(x, discrete)}
+
+    def record(self, model: SuperNet, plan: RoundPlan) -> dict[str, Any]:
+        rec: dict[str, Any] = {"tau": plan.tau, "genotype": self.genotype.to_string()}
+        for (name, p), (_, m) in zip(model.named_alphas(), self._masks.items()):
+            rec[name] = p.detach().cpu().numpy().copy()  # a copy: the parameter keeps training
+            rec[f"mask_{name}"] = m.numpy().copy()
+            rec[f"entropy_{name}"] = entropy(p, m, plan.tau).numpy()
+        return rec
+
+    def describe_round(self, row: dict[str, Any], mean_loss: float) -> str:
+        return (f"search  tau {row['tau']:.3f}  loss {mean_loss:.3f}  acc supernet {row['supernet_acc']:.4f} "
+                f"discrete {row['discrete_acc']:.4f}")
+
+    def outcome(self, model: SuperNet, plan: RoundPlan, last_row: dict[str, Any]) -> PhaseOutcome:
+        genotype = derive_genotype(model, self._masks, plan.tau)
+        return PhaseOutcome(genotype, {"genotype": genotype.to_string(),
+                                       "supernet_acc": float(last_row["supernet_acc"]),
+                                       "supernet_loss": float(last_row["supernet_loss"]),
+                                       "discrete_acc_not_retrained": float(last_row["discrete_acc"]),
+                                       "search_seconds": float(last_row["wall_time"])})
+
+    def final_forward(self, model: SuperNet, plan: RoundPlan) -> Forward:
+        arch = arch_from_genotype(model, derive_genotype(model, self._masks, plan.tau))
+        return lambda x: model(x, arch)
+
+    def final_record(self, metrics: dict[str, float], previous: PhaseOutcome | None,
+                     elapsed: float) -> dict[str, Any]:
+        return {**metrics, "search_seconds": elapsed}
+
+    def describe_final(self, final: dict[str, Any]) -> list[str]:
+        return [f"final genotype: {final['genotype']}",
+                f"discrete net (pruned, not retrained) test accuracy: {final['discrete_acc']:.4f} "
+                f"(loss {final['discrete_loss']:.4f}); soft supernet: {final['supernet_acc']:.4f}"]
+
+    def final_genotype(self, model: SuperNet, plan: RoundPlan) -> Genotype:
+        return derive_genotype(model, self._masks, plan.tau)
+
+    def arch_text(self, model: SuperNet, plan: RoundPlan) -> str:
+        return self.final_genotype(model, plan).to_string()
+
+    def artifacts(self, model: SuperNet, plan: RoundPlan, last: bool) -> dict[str, Artifact]:
+        genotype = derive_genotype(model, self._masks, plan.tau)
+        files: dict[str, Artifact] = {
+            "supernet.pt": {"state_dict": model.state_dict(), "masks": dict(self._masks.items()), "tau": plan.tau,
+                            "config": to_dict(self.cfg)}}
+        if last:
+            discrete = DiscreteNet.from_supernet(model, genotype)
+            files["genotype.txt"] = genotype.to_string() + "\n"
+            files["discrete_model.pt"] = {"genotype": genotype.to_string(), "state_dict": discrete.state_dict(),
+                                          "config": to_dict(self.cfg)}
+        else:
+            files["search_genotype.txt"] = genotype.to_string() + "\n"
+        return files
+
+    def personalize_base_lr(self) -> float:
+        return self.base_lr
+
+    def personalize(self, model: nn.Module, task: nn.Module | None, ctx: LocalContext, steps: int) -> Forward:
+        return self.rule.personalize(model, task, ctx, steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": {"ops": self._masks.ops, "pairs": self._masks.pairs}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("masks") is not None:
+            self._masks = ArchMasks(state["masks"]["ops"], state["masks"]["pairs"])
+
+
+class TrainPhase(Phase):
+    """A fixed architecture trained by `rule`: `architecture` is `cnn`, `darts_v2`, a genotype string,
+    or None for the genotype the previous phase found."""
+
+    def __init__(self, cfg: Config, span: Span, rule: PersonalizingRule, *, architecture: str | None,
+                 lr_scale: Schedule, base_lr: float, channels: int = 0, layers: int = 0,
+                 needs_task: bool = False) -> None:
+        super().__init__(cfg, span)
+        self.rule, self.lr_scale, self.base_lr = rule, lr_scale, base_lr
+        self.architecture, self.channels, self.layers = architecture, channels, layers
+        self.needs_task = needs_task  # type: ignore[misc] - per instance: depends on the rule
+        self.genotype: Genotype | None = None if architecture is None else parse_architecture(architecture)
+
+    def enter(self, previous: PhaseOutcome | None) -> None:
+        if self.architecture is None:
+            if previous is None or previous.genotype is None:
+                raise ValueError("a phase that trains the previous phase's genotype needs a previous phase")
+            self.genotype = previous.genotype
+
+    def build_model(self, inputs: ModelInputs) -> FixedNet:
+        return build_fixed(self.cfg, self.genotype, inputs, self.channels, self.layers)
+
+    def model_attrs(self, model: FixedNet) -> dict[str, Any]:
+        nodes = len(self.genotype.normal) if self.genotype is not None else 0
+        return {"primitives": [], "nodes": nodes, "num_params": sum(p.numel() for p in model.weights())}
+
+    def round_plan(self, rnd: int) -> RoundPlan:
+        return RoundPlan(math.nan, self.lr_scale(rnd), "expected")
+
+    def local_update(self, model: nn.Module, task: nn.Module | None, ctx: LocalContext) -> LocalResult:
+        return self.rule.local_update(model, task, ctx)
+
+    def outcome(self, model: FixedNet, plan: RoundPlan, last_row: dict[str, Any]) -> PhaseOutcome:
+        return PhaseOutcome(self.genotype, {})
+
+    def final_record(self, metrics: dict[str, float], previous: PhaseOutcome | None,
+                     elapsed: float) -> dict[str, Any]:
+        """A retraining phase reports its search's soft supernet and time; a lone one NaN and 0."""
+        sf = previous.summary if previous is not None else {}
+        out = {**metrics, "supernet_acc": sf.get("supernet_acc", math.nan),
+               "supernet_loss": sf.get("supernet_loss", math.nan), "search_seconds": sf.get("search_seconds", 0.0)}
+        if sf:
+            out.update({"search_genotype": sf["genotype"],
+                        "search_discrete_acc_not_retrained": sf["discrete_acc_not_retrained"]})
+        return out
+
+    def describe_final(self, final: dict[str, Any]) -> list[str]:
+        searched = f"; searched in {final['search_seconds']:.1f} s" if "search_genotype" in final else ""
+        arch = (f"final genotype: {final['genotype']}" if self.genotype is not None
+                else "final architecture: cnn (FedAvg paper's CNN)")
+        return [arch, f"trained net test accuracy: {final['discrete_acc']:.4f} (loss {final['discrete_loss']:.4f}){searched}"]
+
+    def final_genotype(self, model: FixedNet, plan: RoundPlan) -> Genotype | None:
+        return self.genotype
+
+    def arch_text(self, model: FixedNet, plan: RoundPlan) -> str:
+        return self.genotype.to_string() if self.genotype is not None else "cnn"
+
+    def artifacts(self, model: FixedNet, plan: RoundPlan, last: bool) -> dict[str, Artifact]:
+        if not last:
+            return {}
+        text = self.arch_text(model, plan)
+        return {"genotype.txt": text + "\n",
+                "model.pt": {"architecture": text, "state_dict": model.state_dict(), "config": to_dict(self.cfg)}}
+
+    def personalize_base_lr(self) -> float:
+        return self.base_lr
+
+    def personalize(self, model: nn.Module, task: nn.Module | None, ctx: LocalContext, steps: int) -> Forward:
+        return self.rule.personalize(model, task, ctx, steps)

@@ -1,0 +1,373 @@
+"""The round loop: sample clients -> local work -> one all-reduce -> average -> the phase's server update
+-> evaluation -> the round's record to the callbacks.
+
+Every rank runs this same code. Each rank hosts the clients the schedule gives it, adds their
+sample-weighted parameters (and per-client losses, flags and the rank's timings) into one flat float64
+buffer (`layout.round_layout`), and a single all-reduce makes every rank's copy of the global model
+identical. What the model is, how a client learns and what the server does after averaging belong to
+the algorithm's phases (`algorithms/`): this module names no algorithm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+
+from fedmetanas.algorithms import get_algorithm
+from fedmetanas.algorithms.base import Phase, PhaseOutcome, RoundPlan
+from fedmetanas.algorithms.common import LocalContext, copy_state
+from fedmetanas.checkpoint import CheckpointError, check_compatible, load_latest
+from fedmetanas.config import Config, ConfigError, to_dict
+from fedmetanas.dist import DistContext
+from fedmetanas.federated.aggregation import add_weighted, aggregated_tensors, numel, write_flat
+from fedmetanas.federated.callbacks import (ArtifactsCallback, Callback, CheckpointCallback, ConsoleCallback,
+                                            TrajectoryCallback)
+from fedmetanas.federated.evaluation import evaluate_forwards
+from fedmetanas.federated.executor import ClientExecutor, make_executors, run_clients
+from fedmetanas.federated.layout import round_layout
+from fedmetanas.federated.personalization import personalize_clients, summarize
+from fedmetanas.federated.scheduling import assign_to_ranks, sample_clients
+from fedmetanas.federated.setup import Setup, prepare
+from fedmetanas.reporting.hdf5 import logged_rounds
+from fedmetanas.rundir import LOG_NAME, RunDirError, prepare_run_dir
+from fedmetanas.search.genotypes import Genotype
+from fedmetanas.seeding import Purpose, torch_generator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports (identical on every rank)."""
+
+    genotype: Genotype | None  # the final model's cells; None for the plain CNN
+    discrete_acc: float  # the final model's test accuracy
+    supernet_acc: float  # the soft supernet's (NaN without a search)
+    discrete_loss: float
+    seconds: float
+    run_dir: Any  # Path on rank 0, None elsewhere
+    algorithm: str = ""  # the registry name of the algorithm that ran
+    search_seconds: float = 0.0
+    personalization: dict[str, float] | None = None
+    lines: tuple[str, ...] = ()  # what the command line prints about the final model
+
+
+class Preempted(RuntimeError):
+    """A signal (SIGTERM / SIGUSR1) asked the run to stop; a checkpoint of the last round was written."""
+
+
+class NumericalFault(RuntimeError):
+    """A client's update held NaN/Inf and `federated.nonfinite: stop` was set."""
+
+
+class _StopFlag:
+    """Set from a signal handler; read once per round and shared with the other ranks via the all-reduce."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal handler signature
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+
+class Loop:
+    """All state of one federated run on one rank, and the round loop over it."""
+
+    def __init__(self, cfg: Config, ctx: DistContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.setup: Setup = prepare(cfg, ctx)
+        self.phases: list[Phase] = get_algorithm(cfg.algorithm.name)(cfg).phases()
+        self.total = self.phases[-1].span.end
+        self.previous: PhaseOutcome | None = None  # the outcome the current phase started from
+        self.start_round, self.wall_offset = 0, 0.0
+        self.rows: list[tuple[str, dict[str, Any]]] = []  # (HDF5 table, row): replayed on resume
+        self.stop = _StopFlag()
+        self.callbacks: list[Callback] = []
+        self._enter(0, None)
+        # The log's model facts are the first phase's, also after a resume in a later one.
+        self.model_attrs = self.phase.model_attrs(self.net)
+
+    # -- phases ----------------------------------------------------------------------------------
+    def _enter(self, index: int, previous: PhaseOutcome | None) -> None:
+        """Make phase `index` current: its global model, lanes (worker + task replicas) and buffer layout."""
+        self.phase_index, self.previous = index, previous
+        phase, device = self.phases[index], self.ctx.device
+        phase.enter(previous)
+        fmt = torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
+
+        def build() -> torch.nn.Module:
+            return phase.build_model(self.setup.inputs).to(device, memory_format=fmt)
+
+        self.net = build()
+        phase.on_model(self.net)
+        self.global_tensors = aggregated_tensors(self.net)
+        self.layout = round_layout(numel(self.global_tensors), self.cfg.federated.num_clients, self.ctx.world_size)
+        self.executors: list[ClientExecutor] = []  # free the previous phase's lanes first
+        # Per lane a worker (and a task replica if the phase's rule needs one): O(lanes x model) memory.
+        self.executors = make_executors(self.cfg.runtime.streams_per_rank, build, self.layout.size, device,
+                                        with_task=phase.needs_task)
+
+    @property
+    def phase(self) -> Phase:
+        return self.phases[self.phase_index]
+
+    def _phase_of(self, rnd: int) -> int:
+        return next((i for i, p in enumerate(self.phases) if rnd < p.span.end), len(self.phases) - 1)
+
+    # -- start: resume, run directory, callbacks ---------------------------------------------------
+    def _agree(self, step: Callable[[], None]) -> None:
+        """Run a set-up step on every rank; if it fails anywhere, fail everywhere with the same error
+        (so no rank waits forever for one that gave up, and rank 0 reports the first rank's message)."""
+        error: Exception | None = None
+        try:
+            step()
+        except (ConfigError, CheckpointError, RunDirError) as err:
+            error = err
+        errors = self.ctx.all_gather_objects(None if error is None else (type(error), str(error)))
+        failed = [e for e in errors if e is not None]
+        if failed:
+            kind, message = failed[0]
+            raise kind(message)
+
+    def _resume(self) -> None:
+        """Load the newest valid checkpoint, if resuming and one exists (every rank reads it)."""
+        out = self.cfg.output
+        ckpt_dir = self.setup.run_path / "checkpoints"
+        found = load_latest(ckpt_dir) if out.resume else None
+        if found is None:
+            if out.resume and logged_rounds(self.setup.run_path / LOG_NAME) != 0:
+                # Starting afresh would replace a log holding rounds (or an unreadable one): refuse
+                # rather than lose it. A log with no rounds (killed in round 1) holds nothing to lose.
+                raise CheckpointError(
+                    f"output.resume: {ckpt_dir} holds no readable checkpoint, so the run in "
+                    f"{self.setup.run_path} cannot be continued; start a new run with another --name")
+            if out.resume:
+                log.info("no checkpoint in %s: starting a new run", ckpt_dir)
+            return
+        state, path = found
+        check_compatible(state, path, to_dict(self.cfg), self.setup.partition_hash)
+        nxt, index = int(state["next_round"]), int(state.get("stage", 0))
+        if index != self._phase_of(nxt):
+            raise CheckpointError(
+                f"{path}: saved in stage {index} at round {nxt}, which this config places in "
+                f"stage {self._phase_of(nxt)}; resume with the run's federated.rounds")
+        if index != self.phase_index:
+            genotype = state.get("genotype")
+            self._enter(index, PhaseOutcome(Genotype.from_string(genotype) if genotype else None,
+                                            state.get("search_final") or {}))
+        self.net.load_state_dict(state["model"])
+        self.phase.load_state_dict(state)
+        self.start_round, self.wall_offset = nxt, float(state["wall_time"])
+        self.rows = [tuple(r) for r in state["rows"]]
+        log.info("resumed from %s at round %d", path, self.start_round + 1)
+
+    def _snapshot(self, next_round: int, wall_time: float) -> dict[str, Any]:
+        """What a checkpoint holds: enough to continue bit-identically (all randomness is derived from
+        (seed, round, client), so no RNG state)."""
+        prev = self.previous
+        return {"next_round": next_round, "model": self.net.state_dict(), **self.phase.state_dict(),
+                "stage": self.phase_index, "search_final": prev.summary if prev else None,
+                "genotype": prev.genotype.to_string() if prev and prev.genotype is not None else None,
+                "rows": self.rows, "wall_time": wall_time, "config": to_dict(self.cfg),
+                "partition_hash": self.setup.partition_hash}
+
+    def _start(self) -> None:
+        """Rank 0: the run directory and the callbacks; the log is rebuilt from a resumed run's rows."""
+        if not self.ctx.is_main:
+            return
+        out_dir = prepare_run_dir(self.cfg.output)
+        s, cfg = self.setup, self.cfg
+        attrs = {"config_yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False), **self.model_attrs, "world_size": self.ctx.world_size,
+                 "algorithm": cfg.algorithm.name,
+                 "stages": json.dumps([dataclasses.asdict(p.span) for p in self.phases]),
+                 "partition_hash": s.partition_hash}
+        static = {"partition/class_counts": s.counts,
+                  "partition/train_sizes": np.array([c.num_train for c in s.clients]),
+                  "partition/test_sizes": np.array([c.test_idx.numel() for c in s.clients])}
+        self.callbacks = [ArtifactsCallback(cfg, out_dir), TrajectoryCallback(out_dir, attrs, static),
+                          CheckpointCallback(cfg, s.run_path / "checkpoints", self._snapshot),
+                          ConsoleCallback(self.total, lambda row, loss: self.phases[self._phase_of(row["round"])]
+                                          .describe_round(row, loss), cfg.personalize.steps)]
+        for cb in self.callbacks:
+            cb.on_start(self.rows)
+        for group, row in self.rows:
+            for cb in self.callbacks:
+                cb.on_round(group, row, replay=True)
+        log.info("run directory %s; %s: %d clients (%d per round) on %d rank(s); %d aggregated values", out_dir,
+                 cfg.algorithm.name, cfg.federated.num_clients, s.per_round, self.ctx.world_size,
+                 self.layout.length("params"))
+
+    def _emit(self, method: str, *args: Any, **kwargs: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, method)(*args, **kwargs)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        """The round loop; returns the final evaluation (identical on every rank)."""
+        t_start = time.perf_counter()
+        # Every rank decides from the same files before rank 0 writes any (no rank sees rank 0's new log).
+        self._agree(self._resume)
+        self._start()
+        self.stop.install()
+        t_start -= self.wall_offset
+        for rnd in range(self.start_round, self.total):
+            plan = self.phase.round_plan(rnd)
+            row, stopping = self.run_round(rnd, plan, t_start)
+            if rnd == self.phase.span.end - 1 and self.phase_index + 1 < len(self.phases):
+                self._end_phase(plan, row)
+            self._emit("on_round_end", rnd + 1, row["wall_time"], stopping, rnd == self.total - 1)
+            if stopping and rnd < self.total - 1:
+                self._emit("on_stop")
+                raise Preempted(f"stopped by {self.stop.signal_name or 'a signal on another rank'} after round "
+                                f"{rnd + 1}; checkpoint written, continue with --resume")
+        return self._finish(t_start)
+
+    def _end_phase(self, plan: RoundPlan, row: dict[str, Any]) -> None:
+        """Between phases: keep the outcome, write the phase's files, build the next phase's model."""
+        outcome = self.phase.outcome(self.net, plan, row)
+        self._emit("on_phase_end", self.phase.artifacts(self.net, plan, last=False))
+        nxt = self.phases[self.phase_index + 1]
+        log.info("phase %d finished after %.1f s (%s); %s for %d rounds", self.phase_index + 1, row["wall_time"],
+                 outcome.genotype.to_string() if outcome.genotype else "no genotype", nxt.span.kind, nxt.span.rounds)
+        self._enter(self.phase_index + 1, outcome)
+
+    def _context(self, cid: int, plan: RoundPlan, *coords: int) -> LocalContext:
+        """Client `cid`'s context; its randomness comes from (seed, coords, cid) alone."""
+        cfg, s = self.cfg, self.setup
+        return LocalContext(s.train, s.train_idx[cid], self.phase.masks(), plan.tau, plan.relax_mode,
+                            torch_generator(cfg.federated.seed, Purpose.BATCHES, *coords, cid),
+                            torch_generator(cfg.federated.seed, Purpose.GUMBEL, *coords, cid),
+                            cfg.data.augment, cfg.model.channels_last, plan.lr_scale, cid)
+
+    def _local_work(self, rnd: int, plan: RoundPlan) -> torch.Tensor:
+        """Run this rank's clients of the round (concurrently on GPU streams); return their summed buffer."""
+        fed, lay = self.cfg.federated, self.layout
+        selected = sample_clients(fed.num_clients, self.setup.per_round, fed.seed, rnd)
+        ranks = assign_to_ranks(selected, [1.0] * fed.num_clients, self.ctx.world_size)
+
+        def client(ex: ClientExecutor, cid: int) -> None:
+            copy_state(ex.worker, self.net)
+            result = self.phase.local_update(ex.worker, ex.task, self._context(cid, plan, rnd))
+            tensors = aggregated_tensors(ex.worker)
+            seg = lay.split(ex.buffer)
+            seg["flag"][cid] = 1.0
+            if not (math.isfinite(result.loss) and all(bool(torch.isfinite(t).all()) for t in tensors)):
+                seg["excluded"][cid] = 1.0  # excluded: contributes nothing to the average
+                return
+            n = self.setup.clients[cid].num_train
+            add_weighted(seg["params"], tensors, float(n))
+            seg["n"] += n
+            seg["loss"][cid] = result.loss
+
+        return run_clients(self.executors, ranks[self.ctx.rank], client)
+
+    def run_round(self, rnd: int, plan: RoundPlan, t_start: float) -> tuple[dict[str, Any], bool]:
+        """One round: local work, one all-reduce, server update, evaluation, log row.
+
+        Returns the round's log row and whether any rank was asked to stop (signal).
+        """
+        cfg, phase, lay = self.cfg, self.phase, self.layout
+        t_round = time.perf_counter()
+        buf = self._local_work(rnd, plan)
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+        t_local = time.perf_counter() - t_round
+        seg = lay.split(buf)
+        seg["rank_seconds"][self.ctx.rank] = t_local
+        seg["rank_mib"][self.ctx.rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # MiB
+        seg["stop"][0] = float(self.stop.requested)
+
+        t0 = time.perf_counter()
+        self.ctx.all_reduce_sum(buf)
+        t_comm = time.perf_counter() - t0
+
+        out = {k: v.cpu().numpy() for k, v in lay.split(buf).items() if k != "params"}
+        flags, excluded = out["flag"] > 0, out["excluded"] > 0
+        if excluded.any() and cfg.federated.nonfinite == "stop":
+            raise NumericalFault(
+                f"round {rnd + 1}: the update of client(s) {np.flatnonzero(excluded).tolist()} holds NaN/Inf; "
+                "lower the learning rates, or set federated.nonfinite: exclude to drop such updates")
+        if excluded.any():
+            log.warning("round %d: excluded non-finite update(s) of client(s) %s", rnd + 1,
+                        np.flatnonzero(excluded).tolist())
+        if float(out["n"][0]) > 0:  # else every client was excluded: keep the previous model
+            write_flat(self.global_tensors, seg["params"] / seg["n"])
+        phase.server_update(self.net, plan)
+
+        t0 = time.perf_counter()
+        if (rnd - phase.span.first) % cfg.eval.every == 0 or rnd == phase.span.end - 1:
+            metrics = self._evaluate(phase.forwards(self.net, plan), self.setup.eval_idx)
+        else:
+            metrics = {f"{n}_{m}": float("nan") for n in phase.eval_names for m in ("loss", "acc")}
+        t_eval = time.perf_counter() - t0
+
+        rank_seconds = out["rank_seconds"]
+        row: dict[str, Any] = {
+            "round": rnd, **metrics, "client_loss": np.where(flags & ~excluded, out["loss"], np.nan),
+            "participants": flags, "excluded": excluded, "time_local_rank": rank_seconds,
+            "time_local": float(rank_seconds.max()), "memory_rank_mib": out["rank_mib"], "time_allreduce": t_comm,
+            "time_eval": t_eval, "time_round": time.perf_counter() - t_round,
+            "wall_time": time.perf_counter() - t_start, "bytes_allreduced": buf.numel() * buf.element_size(),
+            # What a real deployment moves: each participant downloads and uploads the model (float32).
+            "bytes_clients": int(2 * int(flags.sum()) * lay.length("params") * 4),
+            **phase.record(self.net, plan)}
+        self.rows.append((phase.span.group, row))
+        self._emit("on_round", phase.span.group, row)
+        return row, float(out["stop"][0]) > 0
+
+    def _evaluate(self, forwards: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+                  idx: torch.Tensor) -> dict[str, float]:
+        return evaluate_forwards(self.ctx, self.net, forwards, self.setup.test, idx, self.cfg.eval.batch_size,
+                                 self.cfg.model.channels_last)
+
+    # -- the end ---------------------------------------------------------------------------------
+    def _finish(self, t_start: float) -> RunResult:
+        """Final evaluation on the full test set, personalization, saved models, the log's summary."""
+        cfg, phase, s = self.cfg, self.phase, self.setup
+        final_idx = torch.arange(len(s.test)) if cfg.eval.final_full else s.eval_idx
+        plan = phase.round_plan(self.total - 1)
+        metrics = self._evaluate({**phase.forwards(self.net, plan), "discrete": phase.final_forward(self.net, plan)},
+                                 final_idx)
+        final = phase.final_record(metrics, self.previous, time.perf_counter() - t_start)
+        personal, summary = None, {}
+        p = cfg.personalize
+        if p.steps > 0:
+            base = phase.personalize_base_lr()
+            lr_scale = p.lr / base if p.lr > 0 and base > 0 else plan.lr_scale
+            personal = personalize_clients(
+                self.ctx, s, phase, self.net, self.executors[0], dataclasses.replace(plan, lr_scale=lr_scale),
+                lambda cid, pl: self._context(cid, pl, self.total, 1), p.steps, cfg.eval.batch_size,
+                cfg.model.channels_last)
+            summary = {**summarize(personal["personalization/acc_before"], "personal_before"),
+                       **summarize(personal["personalization/acc_after"], "personal_after")}
+        seconds = time.perf_counter() - t_start
+        arch_text = phase.arch_text(self.net, plan)
+        record = {"genotype": arch_text, "algorithm": cfg.algorithm.name, "seconds": seconds,
+                  "eval_count": int(final_idx.numel()), **final, **summary}
+        self._emit("on_phase_end", phase.artifacts(self.net, plan, last=True))
+        self._emit("on_finish", record, personal)
+        return RunResult(phase.final_genotype(self.net, plan), final["discrete_acc"], final["supernet_acc"], final["discrete_loss"], seconds,
+                         s.run_path if self.ctx.is_main else None, cfg.algorithm.name, final["search_seconds"],
+                         summary or None, tuple(phase.describe_final(record)))
+
+
+def run(cfg: Config, ctx: DistContext) -> RunResult:
+    """Run (or resume) a whole federated run; rank 0 writes the run directory and the HDF5 log."""
+    return Loop(cfg, ctx).run()

@@ -1,0 +1,108 @@
+"""Per-FedAvg: FedMetaNAS's dual learner on a fixed network is first-order MAML on the weights, checked
+by hand on a linear model; and it is registered and built like any other algorithm."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fedmetanas.algorithms import ALGORITHMS, SECTIONS
+from fedmetanas.algorithms.base import ModelInputs
+from fedmetanas.algorithms.common import LocalContext
+from fedmetanas.algorithms.fedmetanas import FedMetaNAS
+from fedmetanas.algorithms.perfedavg import PerFedAvg
+from fedmetanas.algorithms.phases import TrainPhase
+from fedmetanas.config import AlgorithmConfig, ConfigError, config_from_dict
+from fedmetanas.data.datasets import TensorSplit
+from fedmetanas.search.discrete import DiscreteNet, FixedNet
+from fedmetanas.search.genotypes import DARTS_V2
+
+N, CLASSES = 6, 3
+INNER_LR, META_LR = 0.01, 0.1
+
+
+class Linear(FixedNet):
+    """The smallest fixed network: a linear map of the flattened image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(x, 1))
+
+
+def _split() -> TensorSplit:
+    gen = torch.Generator().manual_seed(1)
+    return TensorSplit(torch.randint(0, 256, (N, 1, 4, 4), generator=gen, dtype=torch.uint8),
+                       torch.arange(N) % CLASSES, (0.5,), (0.25,), num_classes=CLASSES)
+
+
+def _ctx(split: TensorSplit) -> LocalContext:
+    return LocalContext(split, torch.arange(N), None, float("nan"), "expected", torch.Generator().manual_seed(3),
+                        torch.Generator().manual_seed(0))
+
+
+def _loss_grad(net: Linear, split: TensorSplit) -> tuple[torch.Tensor, ...]:
+    """The full-batch gradient (a batch of N draws every row: the order does not change the mean)."""
+    x, y = split.batch(torch.arange(N))
+    net.zero_grad()
+    nn.functional.cross_entropy(net(x), y).backward()
+    return tuple(p.grad.clone() for p in net.parameters())
+
+
+def test_one_meta_step_is_first_order_maml_computed_by_hand():
+    # Prepare: one inner Adam step (betas (0, 0.999): its first step is lr * g / (|g| + eps)), then the
+    # query gradient at the adapted weights applied to the client's weights by plain SGD.
+    split = _split()
+    torch.manual_seed(0)
+    net = Linear()
+    w0 = [p.detach().clone() for p in net.parameters()]
+    adapted = copy.deepcopy(net)
+    g1 = _loss_grad(adapted, split)
+    with torch.no_grad():
+        for p, g in zip(adapted.parameters(), g1):
+            p -= INNER_LR * g / (g.abs() + 1e-8)
+    g2 = _loss_grad(adapted, split)
+    want = [w - META_LR * g for w, g in zip(w0, g2)]
+    cfg = AlgorithmConfig(local_steps=1, inner_steps=1, batch_size=N, query_batch_size=N, inner_lr_w=INNER_LR,
+                          meta_optimizer="sgd", meta_lr_w=META_LR, grad_clip=0.0)
+
+    # Execute
+    result = FedMetaNAS(cfg).local_update(net, copy.deepcopy(net), _ctx(split))
+
+    # Assert
+    assert result.steps == 2  # one inner step and one query step
+    for got, expected in zip(net.parameters(), want):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_personalization_adapts_a_copy_and_returns_the_adapted_network():
+    split = _split()
+    torch.manual_seed(0)
+    net, task = Linear(), Linear()
+    before = [p.detach().clone() for p in net.parameters()]
+    cfg = AlgorithmConfig(batch_size=N, inner_lr_w=INNER_LR)
+
+    adapted = FedMetaNAS(cfg).personalize(net, task, _ctx(split), steps=2)
+
+    assert adapted is task
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))  # the global copy is untouched
+    assert not all(torch.equal(p, b) for p, b in zip(task.parameters(), before))
+
+
+def test_perfedavg_is_registered_with_its_own_section_and_trains_darts_v2_by_default():
+    cfg = config_from_dict({"algorithm": {"name": "perfedavg"}})
+
+    (phase,) = ALGORITHMS["perfedavg"](cfg).phases()
+
+    assert ALGORITHMS["perfedavg"] is PerFedAvg and SECTIONS["perfedavg"] is type(cfg.perfedavg)
+    assert isinstance(phase, TrainPhase) and phase.needs_task and phase.genotype == DARTS_V2
+    assert isinstance(phase.build_model(ModelInputs(1, 10, 28)), DiscreteNet)
+    assert phase.span.rounds == cfg.federated.rounds
+
+
+def test_a_bad_perfedavg_architecture_is_refused_naming_the_field():
+    with pytest.raises(ConfigError, match="perfedavg.architecture"):
+        config_from_dict({"algorithm": {"name": "perfedavg"}, "perfedavg": {"architecture": "resnet"}})
