@@ -251,7 +251,8 @@ def _plt():
     return plt
 
 
-COLORS = {"fedmetanas": "tab:blue", "fednas": "tab:red", "fedavg": "tab:green", "fedavg_cnn": "tab:olive"}
+COLORS = {"fedmetanas": "tab:blue", "fednas": "tab:red", "fedavg": "tab:green", "fedavg_cnn": "tab:olive",
+          "perfedavg": "tab:purple"}
 
 
 def plot_time(ax, runs: dict[str, Run], target: float | None) -> None:
