@@ -19,6 +19,7 @@ from fedmetanas.algorithms.fedmetanas import FedMetaNAS, LocalContext, copy_stat
 from fedmetanas.config import AlgorithmConfig
 from fedmetanas.data.datasets import TensorSplit
 from fedmetanas.federated.aggregation import add_weighted, aggregated_tensors, numel
+from fedmetanas.federated.evaluation import evaluate
 from fedmetanas.federated.executor import (
     ClientExecutor,
     client_waves,
@@ -142,6 +143,34 @@ def test_map_clients_returns_results_in_client_order_from_lane_i_mod_lanes() -> 
     assert [(lane, cid) for lane, cid, _ in got] == [(0, 10), (1, 11), (2, 12), (0, 13), (1, 14)]
     assert len({tid for *_, tid in got}) == 3  # one thread per lane
     close_executors(lanes)
+
+
+def _personalize_on(executors: list[ClientExecutor]) -> list[torch.Tensor]:
+    """Personalization as the round loop runs it on lanes: adapt a copy of the global model, evaluate it."""
+    cpu = torch.device("cpu")
+    global_net = _build(cpu)
+    g = torch.Generator().manual_seed(5)
+    split = TensorSplit(torch.randint(0, 256, (60, 1, 8, 8), generator=g, dtype=torch.uint8),
+                        torch.randint(0, 3, (60,), generator=g), (0.5,), (0.25,), 3)
+    algo = FedMetaNAS(AlgorithmConfig(batch_size=4, query_batch_size=4))
+
+    def adapt_and_test(ex: ClientExecutor, cid: int) -> torch.Tensor:
+        copy_state(ex.worker, global_net)
+        ctx = LocalContext(split, torch.arange(cid * 10, cid * 10 + 10), global_net.initial_masks(), 1.0, "hard",
+                           torch.Generator().manual_seed(cid), torch.Generator().manual_seed(50 + cid))
+        adapted = algo.personalize(ex.worker, ex.task, ctx, steps=2)
+        ex.task.eval()
+        result = evaluate(adapted, split, torch.arange(cid * 10, cid * 10 + 10), 4)
+        ex.task.train()
+        return result
+
+    return map_clients(executors, CLIENTS, adapt_and_test)
+
+
+def test_personalization_on_three_lanes_gives_the_results_of_one_lane() -> None:
+    cpu = torch.device("cpu")
+    one, three = _personalize_on(_lanes(1, cpu)), _personalize_on(_lanes(3, cpu))
+    assert all(torch.equal(a, b) for a, b in zip(one, three)) and len(three) == len(CLIENTS)
 
 
 def test_an_error_stops_the_later_waves_and_the_first_in_client_order_is_raised() -> None:
