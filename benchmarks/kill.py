@@ -47,7 +47,7 @@ def rank_pids(run_name: str) -> list[int]:
 
 
 def final_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
-    saved = torch.load(run_dir / "supernet.pt", weights_only=False)
+    saved = torch.load(run_dir / "supernet.pt", map_location="cpu", weights_only=False)  # a GPU run's file too
     return saved["state_dict"], (run_dir / "genotype.txt").read_text()
 
 

@@ -5,6 +5,8 @@ logits, BN statistics), the pruning masks, the round to run next, the resolved c
 partition's hash and every per-round log row so far (so the HDF5 log can be rebuilt exactly).
 No RNG state is needed: all randomness derives from (seed, round, client) (see seeding.py).
 Files are written to a temporary name, fsynced and renamed, so a kill never leaves a torn file.
+Every tensor is saved as a CPU copy (`to_cpu`), so a checkpoint or model file from a GPU run loads on
+a host without a GPU, with or without `map_location`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def to_cpu(obj: Any) -> Any:
+    """`obj` with every tensor in it (in dicts, lists, tuples) replaced by a detached CPU copy; the rest kept.
+
+    CPU tensors are copied too, so what is saved never aliases a parameter that keeps training.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, to_cpu(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):  # not a namedtuple
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """`module.state_dict()` as CPU copies: what to put in a saved file."""
+    return to_cpu(module.state_dict())
+
+
 def checkpoint_path(directory: Path, next_round: int) -> Path:
     return directory / f"round-{next_round:06d}.pt"
 
@@ -49,7 +71,7 @@ def save_checkpoint(directory: Path, state: dict[str, Any], keep: int) -> Path:
     final = checkpoint_path(directory, int(state["next_round"]))
     tmp = final.with_suffix(".pt.tmp")
     with open(tmp, "wb") as fh:
-        torch.save({"format_version": FORMAT_VERSION, **state}, fh)
+        torch.save({"format_version": FORMAT_VERSION, **to_cpu(state)}, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, final)

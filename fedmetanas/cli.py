@@ -55,8 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides.append("output.resume=true")
     try:
         cfg = load_config(args.config, overrides)
-        ctx = init_distributed(cfg.runtime.device, cfg.runtime.threads_per_rank, cfg.runtime.collective_timeout_s,
-                               cfg.runtime.devices)
+        rt = cfg.runtime
+        ctx = init_distributed(rt.device, rt.threads_per_rank, rt.collective_timeout_s, rt.devices,
+                               rt.deterministic, rt.master_addr)
         from fedmetanas.federated.loop import NumericalFault, Preempted, run  # noqa: PLC0415 - heavy
 
         try:

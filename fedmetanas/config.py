@@ -139,6 +139,11 @@ class RuntimeConfig:
     streams_per_rank: int = 1  # concurrent clients per rank on a GPU (one CUDA stream each); 1 on a CPU
     # GPU id for each local rank (index into the visible GPUs); None: local rank % visible GPUs
     devices: tuple[int, ...] | None = None
+    # Bit-identical results on a GPU whatever the number of lanes: deterministic cuDNN/cuBLAS kernels, no
+    # TF32, clients assigned to lanes by a fixed rule (docs/reliability.md). False: PyTorch's defaults.
+    deterministic: bool = True
+    # Where the other ranks reach rank 0's rendezvous store (overrides MASTER_ADDR); None: derived
+    master_addr: str | None = None
 
 
 @dataclass(frozen=True)
@@ -241,6 +246,8 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("runtime", "collective_timeout_s"): (lambda v: v > 0, "a number of seconds > 0"),
     ("runtime", "devices"): (lambda v: v is None or (len(v) > 0 and min(v) >= 0),
                              "null or a non-empty list of GPU ids >= 0, one per rank on a node"),
+    ("runtime", "master_addr"): (lambda v: v is None or (v.strip() != "" and not any(c.isspace() for c in v)),
+                                 "null or rank 0's host name or address (no spaces)"),
 }
 for _section, _names in (("fednas", ("local_steps", "batch_size", "retrain_rounds")),
                          ("fedavg", ("local_steps", "batch_size")), ("personalize", ("batch_size",))):

@@ -3,27 +3,33 @@
 `init_distributed` reads rank and size from the MPI launcher (mpirun/mpiexec, or srun with PMIx),
 or from Slurm when `srun --mpi=none` starts the tasks, pins a device per local rank and starts a
 torch.distributed process group (gloo on CPU, NCCL on GPUs) through a store that rank 0 serves (its
-port broadcast over MPI, or MASTER_ADDR/MASTER_PORT under srun). A plain `python launch/main.py` is the
-world-size-1 case of the same path: no `if distributed` anywhere else. The pure functions below
-(`placement_from_env`, `device_for`, `plan_backend`, `expand_nodelist`) hold the rules and are tested
-with fake environments.
+address and port broadcast over MPI, or MASTER_ADDR/MASTER_PORT under srun). Beside the main group every
+multi-rank job has a small gloo group for the monitored barrier and object gathers, so a dead or hung
+rank is named within `runtime.collective_timeout_s` whatever the main backend. A plain
+`python launch/main.py` is the world-size-1 case of the same path: no `if distributed` anywhere else.
+The pure functions below (`placement_from_env`, `device_for`, `plan_backend`, `expand_nodelist`,
+`store_host`) hold the rules and are tested with fake environments.
 """
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import logging
 import os
 import re
 import shutil
 import socket
 import subprocess
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.distributed as tdist
+
+from fedmetanas.runtime import configure_determinism, synchronize
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,7 @@ class DistContext:
     backend: str
     comm: Any = None  # mpi4py communicator, or None without MPI
     timeout_s: float = 600.0  # collective timeout (runtime.collective_timeout_s)
+    side_group: Any = None  # gloo group of all ranks for barriers and objects; None for one rank
 
     @property
     def is_main(self) -> bool:
@@ -73,21 +80,44 @@ class DistContext:
     def all_reduce_sum(self, buf: torch.Tensor) -> torch.Tensor:
         """Sum `buf` over all ranks in place (one collective) and return it.
 
-        On gloo a monitored barrier comes first: if a rank died or hangs, rank 0 learns *which* one
-        within `timeout_s` instead of every survivor blocking in the all-reduce.
+        A monitored barrier on the gloo side group comes first: if a rank died or hangs, rank 0 learns
+        *which* one within `timeout_s` instead of every survivor blocking in the all-reduce (on NCCL, in
+        the next host copy until NCCL's watchdog kills the process, naming no one).
         """
         try:
-            if self.backend == "gloo" and self.world_size > 1:
-                tdist.monitored_barrier(timeout=datetime.timedelta(seconds=self.timeout_s))
+            if self.side_group is not None:
+                tdist.monitored_barrier(self.side_group, timeout=datetime.timedelta(seconds=self.timeout_s))
             tdist.all_reduce(buf, op=tdist.ReduceOp.SUM)
         except RuntimeError as err:
             raise CollectiveError(describe_collective_failure(str(err), self.rank, self.timeout_s)) from None
         return buf
 
+    def timed_all_reduce_sum(self, buf: torch.Tensor) -> float:
+        """`all_reduce_sum(buf)` and the seconds it took, the device's work included.
+
+        A CUDA collective only queues work, so the device is synchronized before the clock starts (the
+        local work is not the collective's) and before it stops (the sum must have arrived). The barrier's
+        wait for the slowest rank is part of the figure, as it is part of the round.
+        """
+        synchronize(buf.device)
+        start = time.perf_counter()
+        self.all_reduce_sum(buf)
+        synchronize(buf.device)
+        return time.perf_counter() - start
+
     def all_gather_objects(self, obj: Any) -> list[Any]:
-        """Every rank's picklable object, in rank order (small objects only: errors, decisions)."""
+        """Every rank's picklable object, in rank order (small objects only: errors, decisions).
+
+        Over the gloo side group: pickles travel as CPU tensors, never through a GPU.
+        """
         out: list[Any] = [None] * self.world_size
-        tdist.all_gather_object(out, obj)
+        if self.world_size == 1:
+            out[0] = obj
+            return out
+        try:
+            tdist.all_gather_object(out, obj, group=self.side_group)
+        except RuntimeError as err:
+            raise CollectiveError(describe_collective_failure(str(err), self.rank, self.timeout_s)) from None
         return out
 
     def close(self) -> None:
@@ -251,14 +281,16 @@ def first_host(nodelist: str, scontrol: str | None = None) -> str:
     return hosts[0]
 
 
-def rendezvous_address(environ: Mapping[str, str] | None = None, scontrol: str | None = None) -> tuple[str, int]:
-    """Where rank 0 of an `srun` step listens: MASTER_ADDR/MASTER_PORT if set, else derived from the job.
+def rendezvous_address(environ: Mapping[str, str] | None = None, scontrol: str | None = None,
+                       master_addr: str | None = None) -> tuple[str, int]:
+    """Where rank 0 of an `srun` step listens: runtime.master_addr or MASTER_ADDR, and MASTER_PORT, if set,
+    else derived from the job.
 
     The address is the step's first node (where srun's block distribution puts rank 0); the port is
     29500 + job id % 20000, so concurrent jobs sharing a node rarely collide (MASTER_PORT overrides).
     """
     env = os.environ if environ is None else environ
-    host = env.get("MASTER_ADDR") or ""
+    host = master_addr or env.get("MASTER_ADDR", "").strip()
     if not host:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if not nodelist:
@@ -271,6 +303,47 @@ def rendezvous_address(environ: Mapping[str, str] | None = None, scontrol: str |
     if not 0 < port < 65536:
         raise DistError(f"MASTER_PORT={port} is not a TCP port; export MASTER_PORT=<a free port in 1024-65535>")
     return host, port
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
+def resolve_host(name: str) -> list[str]:
+    """The IPv4 addresses `name` resolves to on this node, in the resolver's order (none if it fails)."""
+    try:
+        infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:
+        return []
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def store_host(environ: Mapping[str, str], master_addr: str | None, single_node: bool, hostname: str,
+               resolve: Callable[[str], list[str]] = resolve_host) -> str:
+    """Where the other MPI ranks reach the store rank 0 serves (decided on rank 0, then broadcast).
+
+    runtime.master_addr, else MASTER_ADDR, else loopback when every rank is on rank 0's node, else the
+    first address of rank 0's host name that is not loopback. Debian and Ubuntu map the host's own name
+    to 127.0.1.1 in /etc/hosts; when that is all there is, the name itself is sent, for the other nodes to
+    resolve through their own DNS (set MASTER_ADDR where they cannot).
+    """
+    if master_addr:
+        return master_addr
+    if environ.get("MASTER_ADDR", "").strip():
+        return environ["MASTER_ADDR"].strip()
+    if single_node:
+        return "127.0.0.1"
+    routable = [a for a in resolve(hostname) if not _is_loopback(a)]
+    return routable[0] if routable else hostname
+
+
+def process_group_options(backend: str, device: torch.device) -> dict[str, Any]:
+    """Extra arguments of `init_process_group`: NCCL is bound to the rank's GPU at once (eager init), so
+    it never guesses the device from the current one and a bad GPU fails at start-up, not in round 1."""
+    return {"device_id": device} if backend == "nccl" and device.type == "cuda" else {}
 
 
 def device_for(requested: str, local_rank: int, local_size: int, cuda_count: int,
@@ -353,7 +426,8 @@ def _store(rank: int, world: int, host: str, port: int, timeout: datetime.timede
 
 
 def init_distributed(device: str = "auto", threads_per_rank: int = 1, timeout_s: float = 600.0,
-                     devices: Sequence[int] | None = None) -> DistContext:
+                     devices: Sequence[int] | None = None, deterministic: bool = True,
+                     master_addr: str | None = None) -> DistContext:
     """Join (or form) the job's process group; safe to call twice (returns the same context).
 
     Args:
@@ -361,10 +435,13 @@ def init_distributed(device: str = "auto", threads_per_rank: int = 1, timeout_s:
         threads_per_rank: torch intra-op threads of this process.
         timeout_s: how long collectives and the rendezvous wait for the other ranks.
         devices: runtime.devices, the GPU id of each local rank (None: local rank % visible GPUs).
+        deterministic: runtime.deterministic, applied before any CUDA work (`runtime.configure_determinism`).
+        master_addr: runtime.master_addr, rank 0's address for the rendezvous (None: MASTER_ADDR or derived).
     """
     global _CONTEXT
     if _CONTEXT is not None and tdist.is_initialized():
         return _CONTEXT
+    configure_determinism(deterministic)
     torch.set_num_threads(threads_per_rank)
     timeout = datetime.timedelta(seconds=timeout_s)
     placement, comm = placement_from_env(), None
@@ -376,16 +453,19 @@ def init_distributed(device: str = "auto", threads_per_rank: int = 1, timeout_s:
         node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)  # the truth about who shares this node
         local_rank, local_size = node.Get_rank(), node.Get_size()
         node.Free()
-        host = "127.0.0.1" if local_size == world else socket.gethostbyname(socket.gethostname())
-        store = _store(rank, world, host, 0, timeout) if rank == 0 else None
+        store = None
+        if rank == 0:
+            host = store_host(os.environ, master_addr, local_size == world, socket.gethostname())
+            store = _store(rank, world, host, 0, timeout)  # the OS picks the port; MPI tells the others
         port = store.port if isinstance(store, tdist.TCPStore) else 0  # world size 1: a HashStore
-        host, port = comm.bcast((host, port), root=0)
+        host, port = comm.bcast((host, port) if rank == 0 else None, root=0)
         if store is None:
             store = _store(rank, world, host, port, timeout)
     else:  # srun without MPI, or a plain run (world size 1)
         rank, world = placement.rank, placement.world_size
         local_rank, local_size = placement.local_rank, placement.local_size
-        host, port = rendezvous_address(scontrol=shutil.which("scontrol")) if world > 1 else ("127.0.0.1", 0)
+        host, port = (rendezvous_address(scontrol=shutil.which("scontrol"), master_addr=master_addr) if world > 1
+                      else ("127.0.0.1", 0))
         store = _store(rank, world, host, port, timeout)
 
     dev = device_for(device, local_rank, local_size, torch.cuda.device_count(), devices)
@@ -399,8 +479,11 @@ def init_distributed(device: str = "auto", threads_per_rank: int = 1, timeout_s:
         backend, warning = plan_backend(owners)
     if warning and rank == 0:
         log.warning("warning: %s", warning)
-    tdist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-    _CONTEXT = DistContext(rank, world, local_rank, local_size, dev, backend, comm, timeout_s)
+    tdist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
+                             **process_group_options(backend, dev))
+    # Every rank creates it, in the same order after the main group (new_group is collective).
+    side = tdist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
+    _CONTEXT = DistContext(rank, world, local_rank, local_size, dev, backend, comm, timeout_s, side)
     log.debug("rank %d/%d (local %d/%d, %s) on %s (%s)", rank, world, local_rank, local_size,
               placement.launcher, dev, backend)
     return _CONTEXT

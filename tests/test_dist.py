@@ -23,7 +23,9 @@ from fedmetanas.dist import (
     init_distributed,
     placement_from_env,
     plan_backend,
+    process_group_options,
     rendezvous_address,
+    store_host,
     tasks_per_node,
 )
 from tests.helpers import MPIRUN, REPO
@@ -124,6 +126,49 @@ def test_master_addr_and_port_override_the_derived_address() -> None:
     assert rendezvous_address({**SRUN, "MASTER_ADDR": "10.0.0.9", "MASTER_PORT": "12345"}) == ("10.0.0.9", 12345)
 
 
+def test_runtime_master_addr_overrides_master_addr_under_srun() -> None:
+    assert rendezvous_address({**SRUN, "MASTER_ADDR": "10.0.0.9"}, master_addr="ib-gpu07")[0] == "ib-gpu07"
+
+
+# --- where MPI ranks meet rank 0's store ----------------------------------------------------------
+
+# A Debian/Ubuntu node: /etc/hosts maps its own name to 127.0.1.1; DNS knows its real address.
+DEBIAN = {"gpu07": ["127.0.1.1"]}
+RESOLVES = {"gpu07": ["127.0.1.1", "10.1.2.7"]}
+
+
+def _resolver(table: dict[str, list[str]]):
+    return lambda name: table.get(name, [])
+
+
+def test_mpi_ranks_on_one_node_meet_on_loopback() -> None:
+    assert store_host({}, None, True, "gpu07", _resolver(DEBIAN)) == "127.0.0.1"
+
+
+def test_mpi_ranks_on_several_nodes_use_rank_0_s_first_address_that_is_not_loopback() -> None:
+    assert store_host({}, None, False, "gpu07", _resolver(RESOLVES)) == "10.1.2.7"
+
+
+def test_a_host_name_that_resolves_only_to_127_0_1_1_is_sent_as_the_name() -> None:
+    # The other nodes resolve it through their DNS; 127.0.1.1 would send them to themselves and hang.
+    assert store_host({}, None, False, "gpu07", _resolver(DEBIAN)) == "gpu07"
+    assert store_host({}, None, False, "gpu07", _resolver({})) == "gpu07"
+
+
+def test_master_addr_and_then_runtime_master_addr_override_the_derived_store_host() -> None:
+    env = {"MASTER_ADDR": "10.9.9.9"}
+    assert store_host(env, None, False, "gpu07", _resolver(RESOLVES)) == "10.9.9.9"
+    assert store_host(env, None, True, "gpu07", _resolver(RESOLVES)) == "10.9.9.9"
+    assert store_host(env, "ib-gpu07", False, "gpu07", _resolver(RESOLVES)) == "ib-gpu07"
+
+
+def test_nccl_is_bound_to_the_rank_s_gpu_at_init_and_gloo_gets_no_device() -> None:
+    gpu = torch.device("cuda", 2)
+    assert process_group_options("nccl", gpu) == {"device_id": gpu}
+    assert process_group_options("gloo", gpu) == {}
+    assert process_group_options("gloo", torch.device("cpu")) == {}
+
+
 @pytest.mark.parametrize(("environ", "field"), [
     ({"SLURM_PROCID": "0"}, "MASTER_ADDR"),
     ({**SRUN, "MASTER_PORT": "99999"}, "MASTER_PORT"),
@@ -222,6 +267,9 @@ def test_init_distributed_alone_is_world_one_and_safe_to_call_twice(monkeypatch:
         assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.backend) == (0, 1, 0, "gloo")
         buf = torch.arange(4, dtype=torch.float64)
         assert torch.equal(ctx.all_reduce_sum(buf.clone()), buf)
+        timed = buf.clone()
+        assert ctx.timed_all_reduce_sum(timed) >= 0 and torch.equal(timed, buf)
+        assert ctx.side_group is None and ctx.all_gather_objects("x") == ["x"]
     finally:
         dist.shutdown()
         torch.set_num_threads(1)
@@ -319,6 +367,51 @@ def test_a_busy_master_port_is_an_error_naming_master_port(tmp_path: Path) -> No
     assert procs[0].returncode != 0 and "DistError: MASTER_PORT: rank 0 cannot listen" in err
 
 
+# A rank that never reaches the all-reduce: rank 0 must name it within the timeout, through the gloo
+# side group (the path every backend takes, NCCL included).
+HANG_WORKER = """
+import os, sys, time, torch
+import torch.distributed as tdist
+sys.path.insert(0, {repo!r})
+from fedmetanas.dist import CollectiveError, init_distributed
+ctx = init_distributed(sys.argv[1], 1, 60.0)
+print("backend", ctx.backend, flush=True)
+assert tdist.get_backend(ctx.side_group) == "gloo"
+assert ctx.all_gather_objects(ctx.rank) == [0, 1]
+ctx.timeout_s = 3.0
+if ctx.rank == 1:
+    time.sleep(60)  # hangs in its local work
+    os._exit(0)
+start = time.time()
+try:
+    ctx.all_reduce_sum(torch.ones(3, device=ctx.device))
+except CollectiveError as err:
+    print(f"error after {{time.time() - start:.1f}} s: {{err}}", flush=True)
+    os._exit(4)
+os._exit(0)
+"""
+
+
+def _hung_rank(tmp_path: Path, device: str) -> str:
+    """Rank 0's output when rank 1 hangs; asserts it left with code 4 naming rank 1 within the timeout."""
+    script = tmp_path / "hang.py"
+    script.write_text(HANG_WORKER.format(repo=str(REPO)))
+    procs = _run_like_srun([sys.executable, str(script), device], 2)
+    try:
+        out, err = procs[0].communicate(timeout=120)
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    assert procs[0].returncode == 4, err[-3000:]
+    seconds = float(out.split("error after ")[1].split(" s")[0])
+    assert "rank 1 did not reach the round's all-reduce within 3 s" in out and seconds < 20
+    return out
+
+
+def test_a_hung_rank_is_named_by_rank_0_through_the_gloo_side_group(tmp_path: Path) -> None:
+    assert "backend gloo" in _hung_rank(tmp_path, "cpu")
+
+
 # --- on GPUs --------------------------------------------------------------------------------------
 
 CUDA_COUNT = torch.cuda.device_count()
@@ -355,3 +448,8 @@ def test_two_ranks_on_one_gpu_fall_back_to_gloo_warn_and_sum_correctly(tmp_path:
         assert torch.equal(r["sum"], _expected_sum(2))
     assert proc.stderr.count("NCCL cannot put two ranks on one GPU") == 1  # once, from rank 0
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(CUDA_COUNT < 2, reason=f"needs 2 CUDA GPUs (NCCL puts one rank per GPU); {CUDA_COUNT} visible")
+def test_on_nccl_a_hung_rank_is_named_within_the_timeout_too(tmp_path: Path) -> None:
+    assert "backend nccl" in _hung_rank(tmp_path, "cuda")

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from fedmetanas.data.datasets import TensorSplit
+from fedmetanas.runtime import to_device
 
 
 @dataclass
@@ -45,8 +46,8 @@ def sample_batch(split: TensorSplit, idx: torch.Tensor, batch_size: int, generat
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     perm = torch.randperm(n, generator=generator, device=generator.device)[:batch_size]
-    chosen = idx.index_select(0, perm.to(idx.device))
-    return split.batch(chosen.to(split.images.device), augment=augment, generator=generator)
+    chosen = idx.index_select(0, to_device(perm, idx.device))  # non-blocking: no host sync per batch
+    return split.batch(chosen, augment=augment, generator=generator)
 
 
 def build_clients(splits: list[tuple[np.ndarray, np.ndarray]]) -> list[ClientData]:

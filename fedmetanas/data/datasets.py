@@ -12,7 +12,7 @@ import difflib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fedmetanas.data.errors import DataError
+from fedmetanas.runtime import to_device
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ class TensorSplit:
     mean: tuple[float, ...]  # per channel, 0..1 scale
     std: tuple[float, ...]
     num_classes: int
+    # mean and std as 1 x C x 1 x 1 float32 tensors on the images' device, made once (not per batch)
+    _mean: torch.Tensor = field(init=False, repr=False, compare=False)
+    _std: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         """Catch shape/dtype mistakes where the split is built, not deep inside a training step."""
@@ -60,6 +64,9 @@ class TensorSplit:
                              f"{self.labels.dtype} {tuple(self.labels.shape)}")
         if len(self.mean) != self.images.shape[1] or len(self.std) != self.images.shape[1]:
             raise ValueError(f"mean/std need one value per channel ({self.images.shape[1]})")
+        device = self.images.device
+        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+        self._std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1).to(device)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -83,7 +90,7 @@ class TensorSplit:
         """Gather rows `idx` as normalised float images (optionally flip + crop augmented) and labels.
 
         Args:
-            idx: int64 row indices (any device; moved to the split's device).
+            idx: int64 row indices (any device; moved to the split's device without a host sync).
             augment: random horizontal flip and 4-pixel zero-padded random crop; only applied to RGB
                 data, since flipping digits or letters changes what they are.
             generator: the only source of randomness for augmentation (required when augmenting).
@@ -91,16 +98,13 @@ class TensorSplit:
         Returns:
             (x, y): float32 N x C x H x W normalised with mean/std, and int64 labels, on the split's device.
         """
-        device = self.images.device
-        idx = idx.to(device=device, dtype=torch.long)
+        idx = to_device(idx.to(torch.long), self.images.device)
         x = self.images.index_select(0, idx).float().div_(255.0)
         if augment and self.in_channels == 3:
             if generator is None:
                 raise ValueError("batch(augment=True) needs an explicit torch.Generator")
             x = _flip_and_crop(x, generator)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=device).view(1, -1, 1, 1)
-        x = (x - mean) / std
+        x = (x - self._mean) / self._std
         return x, self.labels.index_select(0, idx)
 
 
@@ -108,11 +112,13 @@ def _flip_and_crop(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random horizontal flip + random crop from a zero-padded copy, as one vectorised gather."""
     n, _, h, w = x.shape
     pad = _CROP_PAD
-    # Draw on the generator's device (CPU) so results do not depend on where the data lives.
+    # Draw on the generator's device (CPU) so results do not depend on where the data lives; send the
+    # three draws to the data's device in one non-blocking copy.
     flip = torch.rand(n, generator=generator, device=generator.device) < 0.5
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device)
-    flip, dy, dx = flip.to(x.device), dy.to(x.device), dx.to(x.device)
+    flip, dy, dx = to_device(torch.stack([flip.to(dy.dtype), dy, dx]), x.device)
+    flip = flip.bool()
     # Zero padding in pixel space (before normalisation), like torchvision's RandomCrop(padding=4).
     padded = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # N x H' x W' x C
     ar_h = torch.arange(h, device=x.device)

@@ -56,7 +56,6 @@ class DiscreteNet(FixedNet):
         super().__init__()
         self.stem = stem
         self.cells = nn.ModuleList(cells)
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = classifier
         self.genotype = genotype
 
@@ -112,7 +111,9 @@ class DiscreteNet(FixedNet):
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1)
-        return self.classifier(torch.flatten(self.pool(s1), 1))
+        # Global average pooling as a mean: what AdaptiveAvgPool2d(1) computes, but never the adaptive
+        # kernel whose CUDA backward torch.use_deterministic_algorithms refuses (runtime.deterministic).
+        return self.classifier(s1.mean((2, 3)))
 
 
 class CNN(FixedNet):

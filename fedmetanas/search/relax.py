@@ -36,7 +36,11 @@ def lr_factor(schedule: str, min_factor: float, step: int, total: int) -> float:
 
 
 def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    """Standard Gumbel(0, 1) noise drawn on the CPU from an explicit generator (device-independent)."""
+    """Standard Gumbel(0, 1) noise drawn on the CPU from an explicit generator (the same numbers on any device).
+
+    Elementwise from one uniform draw, so one call for several tensors' noise gives the numbers of
+    consecutive calls: `sample_arch` draws a whole step's noise at once.
+    """
     u = torch.rand(shape, generator=generator, dtype=torch.float32)
     return -torch.log(-torch.log(u.clamp_(1e-10, 1.0 - 1e-7)))
 
@@ -46,9 +50,39 @@ def masked_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(~mask.to(logits.device), float("-inf"))
 
 
+def sampled_onehot(logits_cpu: torch.Tensor, mask_cpu: torch.Tensor, noise_cpu: torch.Tensor | None) -> torch.Tensor:
+    """The host half of `hard` and `argmax`: a one-hot bool row per row at the argmax of the masked logits
+    (plus noise). Decided on a CPU copy, so the choice depends only on the logits' values and the noise,
+    and the host knows at once which ops to compute."""
+    z = masked_logits(logits_cpu.detach(), mask_cpu)
+    if noise_cpu is not None:
+        z = z + noise_cpu
+    return torch.nn.functional.one_hot(z.argmax(dim=-1), logits_cpu.shape[-1]).to(torch.bool)
+
+
+def relaxed_weights(logits: torch.Tensor, mask: torch.Tensor, tau: float, mode: RelaxMode,
+                    noise: torch.Tensor | None = None, onehot: torch.Tensor | None = None) -> torch.Tensor:
+    """The device half of `relax`: every argument already on the logits' device, so no host sync.
+
+    `noise` is required for `soft` and `hard`, `onehot` (from `sampled_onehot`) for `hard` and `argmax`.
+    """
+    if mode == "argmax":
+        return onehot.to(logits.dtype)
+    z = masked_logits(logits, mask)
+    if mode in ("soft", "hard"):
+        z = z + noise
+    soft = torch.softmax(z / tau, dim=-1)
+    if mode != "hard":
+        return soft
+    return onehot.to(soft.dtype) - soft.detach() + soft
+
+
 def relax(logits: torch.Tensor, mask: torch.Tensor, tau: float, mode: RelaxMode,
           noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Relaxed one-hot weights for each row of `logits`, and which entries must be computed.
+
+    The definition, for one tensor; `supernet.sample_arch` computes the same for all of a step's logits
+    with one transfer each way.
 
     Args:
         logits: (rows, k) architecture logits (may require grad).
@@ -62,25 +96,17 @@ def relax(logits: torch.Tensor, mask: torch.Tensor, tau: float, mode: RelaxMode,
     Returns:
         weights (rows, k) on the logits' device, and active (rows, k) bool on the CPU.
     """
+    if mode in ("soft", "hard") and noise is None:
+        raise ValueError("relax: Gumbel modes need noise")
+    device = logits.device
     mask_cpu = mask.to("cpu", torch.bool)
-    z = masked_logits(logits, mask_cpu)
-    if mode in ("soft", "hard"):
-        if noise is None:
-            raise ValueError("relax: Gumbel modes need noise")
-        z = z + noise.to(z.device)
-    if mode == "argmax":
-        index = z.detach().argmax(dim=-1).cpu()
-        onehot = torch.nn.functional.one_hot(index, logits.shape[-1]).to(torch.bool)
-        return onehot.to(logits.device, logits.dtype), onehot
-    soft = torch.softmax(z / tau, dim=-1)
-    if mode != "hard":
-        return soft, mask_cpu.clone()
-    # The sampled index is decided on the CPU copy so the choice is identical on every device.
-    zc = masked_logits(logits.detach().cpu(), mask_cpu) + noise.cpu()
-    index = zc.argmax(dim=-1)
-    onehot = torch.nn.functional.one_hot(index, logits.shape[-1]).to(soft.dtype)
-    hard = onehot.to(soft.device) - soft.detach() + soft
-    return hard, onehot.to(torch.bool)
+    onehot = None
+    if mode in ("hard", "argmax"):
+        onehot = sampled_onehot(logits.detach().cpu(), mask_cpu, noise.cpu() if mode == "hard" else None)
+    weights = relaxed_weights(logits, mask_cpu.to(device), tau, mode,
+                              None if noise is None else noise.to(device),
+                              None if onehot is None else onehot.to(device))
+    return weights, (mask_cpu.clone() if onehot is None else onehot)
 
 
 def probabilities(logits: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:

@@ -9,15 +9,16 @@ or pruned by a mask) are not computed at all: on a CPU that is where the time go
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
 import torch
 from torch import nn
 
+from fedmetanas.runtime import to_device
 from fedmetanas.search.genotypes import Genotype
 from fedmetanas.search.operations import OPS, FactorizedReduce, ReLUConvBN
-from fedmetanas.search.relax import RelaxMode, gumbel_noise, probabilities, relax
+from fedmetanas.search.relax import RelaxMode, gumbel_noise, probabilities, relaxed_weights, sampled_onehot
 from fedmetanas.search.tensor_lists import TensorListsModule
 
 CELL_KINDS = ("normal", "reduce")
@@ -60,14 +61,34 @@ class ArchSample:
 
 @dataclass
 class ArchMasks:
-    """Soft-pruning masks (True = kept), CPU bool tensors shaped like the logits they mask."""
+    """Soft-pruning masks (True = kept), CPU bool tensors shaped like the logits they mask.
+
+    A round's masks do not change (the server makes new ones), so `on(device)` copies them to a GPU once
+    and every later step of every lane reuses that copy.
+    """
 
     ops: dict[str, torch.Tensor]
     pairs: dict[str, torch.Tensor] | None
+    _copies: dict[str, "ArchMasks"] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def clone(self) -> "ArchMasks":
         return ArchMasks({k: v.clone() for k, v in self.ops.items()},
                          None if self.pairs is None else {k: v.clone() for k, v in self.pairs.items()})
+
+    def on(self, device: torch.device) -> "ArchMasks":
+        """These masks on `device`: themselves on a CPU, else a copy made on first use and kept."""
+        if device.type == "cpu":
+            return self
+        copy = self._copies.get(str(device))
+        if copy is None:  # two lanes may both get here: each makes an equal, complete copy (blocking)
+            copy = ArchMasks({k: v.to(device) for k, v in self.ops.items()},
+                             None if self.pairs is None else {k: v.to(device) for k, v in self.pairs.items()})
+            self._copies[str(device)] = copy
+        if device.type == "cuda":  # used from several lanes' streams: keep the memory until they are done
+            stream = torch.cuda.current_stream(device)
+            for _, t in copy.items():
+                t.record_stream(stream)
+        return copy
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, mask) in the order of `SuperNet.named_alphas`."""
@@ -155,7 +176,6 @@ class SuperNet(TensorListsModule):
             self.cells.append(Cell(nodes, c_pp, c_p, c_curr, reduction, reduction_prev, self.primitives))
             reduction_prev = reduction
             c_pp, c_p = c_p, nodes * c_curr
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c_p, num_classes)
 
         n_edges, n_ops = num_edges(nodes), len(self.primitives)
@@ -207,35 +227,83 @@ class SuperNet(TensorListsModule):
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1, arch.reduce if cell.reduction else arch.normal)
-        return self.classifier(torch.flatten(self.pool(s1), 1))
+        # Global average pooling as a mean: what AdaptiveAvgPool2d(1) computes, but never the adaptive
+        # kernel whose CUDA backward torch.use_deterministic_algorithms refuses (runtime.deterministic).
+        return self.classifier(s1.mean((2, 3)))
 
 
-def _cell_arch(model: SuperNet, kind: str, masks: ArchMasks, tau: float, mode: RelaxMode,
-               generator: torch.Generator | None) -> CellArch:
-    alpha = getattr(model, f"alpha_{kind}")
-    noise = gumbel_noise(tuple(alpha.shape), generator) if mode in ("soft", "hard") else None
-    w, active = relax(alpha, masks.ops[kind], tau, mode, noise)
-    op_index = [row.nonzero().flatten().tolist() for row in active]
-    if masks.pairs is None:
-        return CellArch(w, op_index, None, [list(range(j + 2)) for j in range(model.nodes)])
-    beta = getattr(model, f"beta_{kind}")
-    pnoise = gumbel_noise(tuple(beta.shape), generator) if mode in ("soft", "hard") else None
-    pw, pactive = relax(beta, masks.pairs[kind], tau, mode, pnoise)
-    coeff, input_index = [], []
-    inc_cpu = model.pair_incidence.cpu()
-    for j in range(model.nodes):
-        n_in = j + 2
-        # c_i = sum of the weights of the pairs that contain input i.
-        coeff.append(pw[j] @ model.pair_incidence[j, :, :n_in])
-        used = (pactive[j].to(inc_cpu.dtype) @ inc_cpu[j, :, :n_in]) > 0
-        input_index.append(used.nonzero().flatten().tolist())
-    return CellArch(w, op_index, coeff, input_index)
+def _logit_names(model: SuperNet, masks: ArchMasks) -> list[tuple[str, str]]:
+    """(kind, parameter name) of a step's logits, in the order their noise is drawn: per cell kind, the
+    op logits, then the pair logits."""
+    names = []
+    for kind in CELL_KINDS:
+        names.append((kind, f"alpha_{kind}"))
+        if masks.pairs is not None:
+            names.append((kind, f"beta_{kind}"))
+    return names
+
+
+def _split(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
+    return [part.view(shape) for part, shape in zip(flat.split([s.numel() for s in shapes]), shapes)]
 
 
 def sample_arch(model: SuperNet, masks: ArchMasks, tau: float, mode: RelaxMode,
                 generator: torch.Generator | None = None) -> ArchSample:
-    """Relax both cell types' logits once for a forward pass (noise from `generator`)."""
-    return ArchSample(*(_cell_arch(model, k, masks, tau, mode, generator) for k in CELL_KINDS))
+    """Relax both cell types' logits once for a forward pass (noise from `generator`).
+
+    The same as `relax` on each logit tensor in turn, with at most one blocking host-device transfer:
+    the noise for all logits is drawn in one call and sent in one non-blocking copy (with the sampled
+    one-hots in `hard` mode); `hard` and `argmax` copy all logits to the host once (the host must know
+    which ops to compute); the masks come from `masks.on(device)`, copied once per round.
+    """
+    device = model.alpha_normal.device
+    names = _logit_names(model, masks)
+    n = len(names)
+    logits = [getattr(model, name) for _, name in names]
+    shapes = [p.shape for p in logits]
+
+    def pick(m: ArchMasks) -> list[torch.Tensor]:
+        return [(m.ops if name.startswith("alpha") else m.pairs)[kind] for kind, name in names]
+
+    cpu_masks, dev_masks = pick(masks), pick(masks.on(device))
+    noise: list[torch.Tensor | None] = [None] * n
+    onehots: list[torch.Tensor | None] = [None] * n
+    if mode in ("soft", "hard"):
+        noise = _split(gumbel_noise((sum(s.numel() for s in shapes),), generator), shapes)
+    if mode in ("hard", "argmax"):
+        host = _split(torch.cat([p.detach().reshape(-1) for p in logits]).cpu(), shapes)  # the one blocking copy
+        onehots = [sampled_onehot(h, m, z) for h, m, z in zip(host, cpu_masks, noise)]
+    # What the device needs from the host (noise, then one-hots) in one non-blocking copy.
+    sent = [t for t in noise + onehots if t is not None]
+    arrived = iter(_split(to_device(torch.cat([t.reshape(-1).float() for t in sent]), device),
+                          [t.shape for t in sent]) if sent else [])
+    dev_noise = [None if t is None else next(arrived) for t in noise]
+    dev_onehots = [None if t is None else next(arrived) for t in onehots]
+    cells = {}
+    for kind in CELL_KINDS:
+        at = [i for i, (k, _) in enumerate(names) if k == kind]
+        weights = [relaxed_weights(logits[i], dev_masks[i], tau, mode, dev_noise[i], dev_onehots[i]) for i in at]
+        active = [cpu_masks[i] if onehots[i] is None else onehots[i] for i in at]
+        cells[kind] = _cell_arch(model, weights, active)
+    return ArchSample(cells["normal"], cells["reduce"])
+
+
+def _cell_arch(model: SuperNet, weights: list[torch.Tensor], active: list[torch.Tensor]) -> CellArch:
+    """A cell's relaxed architecture from its relaxed op weights (and pair weights), and the CPU masks of
+    what is active; only host-side bookkeeping and small device ops, no sync."""
+    op_index = [row.nonzero().flatten().tolist() for row in active[0]]
+    if len(weights) == 1:
+        return CellArch(weights[0], op_index, None, [list(range(j + 2)) for j in range(model.nodes)])
+    pw, pactive = weights[1], active[1]
+    coeff, input_index = [], []
+    for j in range(model.nodes):
+        n_in = j + 2
+        # c_i = sum of the weights of the pairs that contain input i.
+        coeff.append(pw[j] @ model.pair_incidence[j, :, :n_in])
+        pairs = input_pairs(n_in)
+        used = {i for p in pactive[j].nonzero().flatten().tolist() if p < len(pairs) for i in pairs[p]}
+        input_index.append(sorted(used))
+    return CellArch(weights[0], op_index, coeff, input_index)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -269,3 +269,22 @@ def test_task_learner_starts_from_the_meta_model_not_its_own_state():
     FedMetaNAS(BASE).local_update(model_b, _net(seed=55), ctx_b)
 
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model_b.parameters()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("mode", "meta_update", "meta_optimizer"),
+                         [("hard", "fomaml", "adam"), ("soft", "fomaml", "sgd"), ("hard", "reptile", "sgd")])
+def test_a_local_step_on_a_gpu_makes_at_most_two_host_syncs(mode, meta_update, meta_optimizer):
+    from fedmetanas.runtime import count_syncs
+
+    gpu = torch.device("cuda", torch.cuda.current_device())
+    cfg = dataclasses.replace(BASE, local_steps=3, inner_steps=2, meta_update=meta_update,
+                              meta_optimizer=meta_optimizer, grad_clip=5.0)
+    model, task = _net().to(gpu), _net().to(gpu)
+    ctx = dataclasses.replace(_ctx(model, mode=mode), train=_split().to(gpu), train_idx=torch.arange(N, device=gpu))
+    ctx.masks.on(gpu)  # once per round, before the clients
+    FedMetaNAS(cfg).local_update(model, task, ctx)  # warm-up: CUDA and cuDNN initialise lazily
+    with count_syncs(gpu) as syncs:
+        result = FedMetaNAS(cfg).local_update(model, task, ctx)
+    assert syncs.count <= 2 * result.steps, (syncs.count, result.steps)

@@ -60,3 +60,26 @@ def test_iterate_batches_visits_indices_in_order_without_augmentation():
     assert [len(y) for _, y in batches] == [3, 3, 1]
     assert torch.cat([y for _, y in batches]).tolist() == idx.tolist()
     assert torch.equal(torch.cat([x for x, _ in batches]), split.batch(idx)[0])
+
+
+def test_a_split_moved_to_another_device_brings_its_normalisation_along():
+    split = _split()
+    moved = split.to("cpu")
+    assert torch.equal(moved._mean, split._mean) and moved._mean.shape == (1, 3, 1, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("augment", [False, True])
+def test_a_batch_on_a_gpu_makes_no_host_sync_and_equals_the_cpu_batch(augment):
+    from fedmetanas.runtime import count_syncs
+
+    gpu = torch.device("cuda", torch.cuda.current_device())
+    split, idx = _split(), torch.arange(5, 45)
+    on_gpu, idx_gpu = split.to(gpu), idx.to(gpu)
+    torch.cuda.synchronize()
+    with count_syncs(gpu) as syncs:
+        x, y = sample_batch(on_gpu, idx_gpu, 16, torch.Generator().manual_seed(3), augment)
+    assert syncs.count == 0
+    x_cpu, y_cpu = sample_batch(split, idx, 16, torch.Generator().manual_seed(3), augment)
+    assert torch.equal(y.cpu(), y_cpu) and torch.allclose(x.cpu(), x_cpu, atol=1e-6, rtol=0)

@@ -8,8 +8,11 @@ import torch
 from torch import nn
 
 from fedmetanas.search.discrete import DiscreteNet
+from fedmetanas.runtime import count_syncs
 from fedmetanas.search.genotypes import DARTS_PRIMITIVES, DARTS_V2, METANAS_PRIMITIVES, Genotype
+from fedmetanas.search.relax import gumbel_noise, relax
 from fedmetanas.search.supernet import (
+    CELL_KINDS,
     MixedOp,
     SuperNet,
     arch_from_genotype,
@@ -190,6 +193,63 @@ def test_hard_sample_picks_the_argmax_of_logits_plus_the_generators_noise():
     noise = -torch.log(-torch.log(torch.rand(tuple(net.alpha_normal.shape), generator=twin).clamp(1e-10, 1 - 1e-7)))
     best = (net.alpha_normal.detach() + noise).argmax(dim=1).tolist()
     assert arch.normal.op_index == [[k] for k in best]
+
+
+def _relax_one_tensor_at_a_time(net: SuperNet, masks, tau: float, mode: str, gen: torch.Generator) -> dict:
+    """The definition `sample_arch` batches: `relax` per logit tensor, noise drawn tensor by tensor."""
+    out = {}
+    for kind in CELL_KINDS:
+        for name, mask in ((f"alpha_{kind}", masks.ops[kind]),
+                           *(((f"beta_{kind}", masks.pairs[kind]),) if masks.pairs is not None else ())):
+            logits = getattr(net, name)
+            noise = gumbel_noise(tuple(logits.shape), gen) if mode in ("soft", "hard") else None
+            out[name] = relax(logits, mask, tau, mode, noise)
+    return out
+
+
+@pytest.mark.parametrize("input_mode", ["pairs", "all"])
+@pytest.mark.parametrize("mode", ["soft", "hard", "expected", "argmax"])
+def test_a_batched_sample_equals_relax_on_each_logit_tensor_in_turn(input_mode, mode):
+    net = _net(input_mode=input_mode, nodes=3)
+    masks = net.initial_masks()
+    masks.ops["normal"][0, [1, 4]] = False
+    if masks.pairs is not None:
+        masks.pairs["reduce"][2, 0] = False
+    arch = sample_arch(net, masks, 0.7, mode, torch.Generator().manual_seed(4))
+    ref = _relax_one_tensor_at_a_time(net, masks, 0.7, mode, torch.Generator().manual_seed(4))
+    for kind, cell in (("normal", arch.normal), ("reduce", arch.reduce)):
+        weights, active = ref[f"alpha_{kind}"]
+        assert torch.equal(cell.op_weights, weights)
+        assert cell.op_index == [row.nonzero().flatten().tolist() for row in active]
+        if input_mode == "pairs":
+            pw, pactive = ref[f"beta_{kind}"]
+            for j in range(net.nodes):
+                assert torch.equal(cell.input_coeff[j], pw[j] @ net.pair_incidence[j, :, : j + 2])
+                used = (pactive[j].float() @ net.pair_incidence[j, :, : j + 2]) > 0
+                assert cell.input_index[j] == used.nonzero().flatten().tolist()
+
+
+def test_masks_on_the_cpu_are_themselves_and_a_clone_shares_no_device_copy():
+    masks = _net().initial_masks()
+    assert masks.on(torch.device("cpu")) is masks
+    masks._copies["cuda:0"] = masks  # as if used on a GPU this round
+    assert masks.clone()._copies == {}  # next round's masks are copied afresh
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("mode", "most"), [("soft", 0), ("expected", 0), ("hard", 1), ("argmax", 1)])
+def test_a_sample_on_a_gpu_makes_at_most_one_host_sync(mode, most):
+    gpu = torch.device("cuda", torch.cuda.current_device())
+    net = _net().to(gpu)
+    masks = net.initial_masks()
+    masks.on(gpu)  # the once-per-round copy
+    gen = torch.Generator().manual_seed(0)
+    cpu_arch = sample_arch(_net(), masks, 1.0, mode, torch.Generator().manual_seed(0))
+    with count_syncs(gpu) as syncs:
+        arch = sample_arch(net, masks, 1.0, mode, gen)
+    assert syncs.count <= most
+    assert arch.normal.op_index == cpu_arch.normal.op_index  # the same logits sample the same ops
 
 
 def test_soft_sample_computes_every_unpruned_op_once_and_never_a_pruned_one():

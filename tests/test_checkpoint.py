@@ -1,0 +1,75 @@
+"""Saved files hold CPU tensors only, so a GPU run's checkpoint or model loads on a host without a GPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedmetanas.checkpoint import cpu_state_dict, load_latest, save_checkpoint, to_cpu
+from tests.helpers import REPO
+
+
+def test_to_cpu_keeps_the_structure_and_everything_that_is_not_a_tensor() -> None:
+    rows = [("rounds", {"round": 0, "client_loss": np.array([0.5, np.nan]), "genotype": "x"})]
+    state = {"next_round": 3, "rows": rows, "masks": {"ops": {"normal": torch.ones(2, 3, dtype=torch.bool)}},
+             "pair": (torch.zeros(1), None)}
+    out = to_cpu(state)
+    assert out["next_round"] == 3 and out["rows"][0][1]["genotype"] == "x"
+    assert out["rows"][0][1]["client_loss"] is rows[0][1]["client_loss"]
+    assert isinstance(out["pair"], tuple) and out["pair"][1] is None
+    assert torch.equal(out["masks"]["ops"]["normal"], state["masks"]["ops"]["normal"])
+
+
+def test_to_cpu_copies_and_detaches_so_the_saved_values_never_move_with_training() -> None:
+    p = nn.Parameter(torch.ones(3))
+    saved = to_cpu({"w": p})["w"]
+    with torch.no_grad():
+        p.add_(1.0)
+    assert not saved.requires_grad and torch.equal(saved, torch.ones(3))
+
+
+def test_cpu_state_dict_holds_every_entry_on_the_cpu() -> None:
+    net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    state = cpu_state_dict(net)
+    assert state.keys() == net.state_dict().keys()
+    assert all(t.device.type == "cpu" for t in state.values())
+
+
+def test_a_checkpoint_loads_without_map_location_and_holds_detached_cpu_tensors(tmp_path: Path) -> None:
+    net = nn.Linear(2, 2)
+    save_checkpoint(tmp_path, {"next_round": 1, "model": net.state_dict(), "rows": []}, keep=2)
+    plain = torch.load(tmp_path / "round-000001.pt", weights_only=False)
+    assert all(t.device.type == "cpu" and not t.requires_grad for t in plain["model"].values())
+    state, _ = load_latest(tmp_path)
+    assert torch.equal(state["model"]["weight"], net.weight.detach())
+
+
+LOAD_WITHOUT_GPU = """
+import sys, torch
+state = torch.load(sys.argv[1], weights_only=False)
+model = torch.load(sys.argv[2], weights_only=False)
+assert not torch.cuda.is_available()
+assert all(t.device.type == "cpu" for t in state["model"].values())
+assert all(t.device.type == "cpu" for t in model["state_dict"].values())
+print("loaded")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_files_saved_from_a_gpu_load_on_a_host_without_one(tmp_path: Path) -> None:
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).cuda()
+    save_checkpoint(tmp_path, {"next_round": 1, "model": net.state_dict(), "rows": []}, keep=1)
+    torch.save(to_cpu({"state_dict": net.state_dict()}), tmp_path / "model.pt")
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_WITHOUT_GPU)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "round-000001.pt"), str(tmp_path / "model.pt")],
+                         capture_output=True, text=True, timeout=120, check=False, cwd=REPO,
+                         env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0 and "loaded" in out.stdout, out.stderr[-2000:]
