@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from fedmetanas.algorithms.base import Artifact
-from fedmetanas.checkpoint import save_checkpoint
+from fedmetanas.checkpoint import save_checkpoint, to_cpu
 from fedmetanas.config import Config, to_dict
 from fedmetanas.reporting.hdf5 import TrajectoryLog
 from fedmetanas.rundir import LOG_NAME
@@ -99,7 +99,7 @@ class ArtifactsCallback(Callback):
             if isinstance(content, str):
                 (self.out_dir / name).write_text(content)
             else:
-                torch.save(content, self.out_dir / name)
+                torch.save(to_cpu(content), self.out_dir / name)  # loads on a host without a GPU
 
 
 class ConsoleCallback(Callback):

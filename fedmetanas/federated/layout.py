@@ -66,10 +66,10 @@ class FlatLayout:
 
 def round_layout(n_params: int, num_clients: int, world_size: int) -> FlatLayout:
     """The round's buffer: [sum n*params | sum n | stop | client loss | client flag | client excluded |
-    rank seconds | rank peak memory]."""
+    rank seconds | rank peak host memory | rank peak GPU memory]."""
     return FlatLayout.of(("params", n_params), ("n", 1), ("stop", 1), ("loss", num_clients),
                          ("flag", num_clients), ("excluded", num_clients), ("rank_seconds", world_size),
-                         ("rank_mib", world_size))
+                         ("rank_mib", world_size), ("rank_gpu_mib", world_size))
 
 
 def metrics_layout(names: tuple[str, ...] | list[str], per: int = 3) -> FlatLayout:

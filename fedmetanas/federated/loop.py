@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import math
-import resource
 import signal
 import time
 from dataclasses import dataclass
@@ -30,17 +29,18 @@ from fedmetanas.algorithms.common import LocalContext, copy_state
 from fedmetanas.checkpoint import CheckpointError, check_compatible, load_latest
 from fedmetanas.config import Config, ConfigError, to_dict
 from fedmetanas.dist import DistContext
-from fedmetanas.federated.aggregation import add_weighted, aggregated_tensors, numel, write_flat
+from fedmetanas.federated.aggregation import add_weighted_if_finite, aggregated_tensors, numel, write_flat
 from fedmetanas.federated.callbacks import (ArtifactsCallback, Callback, CheckpointCallback, ConsoleCallback,
                                             TrajectoryCallback)
 from fedmetanas.federated.evaluation import evaluate_forwards
-from fedmetanas.federated.executor import ClientExecutor, make_executors, run_clients
+from fedmetanas.federated.executor import ClientExecutor, close_executors, make_executors, run_clients
 from fedmetanas.federated.layout import round_layout
 from fedmetanas.federated.personalization import personalize_clients, summarize
 from fedmetanas.federated.scheduling import assign_to_ranks, sample_clients
 from fedmetanas.federated.setup import Setup, prepare
 from fedmetanas.reporting.hdf5 import logged_rounds
 from fedmetanas.rundir import LOG_NAME, RunDirError, prepare_run_dir
+from fedmetanas.runtime import peak_memory_mib, synchronize
 from fedmetanas.search.genotypes import Genotype
 from fedmetanas.seeding import Purpose, torch_generator
 
@@ -100,6 +100,7 @@ class Loop:
         self.rows: list[tuple[str, dict[str, Any]]] = []  # (HDF5 table, row): replayed on resume
         self.stop = _StopFlag()
         self.callbacks: list[Callback] = []
+        self.executors: list[ClientExecutor] = []
         self._enter(0, None)
         # The log's model facts are the first phase's, also after a resume in a later one.
         self.model_attrs = self.phase.model_attrs(self.net)
@@ -119,7 +120,8 @@ class Loop:
         phase.on_model(self.net)
         self.global_tensors = aggregated_tensors(self.net)
         self.layout = round_layout(numel(self.global_tensors), self.cfg.federated.num_clients, self.ctx.world_size)
-        self.executors: list[ClientExecutor] = []  # free the previous phase's lanes first
+        close_executors(self.executors)  # free the previous phase's lanes (and their threads) first
+        self.executors = []
         # Per lane a worker (and a task replica if the phase's rule needs one): O(lanes x model) memory.
         self.executors = make_executors(self.cfg.runtime.streams_per_rank, build, self.layout.size, device,
                                         with_task=phase.needs_task)
@@ -221,6 +223,12 @@ class Loop:
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> RunResult:
         """The round loop; returns the final evaluation (identical on every rank)."""
+        try:
+            return self._run()
+        finally:
+            close_executors(self.executors)
+
+    def _run(self) -> RunResult:
         t_start = time.perf_counter()
         # Every rank decides from the same files before rank 0 writes any (no rank sees rank 0's new log).
         self._agree(self._resume)
@@ -268,15 +276,15 @@ class Loop:
             tensors = aggregated_tensors(ex.worker)
             seg = lay.split(ex.buffer)
             seg["flag"][cid] = 1.0
-            if not (math.isfinite(result.loss) and all(bool(torch.isfinite(t).all()) for t in tensors)):
+            n = self.setup.clients[cid].num_train
+            if not (math.isfinite(result.loss) and add_weighted_if_finite(seg["params"], tensors, float(n))):
                 seg["excluded"][cid] = 1.0  # excluded: contributes nothing to the average
                 return
-            n = self.setup.clients[cid].num_train
-            add_weighted(seg["params"], tensors, float(n))
             seg["n"] += n
             seg["loss"][cid] = result.loss
 
-        return run_clients(self.executors, ranks[self.ctx.rank], client)
+        return run_clients(self.executors, ranks[self.ctx.rank], client,
+                           deterministic=self.cfg.runtime.deterministic)
 
     def run_round(self, rnd: int, plan: RoundPlan, t_start: float) -> tuple[dict[str, Any], bool]:
         """One round: local work, one all-reduce, server update, evaluation, log row.
@@ -286,17 +294,13 @@ class Loop:
         cfg, phase, lay = self.cfg, self.phase, self.layout
         t_round = time.perf_counter()
         buf = self._local_work(rnd, plan)
-        if self.ctx.device.type == "cuda":
-            torch.cuda.synchronize(self.ctx.device)
+        synchronize(self.ctx.device)
         t_local = time.perf_counter() - t_round
         seg = lay.split(buf)
         seg["rank_seconds"][self.ctx.rank] = t_local
-        seg["rank_mib"][self.ctx.rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # MiB
+        seg["rank_mib"][self.ctx.rank], seg["rank_gpu_mib"][self.ctx.rank] = peak_memory_mib(self.ctx.device)
         seg["stop"][0] = float(self.stop.requested)
-
-        t0 = time.perf_counter()
-        self.ctx.all_reduce_sum(buf)
-        t_comm = time.perf_counter() - t0
+        t_comm = self.ctx.timed_all_reduce_sum(buf)
 
         out = {k: v.cpu().numpy() for k, v in lay.split(buf).items() if k != "params"}
         flags, excluded = out["flag"] > 0, out["excluded"] > 0
@@ -322,7 +326,8 @@ class Loop:
         row: dict[str, Any] = {
             "round": rnd, **metrics, "client_loss": np.where(flags & ~excluded, out["loss"], np.nan),
             "participants": flags, "excluded": excluded, "time_local_rank": rank_seconds,
-            "time_local": float(rank_seconds.max()), "memory_rank_mib": out["rank_mib"], "time_allreduce": t_comm,
+            "time_local": float(rank_seconds.max()), "memory_rank_mib": out["rank_mib"],
+            "memory_gpu_rank_mib": out["rank_gpu_mib"], "time_allreduce": t_comm,
             "time_eval": t_eval, "time_round": time.perf_counter() - t_round,
             "wall_time": time.perf_counter() - t_start, "bytes_allreduced": buf.numel() * buf.element_size(),
             # What a real deployment moves: each participant downloads and uploads the model (float32).
@@ -352,7 +357,7 @@ class Loop:
             base = phase.personalize_base_lr()
             lr_scale = p.lr / base if p.lr > 0 and base > 0 else plan.lr_scale
             personal = personalize_clients(
-                self.ctx, s, phase, self.net, self.executors[0], dataclasses.replace(plan, lr_scale=lr_scale),
+                self.ctx, s, phase, self.net, self.executors, dataclasses.replace(plan, lr_scale=lr_scale),
                 lambda cid, pl: self._context(cid, pl, self.total, 1), p.steps, cfg.eval.batch_size,
                 cfg.model.channels_last)
             summary = {**summarize(personal["personalization/acc_before"], "personal_before"),

@@ -4,16 +4,17 @@ on its local test split; and summaries of the per-client accuracies (pure functi
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
+import torch
 from torch import nn
 
 from fedmetanas.algorithms.base import Phase, RoundPlan
 from fedmetanas.algorithms.common import LocalContext, copy_state
 from fedmetanas.dist import DistContext
 from fedmetanas.federated.evaluation import evaluate
-from fedmetanas.federated.executor import ClientExecutor
+from fedmetanas.federated.executor import ClientExecutor, map_clients
 from fedmetanas.federated.layout import FlatLayout
 from fedmetanas.federated.scheduling import assign_to_ranks
 
@@ -39,11 +40,13 @@ def summarize(acc: np.ndarray, prefix: str) -> dict[str, float]:
             f"{prefix}_worst10": worst_fraction_mean(finite)}
 
 
-def personalize_clients(ctx: DistContext, setup: Setup, phase: Phase, net: nn.Module, lane: ClientExecutor,
-                        plan: RoundPlan, context: Callable[[int, RoundPlan], LocalContext], steps: int,
-                        batch_size: int, channels_last: bool) -> dict[str, np.ndarray]:
+def personalize_clients(ctx: DistContext, setup: Setup, phase: Phase, net: nn.Module,
+                        lanes: Sequence[ClientExecutor], plan: RoundPlan,
+                        context: Callable[[int, RoundPlan], LocalContext], steps: int, batch_size: int,
+                        channels_last: bool) -> dict[str, np.ndarray]:
     """Every client adapts the final global model on its local train split (the phase's rule) and is
-    tested on its local test split, before and after; clients spread over ranks, one all-reduce.
+    tested on its local test split, before and after; clients spread over ranks and, within a rank,
+    over its lanes (client i on lane i % lanes); one all-reduce.
 
     Returns the per-client arrays the log keeps under /personalization (NaN where a client has no
     local test split)."""
@@ -53,21 +56,25 @@ def personalize_clients(ctx: DistContext, setup: Setup, phase: Phase, net: nn.Mo
     before_sums, after_sums = layout.view(sums, "before"), layout.view(sums, "after")
     before = phase.final_forward(net, plan)
     mine = assign_to_ranks(list(range(k)), [1.0] * k, ctx.world_size)[ctx.rank]
-    replicas = [m for m in (lane.worker, lane.task) if m is not None]
-    for cid in mine:
+    todo = [cid for cid in mine if setup.clients[cid].test_idx.numel() > 0]
+
+    def one(lane: ClientExecutor, cid: int) -> torch.Tensor:
         test_idx = setup.clients[cid].test_idx.to(ctx.device)
-        if test_idx.numel() == 0:
-            continue
-        net.eval()
-        before_sums[3 * cid : 3 * cid + 3] = evaluate(before, setup.train, test_idx, batch_size, channels_last)
-        net.train()
+        sums_before = evaluate(before, setup.train, test_idx, batch_size, channels_last)
         copy_state(lane.worker, net)
         adapted = phase.personalize(lane.worker, lane.task, context(cid, plan), steps)
+        replicas = [m for m in (lane.worker, lane.task) if m is not None]
         for m in replicas:
             m.eval()
-        after_sums[3 * cid : 3 * cid + 3] = evaluate(adapted, setup.train, test_idx, batch_size, channels_last)
+        sums_after = evaluate(adapted, setup.train, test_idx, batch_size, channels_last)
         for m in replicas:
             m.train()
+        return torch.cat([sums_before, sums_after])
+
+    net.eval()  # the global model is only read: evaluated before adaptation, copied into the lanes
+    for cid, both in zip(todo, map_clients(lanes, todo, one)):
+        before_sums[3 * cid : 3 * cid + 3], after_sums[3 * cid : 3 * cid + 3] = both[:3], both[3:]
+    net.train()
     ctx.all_reduce_sum(sums)
     s = sums.cpu().numpy().reshape(2, k, 3)
     with np.errstate(invalid="ignore", divide="ignore"):

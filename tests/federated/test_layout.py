@@ -48,8 +48,8 @@ def test_the_rounds_layout_is_parameters_count_stop_clients_then_ranks():
     layout = round_layout(n_params=10, num_clients=4, world_size=3)
 
     assert [name for name, _ in layout.segments] == ["params", "n", "stop", "loss", "flag", "excluded",
-                                                     "rank_seconds", "rank_mib"]
-    assert layout.size == 10 + 1 + 1 + 3 * 4 + 2 * 3
+                                                     "rank_seconds", "rank_mib", "rank_gpu_mib"]
+    assert layout.size == 10 + 1 + 1 + 3 * 4 + 3 * 3
 
 
 def test_metrics_layout_has_three_sums_per_named_forward():
