@@ -12,9 +12,9 @@ MPIRUN = REPO / "scripts" / "mpirun.sh"
 
 
 def tiny_overrides(data_root: Path, out_dir: Path, name: str = "tiny") -> list[str]:
-    """A search small enough for a test (seconds), on real MNIST."""
+    """A search small enough for a test (seconds), on real Fashion-MNIST (`make data`)."""
     return [
-        "data.name=mnist", f"data.root={data_root}", "data.partition=dirichlet", "data.dirichlet_alpha=0.5",
+        "data.name=fashion_mnist", f"data.root={data_root}", "data.partition=dirichlet", "data.dirichlet_alpha=0.5",
         "federated.num_clients=4", "federated.rounds=2", "federated.seed=3",
         "model.channels=4", "model.layers=2", "model.nodes=2", "model.stem_stride=2",
         "algorithm.local_steps=2", "algorithm.inner_steps=1", "algorithm.batch_size=16",

@@ -30,8 +30,8 @@ def _yaml(tmp: Path, text: str) -> Path:
 
 def _truncated_root(tmp: Path, root: Path) -> Path:
     bad = tmp / "truncated"
-    shutil.copytree(root / "MNIST", bad / "MNIST")
-    images = bad / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    shutil.copytree(root / "FashionMNIST", bad / "FashionMNIST")
+    images = bad / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:5000])
     return bad
 
@@ -96,7 +96,7 @@ def _snapshot(path: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_each_bad_input_gives_one_clear_line_and_exit_2(case: str, mnist_root: Path, tmp_path: Path,
+def test_each_bad_input_gives_one_clear_line_and_exit_2(case: str, data_root: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     if case == "cuda-without-gpu":
         import torch
@@ -104,7 +104,7 @@ def test_each_bad_input_gives_one_clear_line_and_exit_2(case: str, mnist_root: P
         if torch.cuda.is_available():
             pytest.skip("a GPU is present")
     prepare, expected = CASES[case]
-    argv = prepare(tmp_path, mnist_root)
+    argv = prepare(tmp_path, data_root)
     before = _snapshot(tmp_path)
     capsys.readouterr()
 

@@ -31,8 +31,8 @@ def poison_client(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(FedMetaNAS, "local_update", local_update)
 
 
-def test_a_nonfinite_client_is_excluded_and_logged(poison_client: None, mnist_root: Path, tmp_path: Path) -> None:
-    code = cli.main(tiny_overrides(mnist_root, tmp_path) + ["federated.nonfinite=exclude"])
+def test_a_nonfinite_client_is_excluded_and_logged(poison_client: None, data_root: Path, tmp_path: Path) -> None:
+    code = cli.main(tiny_overrides(data_root, tmp_path) + ["federated.nonfinite=exclude"])
     assert code == 0
     with h5py.File(tmp_path / "tiny" / "trajectory.h5", "r") as f:
         excluded = f["rounds/excluded"][()]
@@ -43,9 +43,9 @@ def test_a_nonfinite_client_is_excluded_and_logged(poison_client: None, mnist_ro
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-def test_a_nonfinite_client_stops_the_run_when_asked(poison_client: None, mnist_root: Path, tmp_path: Path,
+def test_a_nonfinite_client_stops_the_run_when_asked(poison_client: None, data_root: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli.main(tiny_overrides(mnist_root, tmp_path) + ["federated.nonfinite=stop"])
+    code = cli.main(tiny_overrides(data_root, tmp_path) + ["federated.nonfinite=stop"])
     err = capsys.readouterr().err
     assert code == 3
     assert f"client(s) [{POISONED}]" in err and "federated.nonfinite" in err

@@ -46,9 +46,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, np.ndarray], str]:
+def reference(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, np.ndarray], str]:
     out = tmp_path_factory.mktemp("ref")
-    proc = launch(_overrides(mnist_root, out, "ref"), np=2)
+    proc = launch(_overrides(data_root, out, "ref"), np=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return _final(out / "ref")
 
@@ -66,8 +66,8 @@ def _assert_identical(run_dir: Path, reference: tuple[dict[str, np.ndarray], str
 
 
 @pytest.mark.mpi
-def test_a_run_killed_inside_a_round_resumes_bit_identical(mnist_root: Path, tmp_path: Path, reference) -> None:
-    args = _overrides(mnist_root, tmp_path, "killed")
+def test_a_run_killed_inside_a_round_resumes_bit_identical(data_root: Path, tmp_path: Path, reference) -> None:
+    args = _overrides(data_root, tmp_path, "killed")
     proc = _start(args, 2)
     # Kill every rank (SIGKILL: no handler runs) as soon as round 2's checkpoint lands, i.e. in round 3.
     _wait_for(tmp_path / "killed" / "checkpoints" / "round-000002.pt", proc)
@@ -82,9 +82,9 @@ def test_a_run_killed_inside_a_round_resumes_bit_identical(mnist_root: Path, tmp
 
 
 @pytest.mark.mpi
-def test_a_preemption_signal_checkpoints_exits_75_and_resumes_bit_identical(mnist_root: Path, tmp_path: Path,
+def test_a_preemption_signal_checkpoints_exits_75_and_resumes_bit_identical(data_root: Path, tmp_path: Path,
                                                                            reference) -> None:
-    args = _overrides(mnist_root, tmp_path, "preempted")
+    args = _overrides(data_root, tmp_path, "preempted")
     proc = _start(args, 2)
     _wait_for(tmp_path / "preempted" / "checkpoints" / "round-000001.pt", proc)
     os.killpg(proc.pid, signal.SIGUSR1)  # as SLURM's --signal delivers it to every task
@@ -99,17 +99,17 @@ def test_a_preemption_signal_checkpoints_exits_75_and_resumes_bit_identical(mnis
     _assert_identical(tmp_path / "preempted", reference)
 
 
-def test_a_checkpoint_from_a_different_search_is_refused_naming_the_field(mnist_root: Path, tmp_path: Path) -> None:
-    first = launch(_overrides(mnist_root, tmp_path, "run") + ["federated.rounds=1"])
+def test_a_checkpoint_from_a_different_search_is_refused_naming_the_field(data_root: Path, tmp_path: Path) -> None:
+    first = launch(_overrides(data_root, tmp_path, "run") + ["federated.rounds=1"])
     assert first.returncode == 0, first.stderr[-2000:]
-    proc = launch(_overrides(mnist_root, tmp_path, "run") + ["--resume", "algorithm.inner_steps=2"])
+    proc = launch(_overrides(data_root, tmp_path, "run") + ["--resume", "algorithm.inner_steps=2"])
     assert proc.returncode == 2
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "algorithm.inner_steps" in errors[0]
 
 
-def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(mnist_root: Path, tmp_path: Path) -> None:
-    args = _overrides(mnist_root, tmp_path, "run") + ["federated.rounds=2"]
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(data_root: Path, tmp_path: Path) -> None:
+    args = _overrides(data_root, tmp_path, "run") + ["federated.rounds=2"]
     assert launch(args).returncode == 0
     ckpts = tmp_path / "run" / "checkpoints"
     newest = ckpts / "round-000002.pt"
@@ -135,8 +135,8 @@ def _rank_pid(run_name: str, rank: int) -> int:
 
 
 @pytest.mark.mpi
-def test_a_hung_rank_is_named_by_the_survivor_within_the_timeout(mnist_root: Path, tmp_path: Path) -> None:
-    args = _overrides(mnist_root, tmp_path, "hung") + ["runtime.collective_timeout_s=8"]
+def test_a_hung_rank_is_named_by_the_survivor_within_the_timeout(data_root: Path, tmp_path: Path) -> None:
+    args = _overrides(data_root, tmp_path, "hung") + ["runtime.collective_timeout_s=8"]
     proc = _start(args, 2)
     _wait_for(tmp_path / "hung" / "checkpoints" / "round-000001.pt", proc)
     hung = _rank_pid("hung", 1)

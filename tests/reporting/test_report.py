@@ -37,12 +37,12 @@ def _images(page: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_logs(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def tiny_logs(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """The logs of two tiny real searches (Dirichlet 0.5 and 0.1), run side by side."""
     out = tmp_path_factory.mktemp("runs")
     jobs = [("alpha05", "0.5"), ("alpha01", "0.1")]
     with ThreadPoolExecutor(len(jobs)) as pool:
-        procs = list(pool.map(lambda job: launch(tiny_overrides(mnist_root, out, job[0]) + [
+        procs = list(pool.map(lambda job: launch(tiny_overrides(data_root, out, job[0]) + [
             f"data.dirichlet_alpha={job[1]}", f"federated.rounds={ROUNDS}"]), jobs))
     for proc in procs:
         assert proc.returncode == 0, proc.stderr[-2000:]
