@@ -299,7 +299,8 @@ def _run_section(run: RunData, prefix: str) -> Section:
     if not run.num_rounds:
         section.notes.append("No round logged yet (the run has just started): only the partition is shown.")
     x = r["round"] + 1 if run.num_rounds else np.zeros(0)
-    for cell in CELLS:
+    cells = _cells_of(run)
+    for cell in cells:
         need = _missing(run, "tau", f"alpha_{cell}", f"mask_alpha_{cell}")
         if run.num_rounds and not need:
             section.planned.append(Planned(
@@ -310,7 +311,7 @@ def _run_section(run: RunData, prefix: str) -> Section:
                     r[f"mask_alpha_{cell}"], run.primitives, run.nodes, f"{run.label}: {cell} cell")))
         elif run.num_rounds:
             section.notes.append(f"Op probabilities, {cell} cell: the log lacks {', '.join(need)}.")
-    for cell in CELLS:
+    for cell in cells:
         if run.num_rounds and not _missing(run, "tau", f"beta_{cell}", f"mask_beta_{cell}"):
             section.planned.append(Planned(
                 f"{prefix}pairs_{cell}.png", f"{cell.capitalize()} cell: probability of each input pair of each node "
@@ -357,10 +358,19 @@ def _run_section(run: RunData, prefix: str) -> Section:
     return section
 
 
+def _cells_of(run: RunData) -> tuple[str, ...]:
+    """The cell kinds the run's network has, as its genotype tells (a 1-layer net has no reduce cell)."""
+    try:
+        return Genotype.from_string(run.genotype_text or "").cells or CELLS
+    except (ValueError, SyntaxError, KeyError, TypeError):
+        return CELLS
+
+
 def _graphviz(genotype: Genotype, prefix: str, section: Section) -> list[Planned]:
-    """DOT sources of both cells (always written, as links), and their Graphviz renderings where `dot` exists."""
+    """DOT sources of the genotype's cells (always written, as links), and their Graphviz renderings where
+    `dot` exists."""
     planned = []
-    for cell in CELLS:
+    for cell in genotype.cells:
         source = plots.genotype_dot(genotype, cell)
         section.texts[f"{prefix}genotype_{cell}.dot"] = source
         if shutil.which("dot"):
@@ -409,7 +419,7 @@ def describe_genotype(text: str) -> str:
     except (ValueError, SyntaxError, KeyError, TypeError):
         return text
     lines = []
-    for cell in CELLS:
+    for cell in genotype.cells:
         gene = getattr(genotype, cell)
         names = plots.state_names(len(gene))
         nodes = "; ".join(f"{j} = " + " + ".join(f"{op}({names[i]})" for op, i in node) for j, node in enumerate(gene))
