@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from fedmetanas.config import Config, ConfigError
 from fedmetanas.data.datasets import TensorSplit
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,3 +68,56 @@ def iterate_batches(split: TensorSplit, idx: torch.Tensor,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for start in range(0, int(idx.numel()), batch_size):
         yield split.batch(idx[start:start + batch_size])
+
+
+def batch_sizes(cfg: Config) -> list[tuple[str, int, int]]:
+    """(field, batch size, share of the local train split it draws from) for every batch the run draws:
+    the share is 2 for FedNAS's MiLeNAS, whose train and validation batches come from halves of it."""
+    a, out = cfg.algorithm, []
+    if a.name == "fedmetanas":
+        out += [("algorithm.batch_size", a.batch_size, 1), ("algorithm.query_batch_size", a.query_batch_size, 1)]
+    if a.name == "fednas":
+        out.append(("fednas.batch_size", cfg.fednas.batch_size, 2))
+    if a.name in ("fednas", "fedavg"):  # FedNAS retrains its genotype with FedAvg
+        out.append(("fedavg.batch_size", cfg.fedavg.batch_size, 1))
+        if cfg.personalize.steps > 0:
+            out.append(("personalize.batch_size", cfg.personalize.batch_size, 1))
+    return out
+
+
+def check_batch_sizes(cfg: Config, train_sizes: Sequence[int]) -> list[str]:
+    """Refuse a batch size that no client can fill; warn (once per field) when only some clients cannot.
+
+    A batch never repeats a sample, so a client whose local train split is smaller than the batch uses its
+    whole split as every batch. Larger than every client's split is a mistake (a batch of 100000 made one
+    local step take minutes): refused. Larger than only the smallest splits is what a very non-IID
+    partition gives: those clients take their whole split, and the warning says so.
+
+    Args:
+        cfg: the run's config.
+        train_sizes: each client's local train split size (ClientData.num_train).
+
+    Returns:
+        The warnings logged (empty when every client fills every batch).
+
+    Raises:
+        ConfigError: naming the field, the split sizes and the largest size that works.
+    """
+    warnings = []
+    for name, size, share in batch_sizes(cfg):
+        usable = sorted(n // share for n in train_sizes)
+        if not usable:
+            continue
+        what = "half of its local train split" if share == 2 else "local train split"
+        if size > usable[-1]:
+            raise ConfigError(
+                f"{name} ({size}) is larger than every client's {what} ({usable[0]}..{usable[-1]} samples), so "
+                f"each batch would be a whole split; use at most {usable[0]} (every client fills it) or "
+                f"{usable[-1]}")
+        small = [n for n in usable if n < size]
+        if small:
+            text = (f"{name} ({size}) is larger than the {what} of {len(small)} of {len(usable)} clients: their "
+                    f"batches are their whole split ({small[0]}..{small[-1]} samples)")
+            log.warning(text)
+            warnings.append(text)
+    return warnings
