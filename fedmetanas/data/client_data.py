@@ -70,6 +70,11 @@ def iterate_batches(split: TensorSplit, idx: torch.Tensor,
         yield split.batch(idx[start:start + batch_size])
 
 
+def _span(sorted_sizes: Sequence[int]) -> str:
+    lo, hi = sorted_sizes[0], sorted_sizes[-1]
+    return f"{lo}" if lo == hi else f"{lo}..{hi}"
+
+
 def batch_sizes(cfg: Config) -> list[tuple[str, int, int]]:
     """(field, batch size, share of the local train split it draws from) for every batch the run draws:
     the share is 2 for FedNAS's MiLeNAS, whose train and validation batches come from halves of it."""
@@ -111,13 +116,12 @@ def check_batch_sizes(cfg: Config, train_sizes: Sequence[int]) -> list[str]:
         what = "half of its local train split" if share == 2 else "local train split"
         if size > usable[-1]:
             raise ConfigError(
-                f"{name} ({size}) is larger than every client's {what} ({usable[0]}..{usable[-1]} samples), so "
-                f"each batch would be a whole split; use at most {usable[0]} (every client fills it) or "
-                f"{usable[-1]}")
+                f"{name} ({size}) is larger than every client's {what} ({_span(usable)} samples), so each batch "
+                f"would be a whole split; use at most {usable[0]} (the smallest split)")
         small = [n for n in usable if n < size]
         if small:
             text = (f"{name} ({size}) is larger than the {what} of {len(small)} of {len(usable)} clients: their "
-                    f"batches are their whole split ({small[0]}..{small[-1]} samples)")
+                    f"batches are their whole split ({_span(small)} samples)")
             log.warning(text)
             warnings.append(text)
     return warnings

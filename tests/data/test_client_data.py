@@ -60,3 +60,54 @@ def test_iterate_batches_visits_indices_in_order_without_augmentation():
     assert [len(y) for _, y in batches] == [3, 3, 1]
     assert torch.cat([y for _, y in batches]).tolist() == idx.tolist()
     assert torch.equal(torch.cat([x for x, _ in batches]), split.batch(idx)[0])
+
+
+# -- batch sizes against the clients' local splits (issue 10) ------------------------------------
+def _cfg(*overrides: str):
+    from fedmetanas.config import load_config
+
+    return load_config(None, list(overrides))
+
+
+def test_a_batch_larger_than_every_clients_split_is_refused_naming_the_field_and_the_size_that_works():
+    from fedmetanas.config import ConfigError
+    from fedmetanas.data.client_data import check_batch_sizes
+
+    with pytest.raises(ConfigError, match=r"^algorithm\.batch_size \(100000\) .*9561\.\.13501 .*at most 9561"):
+        check_batch_sizes(_cfg("algorithm.batch_size=100000"), [12017, 12922, 13501, 9561])
+
+
+def test_a_batch_larger_than_only_some_splits_warns_once_with_their_effective_size(caplog):
+    from fedmetanas.data.client_data import check_batch_sizes
+
+    warnings = check_batch_sizes(_cfg("algorithm.batch_size=40", "algorithm.query_batch_size=16"), [100, 30, 35, 200])
+
+    assert warnings == ["algorithm.batch_size (40) is larger than the local train split of 2 of 4 clients: "
+                        "their batches are their whole split (30..35 samples)"]
+    assert [r.getMessage() for r in caplog.records] == warnings
+
+
+def test_batches_that_every_client_fills_pass_silently():
+    from fedmetanas.data.client_data import check_batch_sizes
+
+    assert check_batch_sizes(_cfg(), [32, 33, 500]) == []
+
+
+@pytest.mark.parametrize(("algorithm", "fields"), [
+    ("fedmetanas", ["algorithm.batch_size", "algorithm.query_batch_size"]),
+    ("fednas", ["fednas.batch_size", "fedavg.batch_size", "personalize.batch_size"]),
+    ("fedavg", ["fedavg.batch_size", "personalize.batch_size"]),
+])
+def test_only_the_batches_the_algorithm_draws_are_checked(algorithm, fields):
+    from fedmetanas.data.client_data import batch_sizes
+
+    assert [name for name, _, _ in batch_sizes(_cfg(f"algorithm.name={algorithm}"))] == fields
+
+
+def test_milenas_batches_are_checked_against_half_of_each_split():
+    from fedmetanas.config import ConfigError
+    from fedmetanas.data.client_data import check_batch_sizes
+
+    cfg = _cfg("algorithm.name=fednas", "fednas.batch_size=60", "fedavg.batch_size=8", "personalize.batch_size=8")
+    with pytest.raises(ConfigError, match=r"fednas\.batch_size \(60\) is larger than every client's half"):
+        check_batch_sizes(cfg, [100, 110])
