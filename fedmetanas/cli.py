@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -74,8 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Preempted as stop:
             if rank == 0:
                 print(f"stopped: {stop}", file=sys.stderr)
-            # The loop names the signal (Preempted.signal_name; older loops only in the message).
+            # The loop names the signal (Preempted.signal_name; older loops only in the message). Every
+            # rank stopped after the same round, but only those signalled know which signal: agree, so
+            # all exit alike (mpirun ORs the ranks' codes: 130 | 75 would read 203).
             name = getattr(stop, "signal_name", "") or ("SIGINT" if "SIGINT" in str(stop) else "")
+            if ctx.world_size > 1:
+                with contextlib.suppress(RuntimeError):
+                    name = "SIGINT" if "SIGINT" in ctx.all_gather_objects(name) else name
             return exit_code(name)
         except KeyboardInterrupt:
             # A second Ctrl-C: end now. The log is closed (a plain h5py reader can open it); the last
