@@ -92,7 +92,8 @@ def test_fednas_retrains_the_genotype_its_search_found_from_scratch(runs: dict[s
     assert (retrain_wall > search_end).all() and final["search_seconds"] <= search_end + 1e-6
     saved = torch.load(run_dir / "model.pt", weights_only=False)
     assert saved["architecture"] == searched
-    net = DiscreteNet.from_genotype(Genotype.from_string(searched), 1, 10, channels=4, layers=2, stem_stride=2)
+    net = DiscreteNet.from_genotype(Genotype.from_string(searched), 1, 10, channels=4, layers=2,
+                                   reduction_layers=(1,), stem_stride=2)
     net.load_state_dict(saved["state_dict"])  # exactly the searched cells, affine BN: a network of its own
     supernet = torch.load(run_dir / "supernet.pt", weights_only=False)["state_dict"]
     # A network of its own (affine BN, as DARTS's evaluation network), not the supernet's ops.
@@ -106,7 +107,8 @@ def test_the_saved_trained_model_reproduces_the_logged_final_accuracy(runs: dict
         saved = torch.load(run_dir / "model.pt", weights_only=False)
         _, test = load_dataset("fashion_mnist", str(data_root), False)
         if build is None:
-            net = DiscreteNet.from_genotype(Genotype.from_string(saved["architecture"]), 1, 10, 4, 2, stem_stride=2)
+            net = DiscreteNet.from_genotype(Genotype.from_string(saved["architecture"]), 1, 10, 4, 2, reduction_layers=(1,),
+                                               stem_stride=2)
         else:
             net = CNN(1, 10, 28)
         net.load_state_dict(saved["state_dict"])
