@@ -96,3 +96,19 @@ def test_the_search_is_the_same_on_one_and_two_ranks(data_root: Path, tmp_path: 
         assert np.abs(a1[name] - a2[name]).max() <= 1e-6, name
     # The run must have moved the architecture: otherwise equality would prove nothing.
     assert max(np.abs(v).max() for v in a1.values()) > 1e-2
+
+
+def test_a_one_layer_network_reports_only_its_normal_cell(data_root: Path, tmp_path: Path) -> None:
+    """Issue 10: with model.layers=1 genotype.txt reported a reduce cell decoded from untrained alphas."""
+    from fedmetanas import cli
+
+    args = tiny_overrides(data_root, tmp_path, "one") + ["model.layers=1", "model.reduction_layers=null",
+                                                          "federated.rounds=1", "personalize.steps=0"]
+    assert cli.main(args) == 0
+
+    text = (tmp_path / "one" / "genotype.txt").read_text()
+    genotype = Genotype.from_string(text)
+    assert genotype.cells == ("normal",) and "reduce" not in text
+    with h5py.File(tmp_path / "one" / "trajectory.h5", "r") as f:
+        assert all("reduce" not in g.decode() for g in f["rounds/genotype"][()])
+        assert "reduce" not in f["final"].attrs["genotype"]
