@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^round-(\d{6})\.pt$")
 FORMAT_VERSION = 1
 # Fields that may change between a run and its resumption without changing the search (output.*: a run
-# directory may be moved or renamed and resumed where it now lies).
+# directory may be moved or renamed and resumed where it now lies; data.root / data.download: where the
+# data is found is not what it is; the partition's hash, checked separately, is the data's identity).
 RESUMABLE_CHANGES = ("output.", "runtime.", "eval.", "federated.rounds",
-                     "checkpoint.", "personalize.")
+                     "checkpoint.", "personalize.", "data.root", "data.download")
 
 
 class CheckpointError(ValueError):
@@ -132,6 +133,15 @@ def check_compatible(state: dict[str, Any], path: Path, config: dict[str, Any], 
         raise CheckpointError(
             f"checkpoint {path} belongs to a different search: {shown}{more}; resume with the same config "
             "or start a new run (another --name)")
+    saved_rounds = int(state["config"].get("federated", {}).get("rounds", 0))
+    done = min(int(state["next_round"]), saved_rounds) if saved_rounds else int(state["next_round"])
+    rounds = int(config["federated"]["rounds"])
+    if rounds < done:
+        # Accepted, the log would keep `done` rounds under a config saying fewer, and the final
+        # temperature would be that of an earlier round.
+        raise CheckpointError(
+            f"federated.rounds: {rounds} is below the {done} rounds this run has already done (checkpoint "
+            f"{path}); resume with federated.rounds >= {done}, or start a new run (another --name)")
     if state["partition_hash"] != partition_hash:
         raise CheckpointError(
             f"checkpoint {path} was made on a different client partition (data or partition settings changed); "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import sys
@@ -12,13 +14,16 @@ from fedmetanas.checkpoint import CheckpointError
 from fedmetanas.config import ConfigError, load_config
 from fedmetanas.data.errors import DataError
 from fedmetanas.dist import CollectiveError, DistError, init_distributed, placement_from_env, shutdown
+from fedmetanas.reporting.hdf5 import close_open_logs
 from fedmetanas.rundir import RunDirError
+from fedmetanas.signals import EXIT_INTERRUPTED, exit_code
 
 USER_ERRORS = (ConfigError, DataError, DistError, RunDirError, CheckpointError)
 EXIT_USER_ERROR = 2
 EXIT_NUMERICAL_FAULT = 3
 EXIT_COLLECTIVE = 4
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; resume with --resume
+# Stopped by a signal (fedmetanas.signals): 130 after Ctrl-C, 75 after SIGTERM / SIGUSR1; resume with --resume.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def env_rank() -> int:
@@ -36,7 +41,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
     p.add_argument("--resume", action="store_true",
                    help="continue the run from its newest valid checkpoint (a new run if there is none)")
-    p.add_argument("--log-level", default="INFO", help="logging level on rank 0 (DEBUG, INFO, WARNING)")
+    p.add_argument("--log-level", default="INFO", help=f"logging level on rank 0 ({', '.join(LOG_LEVELS)})")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return p.parse_intermixed_args(argv)
 
@@ -44,11 +49,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     rank = env_rank()
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO) if rank == 0 else logging.ERROR,
+    level = str(args.log_level).upper()
+    if level not in LOG_LEVELS:
+        if rank == 0:
+            print(f"error: --log-level: {args.log_level!r} is not a level; use one of {', '.join(LOG_LEVELS)}",
+                  file=sys.stderr)
+        return EXIT_USER_ERROR
+    logging.basicConfig(level=getattr(logging, level) if rank == 0 else logging.ERROR,
                         format="%(message)s", stream=sys.stderr)
     overrides = list(args.overrides)
-    if args.name:
-        overrides.append(f"output.name={args.name}")
+    if args.name is not None:  # "" too: the config refuses an empty name instead of using the default
+        overrides.append(f"output.name={json.dumps(args.name)}")  # quoted: a name of digits stays text
     if args.overwrite:
         overrides.append("output.overwrite=true")
     if args.resume:
@@ -65,10 +76,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Preempted as stop:
             if rank == 0:
                 print(f"stopped: {stop}", file=sys.stderr)
-            return EXIT_PREEMPTED
+            # The loop names the signal (Preempted.signal_name; older loops only in the message). Every
+            # rank stopped after the same round, but only those signalled know which signal: agree, so
+            # all exit alike (mpirun ORs the ranks' codes: 130 | 75 would read 203).
+            name = getattr(stop, "signal_name", "") or ("SIGINT" if "SIGINT" in str(stop) else "")
+            if ctx.world_size > 1:
+                with contextlib.suppress(RuntimeError):
+                    name = "SIGINT" if "SIGINT" in ctx.all_gather_objects(name) else name
+            return exit_code(name)
+        except KeyboardInterrupt:
+            # A second Ctrl-C: end now. The log is closed (a plain h5py reader can open it); the last
+            # checkpoint written is kept. Other ranks may sit in a collective: leave without MPI_Finalize.
+            close_open_logs()
+            if rank == 0:
+                print("stopped: interrupted by Ctrl-C inside a round; the last checkpoint written is kept, "
+                      "continue with --resume", file=sys.stderr, flush=True)
+            if ctx.world_size > 1:
+                sys.stdout.flush()
+                os._exit(EXIT_INTERRUPTED)
+            return EXIT_INTERRUPTED
         except CollectiveError as err:
             # Another rank is dead or hung: MPI_Finalize would wait for it forever, so leave now and
-            # let the launcher end the job. Every survivor says what it saw.
+            # let the launcher end the job. Every survivor says what it saw (after closing its log:
+            # os._exit skips HDF5's own clean-up).
+            close_open_logs()
             print(f"error: {err}", file=sys.stderr, flush=True)
             os._exit(EXIT_COLLECTIVE)
         except NumericalFault as fault:
@@ -81,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank == 0:
             print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:  # Ctrl-C before the run began: nothing was written
+        if rank == 0:
+            print("stopped: interrupted by Ctrl-C before the first round", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if rank == 0:
         for line in result.lines:
             print(line)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,18 @@ import yaml
 
 class ConfigError(ValueError):
     """A user-caused configuration problem; the message names the field and the fix."""
+
+
+# The lowest Gumbel-softmax temperature accepted: softmax(logits / tau) below it overflows float32 (or is
+# one-hot with zero gradients), so every client update turns non-finite (docs/errors.md).
+TAU_FLOOR = 1e-3
+# The shortest collective timeout accepted: it also bounds the rendezvous and each round's wait for the
+# slowest rank, so a smaller one fails every run at start-up and blames the network.
+MIN_COLLECTIVE_TIMEOUT_S = 5.0
+# derive_seed mixes the seed as a 32-bit value: a wider one would silently alias another seed.
+MAX_SEED = 2**32 - 1
+# Longest file name (one path part, in bytes) on the usual file systems (ext4, xfs, btrfs, tmpfs: NAME_MAX).
+NAME_MAX = 255
 
 
 PrimitiveSet = Literal["darts", "metanas"]
@@ -220,8 +233,8 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("model", "nodes"): (lambda v: v >= 1, "an integer >= 1"),
     ("model", "stem_multiplier"): (lambda v: v >= 1, "an integer >= 1"),
     ("model", "stem_stride"): (lambda v: v in (1, 2), "1 or 2"),
-    ("search", "tau_max"): (lambda v: v > 0, "a number > 0"),
-    ("search", "tau_min"): (lambda v: v > 0, "a number > 0"),
+    ("search", "tau_max"): (lambda v: v >= TAU_FLOOR, f"a number >= {TAU_FLOOR:g} (lower overflows the softmax)"),
+    ("search", "tau_min"): (lambda v: v >= TAU_FLOOR, f"a number >= {TAU_FLOOR:g} (lower overflows the softmax)"),
     ("search", "anneal_fraction"): (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
     ("search", "pair_prune_threshold"): (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     ("search", "op_prune_threshold"): (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
@@ -236,6 +249,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("federated", "clients_per_round"): (lambda v: v >= 0, "an integer >= 0 (0: use participation)"),
     ("federated", "participation"): (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
     ("federated", "rounds"): (lambda v: v >= 1, "an integer >= 1"),
+    ("federated", "seed"): (lambda v: 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED} (32 bits)"),
     ("eval", "every"): (lambda v: v >= 1, "an integer >= 1"),
     ("eval", "subset"): (lambda v: v >= 0, "an integer >= 0 (0: full test set)"),
     ("eval", "batch_size"): (lambda v: v >= 1, "an integer >= 1"),
@@ -243,7 +257,9 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("checkpoint", "keep"): (lambda v: v >= 1, "an integer >= 1"),
     ("runtime", "threads_per_rank"): (lambda v: v >= 1, "an integer >= 1"),
     ("runtime", "streams_per_rank"): (lambda v: v >= 1, "an integer >= 1"),
-    ("runtime", "collective_timeout_s"): (lambda v: v > 0, "a number of seconds > 0"),
+    ("runtime", "collective_timeout_s"): (lambda v: v >= MIN_COLLECTIVE_TIMEOUT_S,
+                                          f"a number of seconds >= {MIN_COLLECTIVE_TIMEOUT_S:g} (the start-up "
+                                          "rendezvous and every round's wait for the slowest rank need it)"),
     ("runtime", "devices"): (lambda v: v is None or (len(v) > 0 and min(v) >= 0),
                              "null or a non-empty list of GPU ids >= 0, one per rank on a node"),
     ("runtime", "master_addr"): (lambda v: v is None or (v.strip() != "" and not any(c.isspace() for c in v)),
@@ -262,6 +278,10 @@ for _section, _names in (("fednas", ("lr_w", "lr_w_min", "momentum", "weight_dec
 for _name in ("inner_lr_w", "inner_lr_alpha", "meta_lr_w", "meta_lr_alpha", "reptile_lr_w",
               "reptile_lr_alpha", "weight_decay"):
     _RANGES[("algorithm", _name)] = (lambda v: v >= 0, "a number >= 0")
+
+
+# What a non-finite value of a field was probably meant to say.
+_NONFINITE_HINTS = {"data.dirichlet_alpha": " (for IID clients set data.partition: iid)"}
 
 
 def _type_name(tp: Any) -> str:
@@ -320,17 +340,24 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             try:
-                return float(value)
+                number = float(value)
             except OverflowError:
                 raise ConfigError(f"{where}: {value!r} is too large for a number") from None
-        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+        elif isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            # No setting means anything at NaN or infinity; caught here, a run never trains on one.
+            raise ConfigError(f"{where}: {value!r} is not a finite number; use a finite value"
+                              f"{_NONFINITE_HINTS.get(where, '')}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -398,6 +425,12 @@ def _validate(cfg: Config) -> None:
         extra = f"; did you mean {hint[0]!r}?" if hint else ""
         raise ConfigError(f"algorithm.name: {cfg.algorithm.name!r} is not valid; use one of "
                           f"{', '.join(repr(n) for n in names)}{extra}")
+    ALGORITHMS[cfg.algorithm.name].validate(cfg)  # checks across its sections and the model's
+    _validate_run_name(cfg.output.name)
+    if cfg.data.local_test_fraction == 0 and cfg.personalize.steps > 0:
+        raise ConfigError(
+            f"data.local_test_fraction is 0, so personalization (personalize.steps: {cfg.personalize.steps}) has "
+            "no local test split to measure; set data.local_test_fraction > 0 (e.g. 0.2) or personalize.steps: 0")
     if not isinstance(cfg.model.primitives, str):
         from fedmetanas.search.operations import OPS  # noqa: PLC0415 - leaf import, avoids a cycle
 
@@ -419,27 +452,111 @@ def check_betas(where: str, betas: tuple[float, float]) -> None:
 
 
 def check_architecture(where: str, arch: str) -> None:
-    """`cnn`, `darts_v2` or a genotype string (as in a run's genotype.txt)."""
+    """`cnn`, `darts_v2` or a genotype string (as in a run's genotype.txt) whose ops exist and whose
+    inputs lie inside their cells (checked at load, so a typo fails before the data is loaded)."""
     if arch in ("cnn", "darts_v2"):
         return
-    from fedmetanas.search.genotypes import Genotype  # noqa: PLC0415 - leaf import
+    from fedmetanas.search.genotypes import Genotype, validate_genotype  # noqa: PLC0415 - leaf imports
+    from fedmetanas.search.operations import OPS  # noqa: PLC0415
 
     try:
-        Genotype.from_string(arch)
-    except (ValueError, SyntaxError, KeyError, TypeError):
+        genotype = Genotype.from_string(arch)
+    except (ValueError, SyntaxError, KeyError, TypeError, MemoryError, RecursionError):
         raise ConfigError(f"{where}: {arch[:60]!r} is not cnn, darts_v2 or a genotype string "
                           "(as in a run's genotype.txt)") from None
+    try:
+        validate_genotype(genotype, OPS)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}; fix the genotype string (as in a run's genotype.txt)") from None
+
+
+def check_architecture_cells(where: str, arch: str, layers: int, reduction_layers: tuple[int, ...] | None,
+                             layers_field: str) -> None:
+    """A genotype string (already checked by `check_architecture`) has every cell kind a network of
+    `layers` layers (reductions at `reduction_layers`, None: DARTS's) is made of."""
+    if arch in ("cnn", "darts_v2"):
+        return
+    from fedmetanas.search.genotypes import Genotype, cell_kinds  # noqa: PLC0415 - leaf import
+
+    missing = [k for k in cell_kinds(layers, reduction_layers) if k not in Genotype.from_string(arch).cells]
+    if missing:
+        raise ConfigError(
+            f"{where}: the genotype has no {missing[0]} cell, but a network of {layers} layers has one "
+            f"({layers_field}, model.reduction_layers); add the cell or change the layers")
+
+
+def _validate_run_name(name: str) -> None:
+    """output.name is a relative path that stays inside output.dir: `.`, `..` or an absolute path would
+    make --overwrite delete something that is not this run."""
+    fix = "use a relative name such as demo or sweep/alpha-0.5 (no '.', '..', empty parts or leading '/')"
+    if not name:
+        raise ConfigError(f"output.name (--name): the run name is empty; {fix}")
+    parts = name.split("/")
+    if name.startswith("/") or "\0" in name or any(part in ("", ".", "..") for part in parts):
+        raise ConfigError(f"output.name (--name): {name[:80]!r} is not a run name inside output.dir; {fix}")
+    longest = max(parts, key=lambda part: len(part.encode()))
+    if len(longest.encode()) > NAME_MAX:
+        raise ConfigError(f"output.name (--name): a part of {len(longest.encode())} bytes is longer than a file "
+                          f"name may be ({NAME_MAX}); choose a shorter name")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key repeated in one mapping is an error (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden on purpose
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+        return super().construct_mapping(node, deep)
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: Any, first: int, again: int) -> None:
+        super().__init__(f"key {key!r} appears twice in one mapping (lines {first} and {again}); keep one")
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _field_type(path: list[str]) -> Any:
+    """The annotated type of the config field at `path` (None if there is no such field)."""
+    tp: Any = section_classes().get(path[0]) if path else None
+    for part in path[1:]:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: write it as section.key=value, e.g. federated.rounds=5")
     key, raw = text.split("=", 1)
+    path = key.strip().split(".")
     try:
-        value = yaml.safe_load(raw)
+        value = _yaml_load(raw)
+    except _DuplicateKey as err:
+        raise ConfigError(f"override {text!r}: {err}") from None
     except yaml.YAMLError:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML; quote it or fix the brackets") from None
-    return key.strip().split("."), value
+        value = _NOT_YAML
+    if _field_type(path) is str and not isinstance(value, str):
+        # A text field takes the text as typed: a genotype string (commas, brackets), a run name of digits.
+        return path, raw
+    if value is _NOT_YAML:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML; quote it or fix the brackets")
+    return path, value
+
+
+_NOT_YAML = object()
 
 
 def config_from_dict(data: dict[str, Any] | None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -466,7 +583,14 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         if not p.is_file():
             raise ConfigError(f"--config: file {str(p)!r} not found; pass the path of a YAML file such as configs/default.yaml")
         try:
-            data = yaml.safe_load(p.read_text())
+            data = _yaml_load(p.read_bytes().decode("utf-8"))
+        except OSError as err:
+            raise ConfigError(f"--config: {p} cannot be read ({err.strerror}); check its permissions") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{p}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                              "save the config as UTF-8") from None
+        except _DuplicateKey as err:
+            raise ConfigError(f"{p}: {err}") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

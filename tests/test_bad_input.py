@@ -31,14 +31,14 @@ def _assert_one_clear_line(proc, field: str) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_a_bad_setting_is_reported_in_one_line(case: str, mnist_root: Path, tmp_path: Path) -> None:
+def test_a_bad_setting_is_reported_in_one_line(case: str, data_root: Path, tmp_path: Path) -> None:
     overrides, field = CASES[case]
     if case == "cuda without a gpu":
         import torch
 
         if torch.cuda.is_available():
             pytest.skip("a GPU is present")
-    proc = launch(tiny_overrides(mnist_root, tmp_path) + overrides)
+    proc = launch(tiny_overrides(data_root, tmp_path) + overrides)
     _assert_one_clear_line(proc, field)
     assert not (tmp_path / "tiny").exists()
 
@@ -59,20 +59,20 @@ def test_malformed_yaml_names_the_file_and_line(tmp_path: Path) -> None:
     assert "line" in proc.stderr
 
 
-def test_an_existing_run_is_never_overwritten_without_asking(mnist_root: Path, tmp_path: Path) -> None:
+def test_an_existing_run_is_never_overwritten_without_asking(data_root: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "tiny"
     run_dir.mkdir()
     log = run_dir / "trajectory.h5"
     log.write_bytes(b"previous run")
-    proc = launch(tiny_overrides(mnist_root, tmp_path))
+    proc = launch(tiny_overrides(data_root, tmp_path))
     _assert_one_clear_line(proc, "--overwrite")
     assert log.read_bytes() == b"previous run"
     assert sorted(p.name for p in run_dir.iterdir()) == ["trajectory.h5"]
 
 
 @pytest.mark.mpi
-def test_more_ranks_than_clients_is_refused(mnist_root: Path, tmp_path: Path) -> None:
-    proc = launch(tiny_overrides(mnist_root, tmp_path) + ["federated.num_clients=2"], np=3)
+def test_more_ranks_than_clients_is_refused(data_root: Path, tmp_path: Path) -> None:
+    proc = launch(tiny_overrides(data_root, tmp_path) + ["federated.num_clients=2"], np=3)
     assert proc.returncode != 0
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "federated.num_clients" in errors[0] and "ranks" in errors[0]

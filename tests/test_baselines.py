@@ -34,12 +34,12 @@ COMMON = ["fedavg.local_steps=3", "fedavg.batch_size=16", "fedavg.channels=4", "
 
 
 @pytest.fixture(scope="module")
-def runs(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One tiny run of each algorithm under `mpirun -np 2`, on the same partition."""
     out = tmp_path_factory.mktemp("baselines")
     dirs = {}
     for name, extra in ALGORITHMS.items():
-        proc = launch(tiny_overrides(mnist_root, out, name) + COMMON + extra + [f"algorithm.name={name}"], np=2)
+        proc = launch(tiny_overrides(data_root, out, name) + COMMON + extra + [f"algorithm.name={name}"], np=2)
         assert proc.returncode == 0, proc.stderr[-3000:]
         dirs[name] = out / name
     return dirs
@@ -93,21 +93,23 @@ def test_fednas_retrains_the_genotype_its_search_found_from_scratch(runs: dict[s
     assert (retrain_wall > search_end).all() and final["search_seconds"] <= search_end + 1e-6
     saved = torch.load(run_dir / "model.pt", weights_only=False)
     assert saved["architecture"] == searched
-    net = DiscreteNet.from_genotype(Genotype.from_string(searched), 1, 10, channels=4, layers=2, stem_stride=2)
+    net = DiscreteNet.from_genotype(Genotype.from_string(searched), 1, 10, channels=4, layers=2,
+                                   reduction_layers=(1,), stem_stride=2)
     net.load_state_dict(saved["state_dict"])  # exactly the searched cells, affine BN: a network of its own
     supernet = torch.load(run_dir / "supernet.pt", weights_only=False)["state_dict"]
     # A network of its own (affine BN, as DARTS's evaluation network), not the supernet's ops.
     assert "cells.0.pre1.2.weight" in saved["state_dict"] and "cells.0.pre1.2.weight" not in supernet
 
 
-def test_the_saved_trained_model_reproduces_the_logged_final_accuracy(runs: dict[str, Path], mnist_root: Path) -> None:
+def test_the_saved_trained_model_reproduces_the_logged_final_accuracy(runs: dict[str, Path], data_root: Path) -> None:
     for name, build in (("fednas", None), ("fedavg", CNN)):
         run_dir = runs[name]
         cfg = load_config(run_dir / "config.yaml")
         saved = torch.load(run_dir / "model.pt", weights_only=False)
-        _, test = load_dataset("mnist", str(mnist_root), False)
+        _, test = load_dataset("fashion_mnist", str(data_root), False)
         if build is None:
-            net = DiscreteNet.from_genotype(Genotype.from_string(saved["architecture"]), 1, 10, 4, 2, stem_stride=2)
+            net = DiscreteNet.from_genotype(Genotype.from_string(saved["architecture"]), 1, 10, 4, 2, reduction_layers=(1,),
+                                               stem_stride=2)
         else:
             net = CNN(1, 10, 28)
         net.load_state_dict(saved["state_dict"])
@@ -131,14 +133,14 @@ def test_personalization_reports_every_client_before_and_after_adaptation(runs: 
 
 @pytest.mark.parametrize("next_round", [SEARCH, SEARCH + 1])
 def test_fednas_resumes_bit_identically_at_and_after_the_switch_to_retraining(runs: dict[str, Path], tmp_path: Path,
-                                                                              mnist_root: Path, next_round: int) -> None:
+                                                                              data_root: Path, next_round: int) -> None:
     run_dir = tmp_path / "fednas"
     shutil.copytree(runs["fednas"], run_dir)
     for ckpt in (run_dir / "checkpoints").glob("round-*.pt"):
         if int(ckpt.stem.split("-")[1]) > next_round:
             ckpt.unlink()
     (run_dir / "model.pt").unlink()
-    proc = launch(tiny_overrides(mnist_root, tmp_path, "fednas") + COMMON + ALGORITHMS["fednas"]
+    proc = launch(tiny_overrides(data_root, tmp_path, "fednas") + COMMON + ALGORITHMS["fednas"]
                   + ["algorithm.name=fednas", "--resume"], np=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     want = torch.load(runs["fednas"] / "model.pt", weights_only=False)["state_dict"]

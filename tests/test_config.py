@@ -1,6 +1,8 @@
 """Typed, frozen configuration: YAML in, one-line ConfigErrors naming the field for every mistake."""
 
 import dataclasses
+import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -8,7 +10,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmetanas.config import Config, ConfigError, config_from_dict, load_config, section_classes, to_dict
+from fedmetanas.config import (MIN_COLLECTIVE_TIMEOUT_S, TAU_FLOOR, Config, ConfigError, _UniqueKeyLoader,
+                               config_from_dict, load_config, section_classes, to_dict)
+from fedmetanas.search.genotypes import DARTS_V2
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -354,3 +358,145 @@ def test_config_from_dict_returns_a_config_or_raises_config_error(data):
     else:
         assert isinstance(cfg, Config)
         assert repr(config_from_dict(to_dict(cfg))) == repr(cfg)  # repr: NaN never equals itself
+
+
+# -- hostile values (issue 10): each refused at load, naming the field ---------------------------
+def _float_fields() -> list[str]:
+    """Every float field of every section, as section.key."""
+    out = []
+    for name, cls in section_classes().items():
+        out += [f"{name}.{key}" for key, tp in typing.get_type_hints(cls).items() if tp is float]
+    return out
+
+
+@pytest.mark.parametrize("field", _float_fields())
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_no_float_setting_accepts_infinity_or_nan(field, value):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(field)}: .* not a finite number"):
+        load_config(None, [f"{field}={value}"])
+
+
+def test_the_float_fields_include_every_learning_rate():
+    lrs = {f for f in _float_fields() if "lr" in f.split(".")[1]}
+    assert {"algorithm.inner_lr_w", "algorithm.meta_lr_alpha", "algorithm.reptile_lr_w", "fednas.lr_w",
+            "fednas.lr_alpha", "fedavg.lr", "personalize.lr"} <= lrs
+
+
+def test_an_infinite_dirichlet_alpha_is_named_and_points_to_the_iid_partition():
+    with pytest.raises(ConfigError, match=r"^data\.dirichlet_alpha: .*data\.partition: iid"):
+        load_config(None, ["data.dirichlet_alpha=.inf"])
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**40])
+def test_a_seed_outside_32_bits_is_rejected_instead_of_aliasing_another(seed):
+    with pytest.raises(ConfigError, match=r"federated\.seed: .*0\.\.4294967295"):
+        load_config(None, [f"federated.seed={seed}"])
+
+
+@pytest.mark.parametrize("seed", [0, 2**32 - 1])
+def test_the_seed_range_ends_are_accepted(seed):
+    assert load_config(None, [f"federated.seed={seed}"]).federated.seed == seed
+
+
+@pytest.mark.parametrize("overrides", [["search.tau_min=1e-300", "search.tau_max=1e-300"], ["search.tau_min=0.0005"]])
+def test_a_temperature_below_the_floor_is_rejected(overrides):
+    with pytest.raises(ConfigError, match=rf"search\.tau_(min|max): .*>= {TAU_FLOOR:g}"):
+        load_config(None, overrides)
+
+
+def test_the_temperature_floor_itself_is_accepted():
+    cfg = load_config(None, [f"search.tau_min={TAU_FLOOR}"])
+    assert cfg.search.tau_min == TAU_FLOOR
+
+
+@pytest.mark.parametrize("value", ["1e-9", "0.5", "4.9"])
+def test_a_collective_timeout_below_the_minimum_is_named(value):
+    with pytest.raises(ConfigError, match=rf"runtime\.collective_timeout_s: .*>= {MIN_COLLECTIVE_TIMEOUT_S:g}"):
+        load_config(None, [f"runtime.collective_timeout_s={value}"])
+
+
+def test_a_key_repeated_in_the_yaml_file_is_named_with_both_lines(tmp_path):
+    path = _write(tmp_path, "federated:\n  rounds: 3\n  seed: 1\n  rounds: 5\n")
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    assert str(path) in str(info.value) and "'rounds'" in str(info.value) and "lines 2 and 4" in str(info.value)
+
+
+def test_a_repeated_section_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="'federated' appears twice"):
+        load_config(_write(tmp_path, "federated: {rounds: 3}\nmodel: {layers: 2}\nfederated: {seed: 1}\n"))
+
+
+def test_a_yaml_merge_key_may_still_be_overridden(tmp_path):
+    path = _write(tmp_path, "base: &b {rounds: 3, seed: 1}\n")
+    data = yaml.load(path.read_text() + "federated: {<<: *b, rounds: 5}\n", Loader=_UniqueKeyLoader)  # noqa: S506
+
+    assert data["federated"] == {"rounds": 5, "seed": 1}
+
+
+def test_a_config_that_is_not_utf8_is_named_in_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("output:\n  name: caf\u00e9\n".encode("latin-1"))
+
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: not UTF-8 .*save the config as UTF-8"):
+        load_config(path)
+
+
+def test_personalization_without_a_local_test_split_is_refused():
+    with pytest.raises(ConfigError, match=r"data\.local_test_fraction is 0.*personalize\.steps"):
+        load_config(None, ["data.local_test_fraction=0"])
+
+
+def test_no_local_test_split_is_fine_without_personalization():
+    cfg = load_config(None, ["data.local_test_fraction=0", "personalize.steps=0"])
+    assert cfg.data.local_test_fraction == 0
+
+
+def _genotype(**changes) -> str:
+    return DARTS_V2._replace(**changes).to_string()
+
+
+@pytest.mark.parametrize(("genotype", "expected"), [
+    (_genotype(normal=[[("sep_conv_3x3", 0), ("sep_conv_9x9", 1)]] + DARTS_V2.normal[1:]), "unknown op 'sep_conv_9x9'"),
+    (_genotype(normal=[[("none", 0), ("sep_conv_3x3", 1)]] + DARTS_V2.normal[1:]), "unknown op 'none'"),
+    (_genotype(normal=DARTS_V2.normal[:3] + [[("skip_connect", 0), ("dil_conv_3x3", 5)]]), "input 5 out of range"),
+    (_genotype(reduce=[[("max_pool_3x3", -1), ("max_pool_3x3", 1)]] + DARTS_V2.reduce[1:]), "input -1 out of range"),
+    (_genotype(normal_concat=[2, 3, 4, 9]), "normal_concat [2, 3, 4, 9]"),
+    (_genotype(reduce=DARTS_V2.reduce[:2], reduce_concat=[2, 3]), "the normal cell has 4 nodes but the reduce cell 2"),
+])
+def test_a_genotype_architecture_is_checked_at_load(genotype, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["algorithm.name=fedavg", f"fedavg.architecture={genotype}"])
+
+    assert str(info.value).startswith("fedavg.architecture: ") and expected in str(info.value)
+
+
+def test_a_genotype_without_the_reduce_cell_its_network_needs_is_refused():
+    normal_only = "{'normal': [[('conv_3x3', 0), ('skip_connect', 1)]], 'normal_concat': [2]}"
+    with pytest.raises(ConfigError, match=r"fedavg\.architecture: the genotype has no reduce cell"):
+        load_config(None, ["algorithm.name=fedavg", "model.layers=3", f"fedavg.architecture={normal_only}"])
+    cfg = load_config(None, ["algorithm.name=fedavg", "model.layers=1", f"fedavg.architecture={normal_only}"])
+    assert cfg.fedavg.architecture == normal_only
+
+
+def test_a_genotype_override_with_commas_survives_the_command_line():
+    # What the shell passes for fedavg.architecture="{...}": the quotes are gone, the commas stay.
+    text = DARTS_V2.to_string()
+
+    cfg = load_config(None, [f"fedavg.architecture={text}"])
+
+    assert cfg.fedavg.architecture == text
+
+
+@pytest.mark.parametrize("name", [".", "..", "../x", "a/../../b", "/abs/dir", "", "a//b", "./a", "x" * 256])
+def test_a_run_name_that_would_leave_output_dir_is_refused(name):
+    with pytest.raises(ConfigError, match=r"^output\.name \(--name\): "):
+        load_config(None, [f"output.name={name}"])
+
+
+@pytest.mark.parametrize(("name", "expected"), [("demo", "demo"), ("sweep/alpha-0.5", "sweep/alpha-0.5"),
+                                                ("2024", "2024"), ("yes", "yes"), ("x" * 255, "x" * 255)])
+def test_a_run_name_is_taken_as_text(name, expected):
+    assert load_config(None, [f"output.name={name}"]).output.name == expected

@@ -1,4 +1,4 @@
-"""End to end, as a user runs it: `launch/main.py` on real MNIST, plain and under mpirun."""
+"""End to end, as a user runs it: `launch/main.py` on real Fashion-MNIST, plain and under mpirun."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from tests.helpers import REPO, launch, tiny_overrides
 
 
 @pytest.fixture(scope="module")
-def tiny_run(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def tiny_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """One finished 2-round search (world size 1), shared by the tests that inspect its output."""
     out = tmp_path_factory.mktemp("runs")
-    proc = launch(tiny_overrides(mnist_root, out, "tiny"))
+    proc = launch(tiny_overrides(data_root, out, "tiny"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out / "tiny", proc.stdout
 
@@ -33,7 +33,7 @@ def test_a_two_round_search_writes_log_config_genotype_and_model(tiny_run: tuple
 
 
 def test_the_saved_discrete_model_reproduces_the_logged_final_accuracy(tiny_run: tuple[Path, str],
-                                                                      mnist_root: Path) -> None:
+                                                                      data_root: Path) -> None:
     from fedmetanas.config import config_from_dict
     from fedmetanas.data.datasets import load_dataset
     from fedmetanas.federated.evaluation import evaluate
@@ -44,7 +44,7 @@ def test_the_saved_discrete_model_reproduces_the_logged_final_accuracy(tiny_run:
     run_dir, _ = tiny_run
     saved = torch.load(run_dir / "discrete_model.pt", weights_only=False)
     cfg = config_from_dict(saved["config"])
-    _, test = load_dataset(cfg.data.name, str(mnist_root), False)
+    _, test = load_dataset(cfg.data.name, str(data_root), False)
     genotype = Genotype.from_string(saved["genotype"])
     net = DiscreteNet.from_supernet(build_supernet(cfg, test.in_channels, test.num_classes), genotype)
     net.load_state_dict(saved["state_dict"])
@@ -84,10 +84,10 @@ def _final_state(run_dir: Path) -> tuple[dict[str, np.ndarray], str]:
 
 
 @pytest.mark.mpi
-def test_the_search_is_the_same_on_one_and_two_ranks(mnist_root: Path, tmp_path: Path) -> None:
+def test_the_search_is_the_same_on_one_and_two_ranks(data_root: Path, tmp_path: Path) -> None:
     results = {}
     for np_ in (1, 2):
-        proc = launch(tiny_overrides(mnist_root, tmp_path, f"np{np_}"), np=np_)
+        proc = launch(tiny_overrides(data_root, tmp_path, f"np{np_}"), np=np_)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[np_] = _final_state(tmp_path / f"np{np_}")
     (a1, g1), (a2, g2) = results[1], results[2]
@@ -97,3 +97,19 @@ def test_the_search_is_the_same_on_one_and_two_ranks(mnist_root: Path, tmp_path:
         assert np.abs(a1[name] - a2[name]).max() <= 1e-6, name
     # The run must have moved the architecture: otherwise equality would prove nothing.
     assert max(np.abs(v).max() for v in a1.values()) > 1e-2
+
+
+def test_a_one_layer_network_reports_only_its_normal_cell(data_root: Path, tmp_path: Path) -> None:
+    """Issue 10: with model.layers=1 genotype.txt reported a reduce cell decoded from untrained alphas."""
+    from fedmetanas import cli
+
+    args = tiny_overrides(data_root, tmp_path, "one") + ["model.layers=1", "model.reduction_layers=null",
+                                                          "federated.rounds=1", "personalize.steps=0"]
+    assert cli.main(args) == 0
+
+    text = (tmp_path / "one" / "genotype.txt").read_text()
+    genotype = Genotype.from_string(text)
+    assert genotype.cells == ("normal",) and "reduce" not in text
+    with h5py.File(tmp_path / "one" / "trajectory.h5", "r") as f:
+        assert all("reduce" not in g.decode() for g in f["rounds/genotype"][()])
+        assert "reduce" not in f["final"].attrs["genotype"]

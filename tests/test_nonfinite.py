@@ -31,8 +31,8 @@ def poison_client(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(FedMetaNAS, "local_update", local_update)
 
 
-def test_a_nonfinite_client_is_excluded_and_logged(poison_client: None, mnist_root: Path, tmp_path: Path) -> None:
-    code = cli.main(tiny_overrides(mnist_root, tmp_path) + ["federated.nonfinite=exclude"])
+def test_a_nonfinite_client_is_excluded_and_logged(poison_client: None, data_root: Path, tmp_path: Path) -> None:
+    code = cli.main(tiny_overrides(data_root, tmp_path) + ["federated.nonfinite=exclude"])
     assert code == 0
     with h5py.File(tmp_path / "tiny" / "trajectory.h5", "r") as f:
         excluded = f["rounds/excluded"][()]
@@ -43,9 +43,34 @@ def test_a_nonfinite_client_is_excluded_and_logged(poison_client: None, mnist_ro
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-def test_a_nonfinite_client_stops_the_run_when_asked(poison_client: None, mnist_root: Path, tmp_path: Path,
+def test_a_nonfinite_client_stops_the_run_when_asked(poison_client: None, data_root: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli.main(tiny_overrides(mnist_root, tmp_path) + ["federated.nonfinite=stop"])
+    code = cli.main(tiny_overrides(data_root, tmp_path) + ["federated.nonfinite=stop"])
     err = capsys.readouterr().err
     assert code == 3
     assert f"client(s) [{POISONED}]" in err and "federated.nonfinite" in err
+
+
+@pytest.fixture
+def poison_every_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every client diverges, as algorithm.inner_lr_w=.inf once made them (now refused at load)."""
+    original = FedMetaNAS.local_update
+
+    def local_update(self, model, task, ctx):
+        result = original(self, model, task, ctx)
+        with torch.no_grad():
+            model.weights()[0].view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(FedMetaNAS, "local_update", local_update)
+
+
+def test_a_round_that_excluded_every_client_fails_with_exit_3(poison_every_client: None, data_root: Path,
+                                                              tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 10: every round excluded every client, and the run printed the untrained model's accuracy."""
+    code = cli.main(tiny_overrides(data_root, tmp_path) + ["federated.nonfinite=exclude"])
+    captured = capsys.readouterr()
+    errors = [ln for ln in captured.err.splitlines() if ln.startswith("error:")]
+    assert code == 3, captured.err[-2000:]
+    assert len(errors) == 1 and "round 1" in errors[0] and "NaN/Inf" in errors[0]
+    assert "accuracy" not in captured.out  # no result is printed for a model that never trained

@@ -17,11 +17,11 @@ EXTRA = ["algorithm.name=perfedavg", f"federated.rounds={ROUNDS}", "checkpoint.k
 
 
 @pytest.fixture(scope="module")
-def runs(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+def runs(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     out = tmp_path_factory.mktemp("perfedavg")
     dirs = {}
     for np in (1, 2):
-        proc = launch(tiny_overrides(mnist_root, out, f"np{np}") + EXTRA, np=np)
+        proc = launch(tiny_overrides(data_root, out, f"np{np}") + EXTRA, np=np)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "trained net test accuracy" in proc.stdout
         dirs[np] = out / f"np{np}"
@@ -45,7 +45,7 @@ def test_perfedavg_gives_the_same_model_on_one_and_two_ranks(runs: dict[int, Pat
 
 
 def test_perfedavg_resumes_bit_identically_from_a_mid_run_checkpoint(runs: dict[int, Path], tmp_path: Path,
-                                                                       mnist_root: Path) -> None:
+                                                                       data_root: Path) -> None:
     run_dir = tmp_path / "np2"
     shutil.copytree(runs[2], run_dir)
     for ckpt in (run_dir / "checkpoints").glob("round-*.pt"):
@@ -53,7 +53,7 @@ def test_perfedavg_resumes_bit_identically_from_a_mid_run_checkpoint(runs: dict[
             ckpt.unlink()
     (run_dir / "model.pt").unlink()
 
-    proc = launch(tiny_overrides(mnist_root, tmp_path, "np2") + EXTRA + ["--resume"], np=2)
+    proc = launch(tiny_overrides(data_root, tmp_path, "np2") + EXTRA + ["--resume"], np=2)
 
     assert proc.returncode == 0, proc.stderr[-3000:]
     want, got = _model(runs[2]), _model(run_dir)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import MPIRUN, REPO, launch, tiny_overrides
+from tests.helpers import launch, tiny_overrides
+from tests.helpers import rank_pid as _rank_pid
+from tests.helpers import start as _start
+from tests.helpers import wait_for as _wait_for
 
 ROUNDS = 4
 
@@ -30,25 +31,10 @@ def _final(run_dir: Path) -> tuple[dict[str, np.ndarray], str]:
     return ({k: v.numpy() for k, v in saved["state_dict"].items()}, (run_dir / "genotype.txt").read_text())
 
 
-def _start(args: list[str], np_: int) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [str(MPIRUN), "-np", str(np_), sys.executable, str(REPO / "launch" / "main.py"), *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
-def reference(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, np.ndarray], str]:
+def reference(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, np.ndarray], str]:
     out = tmp_path_factory.mktemp("ref")
-    proc = launch(_overrides(mnist_root, out, "ref"), np=2)
+    proc = launch(_overrides(data_root, out, "ref"), np=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return _final(out / "ref")
 
@@ -66,8 +52,8 @@ def _assert_identical(run_dir: Path, reference: tuple[dict[str, np.ndarray], str
 
 
 @pytest.mark.mpi
-def test_a_run_killed_inside_a_round_resumes_bit_identical(mnist_root: Path, tmp_path: Path, reference) -> None:
-    args = _overrides(mnist_root, tmp_path, "killed")
+def test_a_run_killed_inside_a_round_resumes_bit_identical(data_root: Path, tmp_path: Path, reference) -> None:
+    args = _overrides(data_root, tmp_path, "killed")
     proc = _start(args, 2)
     # Kill every rank (SIGKILL: no handler runs) as soon as round 2's checkpoint lands, i.e. in round 3.
     _wait_for(tmp_path / "killed" / "checkpoints" / "round-000002.pt", proc)
@@ -82,9 +68,9 @@ def test_a_run_killed_inside_a_round_resumes_bit_identical(mnist_root: Path, tmp
 
 
 @pytest.mark.mpi
-def test_a_preemption_signal_checkpoints_exits_75_and_resumes_bit_identical(mnist_root: Path, tmp_path: Path,
+def test_a_preemption_signal_checkpoints_exits_75_and_resumes_bit_identical(data_root: Path, tmp_path: Path,
                                                                            reference) -> None:
-    args = _overrides(mnist_root, tmp_path, "preempted")
+    args = _overrides(data_root, tmp_path, "preempted")
     proc = _start(args, 2)
     _wait_for(tmp_path / "preempted" / "checkpoints" / "round-000001.pt", proc)
     os.killpg(proc.pid, signal.SIGUSR1)  # as SLURM's --signal delivers it to every task
@@ -99,17 +85,17 @@ def test_a_preemption_signal_checkpoints_exits_75_and_resumes_bit_identical(mnis
     _assert_identical(tmp_path / "preempted", reference)
 
 
-def test_a_checkpoint_from_a_different_search_is_refused_naming_the_field(mnist_root: Path, tmp_path: Path) -> None:
-    first = launch(_overrides(mnist_root, tmp_path, "run") + ["federated.rounds=1"])
+def test_a_checkpoint_from_a_different_search_is_refused_naming_the_field(data_root: Path, tmp_path: Path) -> None:
+    first = launch(_overrides(data_root, tmp_path, "run") + ["federated.rounds=1"])
     assert first.returncode == 0, first.stderr[-2000:]
-    proc = launch(_overrides(mnist_root, tmp_path, "run") + ["--resume", "algorithm.inner_steps=2"])
+    proc = launch(_overrides(data_root, tmp_path, "run") + ["--resume", "algorithm.inner_steps=2"])
     assert proc.returncode == 2
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "algorithm.inner_steps" in errors[0]
 
 
-def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(mnist_root: Path, tmp_path: Path) -> None:
-    args = _overrides(mnist_root, tmp_path, "run") + ["federated.rounds=2"]
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(data_root: Path, tmp_path: Path) -> None:
+    args = _overrides(data_root, tmp_path, "run") + ["federated.rounds=2"]
     assert launch(args).returncode == 0
     ckpts = tmp_path / "run" / "checkpoints"
     newest = ckpts / "round-000002.pt"
@@ -119,27 +105,12 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(mnist_root: 
     assert "unreadable" in proc.stderr and "round-000001.pt" in proc.stderr
 
 
-def _rank_pid(run_name: str, rank: int) -> int:
-    """PID of one rank of a run (by its MPI rank variable), as a test would find it with ps."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes()
-            env = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"launch/main.py" in cmd and run_name.encode() in cmd and f"PMI_RANK={rank}".encode() in env:
-            return int(proc.name)
-    raise AssertionError(f"rank {rank} of {run_name} not found")
-
-
 @pytest.mark.mpi
-def test_a_hung_rank_is_named_by_the_survivor_within_the_timeout(mnist_root: Path, tmp_path: Path) -> None:
-    args = _overrides(mnist_root, tmp_path, "hung") + ["runtime.collective_timeout_s=8"]
+def test_a_hung_rank_is_named_by_the_survivor_within_the_timeout(data_root: Path, tmp_path: Path) -> None:
+    args = _overrides(data_root, tmp_path, "hung") + ["runtime.collective_timeout_s=8"]
     proc = _start(args, 2)
     _wait_for(tmp_path / "hung" / "checkpoints" / "round-000001.pt", proc)
-    hung = _rank_pid("hung", 1)
+    hung = _rank_pid(f"output.dir={tmp_path}", 1)
     os.kill(hung, signal.SIGSTOP)
     t = time.time()
     try:
@@ -153,3 +124,19 @@ def test_a_hung_rank_is_named_by_the_survivor_within_the_timeout(mnist_root: Pat
     assert errors and "rank 1 did not reach" in errors[0] and "--resume" in errors[0], stderr[-2000:]
     state = torch.load(tmp_path / "hung" / "checkpoints" / "round-000001.pt", weights_only=False)
     assert state["next_round"] >= 1
+
+
+def test_resume_finds_the_same_data_by_another_path(data_root: Path, tmp_path: Path) -> None:
+    """Issue 10: --resume with data.root naming the same data by another path was "a different search";
+    the data's identity is the partition's hash, not where the files lie."""
+    first = launch(_overrides(data_root, tmp_path, "run") + ["federated.rounds=1"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    elsewhere = tmp_path / "same-data"
+    elsewhere.symlink_to(data_root.resolve(), target_is_directory=True)
+
+    proc = launch(_overrides(elsewhere, tmp_path, "run") + ["federated.rounds=2", "--resume"])
+
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from" in proc.stderr
+    with h5py.File(tmp_path / "run" / "trajectory.h5", "r") as f:
+        assert f["rounds/round"][()].tolist() == [0, 1]

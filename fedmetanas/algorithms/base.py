@@ -190,6 +190,15 @@ class Algorithm:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
 
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        """Checks across its sections and the model's, at config load (raise ConfigError). Default: none."""
+
+    def batch_sizes(self) -> list[tuple[str, int, int]]:
+        """(field, batch size, share of a client's local train split it draws from) of every batch the
+        run draws, checked against the clients' splits once they exist (`check_batch_sizes`)."""
+        return []
+
     def phases(self) -> list[Phase]:
         """The phases in order, with their spans on the round counter."""
         raise NotImplementedError

@@ -13,7 +13,7 @@ import torch
 from fedmetanas.algorithms.base import Algorithm, Phase, Span
 from fedmetanas.algorithms.common import Forward, LocalContext, LocalResult, sgd_steps
 from fedmetanas.algorithms.phases import TrainPhase
-from fedmetanas.config import PersonalizeConfig, check_architecture
+from fedmetanas.config import Config, PersonalizeConfig, check_architecture, check_architecture_cells
 from fedmetanas.search.discrete import FixedNet
 from fedmetanas.search.relax import lr_factor
 
@@ -62,6 +62,14 @@ class FedAvgLocal:
         return model
 
 
+def fedavg_batches(cfg: Config) -> list[tuple[str, int, int]]:
+    """The batches FedAvg training draws: its own and, when clients personalize, personalization's."""
+    out = [("fedavg.batch_size", cfg.fedavg.batch_size, 1)]
+    if cfg.personalize.steps > 0:
+        out.append(("personalize.batch_size", cfg.personalize.batch_size, 1))
+    return out
+
+
 def fedavg_phase(algo: Algorithm, span: Span, architecture: str | None) -> TrainPhase:
     """A FedAvg training phase over `span`: cosine learning rate from `fedavg.lr` to `fedavg.lr_min`."""
     cfg, f = algo.cfg, algo.cfg.fedavg
@@ -78,6 +86,15 @@ class FedAvg(Algorithm):
 
     name = "fedavg"
     sections = {"fedavg": FedAvgConfig}
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        f, m = cfg.fedavg, cfg.model
+        check_architecture_cells("fedavg.architecture", f.architecture, f.layers or m.layers,
+                                 None if f.layers else m.reduction_layers, "fedavg.layers / model.layers")
+
+    def batch_sizes(self) -> list[tuple[str, int, int]]:
+        return fedavg_batches(self.cfg)
 
     def phases(self) -> list[Phase]:
         span = Span("train", "rounds", 0, self.cfg.federated.rounds)

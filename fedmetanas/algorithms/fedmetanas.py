@@ -102,6 +102,11 @@ class FedMetaNAS:
         return lambda x: task(x, arch)
 
 
+def dual_learner_batches(cfg: AlgorithmConfig) -> list[tuple[str, int, int]]:
+    """The dual learner's support and query batches."""
+    return [("algorithm.batch_size", cfg.batch_size, 1), ("algorithm.query_batch_size", cfg.query_batch_size, 1)]
+
+
 def dual_learner_lr_scale(cfg: AlgorithmConfig, rounds: int) -> Callable[[int], float]:
     """The dual learner's per-round factor on the weights' rates (`algorithm.lr_schedule` over `rounds`)."""
     return lambda rnd: lr_factor(cfg.lr_schedule, cfg.lr_min_factor, rnd, rounds)
@@ -113,6 +118,9 @@ class FedMetaNASAlgorithm(Algorithm):
 
     name = "fedmetanas"
     sections: dict[str, type] = {}  # its settings are the `algorithm` and `search` sections
+
+    def batch_sizes(self) -> list[tuple[str, int, int]]:
+        return dual_learner_batches(self.cfg.algorithm)
 
     def phases(self) -> list[Phase]:
         cfg, s = self.cfg, self.cfg.search

@@ -18,9 +18,10 @@ from torch import nn
 
 from fedmetanas.algorithms.base import Algorithm, Phase, Span
 from fedmetanas.algorithms.common import LocalContext, LocalResult, clip_weight_grads, draw_batch
-from fedmetanas.algorithms.fedavg import FedAvgConfig, fedavg_phase
+from fedmetanas.algorithms.fedavg import FedAvgConfig, fedavg_batches, fedavg_phase
 from fedmetanas.algorithms.phases import SearchPhase
-from fedmetanas.config import check_betas
+from fedmetanas.config import Config, ConfigError, check_betas
+from fedmetanas.search.genotypes import cell_kinds
 from fedmetanas.search.relax import lr_factor
 from fedmetanas.search.supernet import SuperNet, sample_arch
 
@@ -115,6 +116,23 @@ class FedNAS(Algorithm):
 
     name = "fednas"
     sections = {"fednas": FedNASConfig, "fedavg": FedAvgConfig}
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        """The retrained network (fedavg.layers) needs only cell kinds the searched one has."""
+        m, f = cfg.model, cfg.fedavg
+        layers = f.layers or m.layers
+        searched = cell_kinds(m.layers, m.reduction_layers)
+        missing = [k for k in cell_kinds(layers, None if f.layers else m.reduction_layers) if k not in searched]
+        if missing:
+            raise ConfigError(
+                f"fedavg.layers: the retrained network ({layers} layers) needs a {missing[0]} cell, which the "
+                f"searched network (model.layers: {m.layers}) does not have; search with more model.layers or "
+                "retrain with fewer fedavg.layers")
+
+    def batch_sizes(self) -> list[tuple[str, int, int]]:
+        """MiLeNAS draws its train and validation batches from halves of a client's split."""
+        return [("fednas.batch_size", self.cfg.fednas.batch_size, 2), *fedavg_batches(self.cfg)]
 
     def phases(self) -> list[Phase]:
         cfg, c = self.cfg, self.cfg.fednas

@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedmetanas.algorithms.base import Algorithm, Phase, Span
-from fedmetanas.algorithms.fedmetanas import FedMetaNAS, dual_learner_lr_scale
+from fedmetanas.algorithms.fedmetanas import FedMetaNAS, dual_learner_batches, dual_learner_lr_scale
 from fedmetanas.algorithms.phases import TrainPhase
-from fedmetanas.config import check_architecture
+from fedmetanas.config import Config, check_architecture, check_architecture_cells
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,15 @@ class PerFedAvg(Algorithm):
 
     name = "perfedavg"
     sections = {"perfedavg": PerFedAvgConfig}
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        p, m = cfg.perfedavg, cfg.model
+        check_architecture_cells("perfedavg.architecture", p.architecture, p.layers or m.layers,
+                                 None if p.layers else m.reduction_layers, "perfedavg.layers / model.layers")
+
+    def batch_sizes(self) -> list[tuple[str, int, int]]:
+        return dual_learner_batches(self.cfg.algorithm)
 
     def phases(self) -> list[Phase]:
         cfg, p = self.cfg, self.cfg.perfedavg

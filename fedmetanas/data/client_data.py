@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from fedmetanas.config import ConfigError
 from fedmetanas.data.datasets import TensorSplit
 from fedmetanas.runtime import to_device
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,3 +69,45 @@ def iterate_batches(split: TensorSplit, idx: torch.Tensor,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for start in range(0, int(idx.numel()), batch_size):
         yield split.batch(idx[start:start + batch_size])
+
+
+def _span(sorted_sizes: Sequence[int]) -> str:
+    lo, hi = sorted_sizes[0], sorted_sizes[-1]
+    return f"{lo}" if lo == hi else f"{lo}..{hi}"
+
+
+def check_batch_sizes(batches: Sequence[tuple[str, int, int]], train_sizes: Sequence[int]) -> list[str]:
+    """Refuse a batch size that no client can fill; warn (once per field) when only some clients cannot.
+
+    A batch never repeats a sample, so a client whose local train split is smaller than the batch uses its
+    whole split as every batch. Larger than every client's split is a mistake (a batch of 100000 made one
+    local step take minutes): refused. Larger than only the smallest splits is what a very non-IID
+    partition gives: those clients take their whole split, and the warning says so.
+
+    Args:
+        batches: (field, batch size, share of the split it draws from) as the algorithm's `batch_sizes()`.
+        train_sizes: each client's local train split size (ClientData.num_train).
+
+    Returns:
+        The warnings logged (empty when every client fills every batch).
+
+    Raises:
+        ConfigError: naming the field, the split sizes and the largest size that works.
+    """
+    warnings = []
+    for name, size, share in batches:
+        usable = sorted(n // share for n in train_sizes)
+        if not usable:
+            continue
+        what = "half of its local train split" if share == 2 else "local train split"
+        if size > usable[-1]:
+            raise ConfigError(
+                f"{name} ({size}) is larger than every client's {what} ({_span(usable)} samples), so each batch "
+                f"would be a whole split; use at most {usable[0]} (the smallest split)")
+        small = [n for n in usable if n < size]
+        if small:
+            text = (f"{name} ({size}) is larger than the {what} of {len(small)} of {len(usable)} clients: their "
+                    f"batches are their whole split ({_span(small)} samples)")
+            log.warning(text)
+            warnings.append(text)
+    return warnings

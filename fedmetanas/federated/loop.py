@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import math
-import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -39,10 +38,12 @@ from fedmetanas.federated.personalization import personalize_clients, summarize
 from fedmetanas.federated.scheduling import assign_to_ranks, sample_clients
 from fedmetanas.federated.setup import Setup, prepare
 from fedmetanas.reporting.hdf5 import logged_rounds
-from fedmetanas.rundir import LOG_NAME, RunDirError, prepare_run_dir
+from fedmetanas.data.client_data import check_batch_sizes
+from fedmetanas.rundir import LOG_NAME, RunDirError, RunLock, acquire_run_dir
 from fedmetanas.runtime import peak_memory_mib, synchronize
 from fedmetanas.search.genotypes import Genotype
 from fedmetanas.seeding import Purpose, torch_generator
+from fedmetanas.signals import StopFlag
 
 log = logging.getLogger(__name__)
 
@@ -64,27 +65,16 @@ class RunResult:
 
 
 class Preempted(RuntimeError):
-    """A signal (SIGTERM / SIGUSR1) asked the run to stop; a checkpoint of the last round was written."""
+    """A signal (SIGTERM, SIGUSR1, SIGINT) asked the run to stop; a checkpoint of the last round was written.
+    `signal_name` is the signal this rank received ("" where it reached another rank)."""
+
+    def __init__(self, message: str, signal_name: str = "") -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
 
 
 class NumericalFault(RuntimeError):
-    """A client's update held NaN/Inf and `federated.nonfinite: stop` was set."""
-
-
-class _StopFlag:
-    """Set from a signal handler; read once per round and shared with the other ranks via the all-reduce."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal_name = ""
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal handler signature
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
+    """A client's update held NaN/Inf and `federated.nonfinite: stop` was set, or every update was."""
 
 
 class Loop:
@@ -93,12 +83,16 @@ class Loop:
     def __init__(self, cfg: Config, ctx: DistContext) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.setup: Setup = prepare(cfg, ctx)
-        self.phases: list[Phase] = get_algorithm(cfg.algorithm.name)(cfg).phases()
+        algorithm = get_algorithm(cfg.algorithm.name)(cfg)
+        # Every rank checks the same clients: all fail alike, none waits for another.
+        check_batch_sizes(algorithm.batch_sizes(), [c.num_train for c in self.setup.clients])
+        self.phases: list[Phase] = algorithm.phases()
         self.total = self.phases[-1].span.end
         self.previous: PhaseOutcome | None = None  # the outcome the current phase started from
         self.start_round, self.wall_offset = 0, 0.0
         self.rows: list[tuple[str, dict[str, Any]]] = []  # (HDF5 table, row): replayed on resume
-        self.stop = _StopFlag()
+        self.stop = StopFlag()
+        self.lock: RunLock | None = None  # rank 0's hold on the run directory
         self.callbacks: list[Callback] = []
         self.executors: list[ClientExecutor] = []
         self._enter(0, None)
@@ -190,11 +184,18 @@ class Loop:
                 "rows": self.rows, "wall_time": wall_time, "config": to_dict(self.cfg),
                 "partition_hash": self.setup.partition_hash}
 
+    def _lock_and_resume(self) -> None:
+        """Rank 0 locks the run directory before anything is written (a second start of the same run
+        fails here); then every rank reads the checkpoint, if resuming."""
+        if self.ctx.is_main:
+            self.lock = acquire_run_dir(self.cfg.output)
+        self._resume()
+
     def _start(self) -> None:
-        """Rank 0: the run directory and the callbacks; the log is rebuilt from a resumed run's rows."""
+        """Rank 0: the callbacks; the log is rebuilt from a resumed run's rows."""
         if not self.ctx.is_main:
             return
-        out_dir = prepare_run_dir(self.cfg.output)
+        out_dir = self.lock.path
         s, cfg = self.setup, self.cfg
         attrs = {"config_yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False), **self.model_attrs, "world_size": self.ctx.world_size,
                  "algorithm": cfg.algorithm.name,
@@ -224,16 +225,18 @@ class Loop:
     def run(self) -> RunResult:
         """The round loop; returns the final evaluation (identical on every rank)."""
         try:
-            return self._run()
+            with self.stop:  # SIGTERM / SIGUSR1 / SIGINT: finish the round, checkpoint, stop
+                return self._run()
         finally:
             close_executors(self.executors)
+            if self.lock is not None:
+                self.lock.release()
 
     def _run(self) -> RunResult:
         t_start = time.perf_counter()
         # Every rank decides from the same files before rank 0 writes any (no rank sees rank 0's new log).
-        self._agree(self._resume)
+        self._agree(self._lock_and_resume)
         self._start()
-        self.stop.install()
         t_start -= self.wall_offset
         for rnd in range(self.start_round, self.total):
             plan = self.phase.round_plan(rnd)
@@ -244,7 +247,7 @@ class Loop:
             if stopping and rnd < self.total - 1:
                 self._emit("on_stop")
                 raise Preempted(f"stopped by {self.stop.signal_name or 'a signal on another rank'} after round "
-                                f"{rnd + 1}; checkpoint written, continue with --resume")
+                                f"{rnd + 1}; checkpoint written, continue with --resume", self.stop.signal_name)
         return self._finish(t_start)
 
     def _end_phase(self, plan: RoundPlan, row: dict[str, Any]) -> None:
@@ -308,6 +311,11 @@ class Loop:
             raise NumericalFault(
                 f"round {rnd + 1}: the update of client(s) {np.flatnonzero(excluded).tolist()} holds NaN/Inf; "
                 "lower the learning rates, or set federated.nonfinite: exclude to drop such updates")
+        if flags.any() and excluded[flags].all():
+            self._emit("on_stop")
+            raise NumericalFault(
+                f"round {rnd + 1}: every client's update held NaN/Inf and was excluded, so the model did not "
+                "change; lower the learning rates")
         if excluded.any():
             log.warning("round %d: excluded non-finite update(s) of client(s) %s", rnd + 1,
                         np.flatnonzero(excluded).tolist())
@@ -353,7 +361,10 @@ class Loop:
         final = phase.final_record(metrics, self.previous, time.perf_counter() - t_start)
         personal, summary = None, {}
         p = cfg.personalize
-        if p.steps > 0:
+        if p.steps > 0 and not any(c.test_idx.numel() for c in s.clients):
+            log.warning("personalization skipped: no client has a local test sample (data.local_test_fraction "
+                        "%g); raise it to measure personalization", cfg.data.local_test_fraction)
+        elif p.steps > 0:
             base = phase.personalize_base_lr()
             lr_scale = p.lr / base if p.lr > 0 and base > 0 else plan.lr_scale
             personal = personalize_clients(

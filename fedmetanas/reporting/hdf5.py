@@ -8,11 +8,15 @@ switches to SWMR mode and is flushed after every round, so another process can r
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import threading
+import time
+import weakref
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import h5py
 import numpy as np
@@ -30,6 +34,24 @@ def _as_array(value: Any) -> np.ndarray:
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8)
     return arr
+
+
+_OPEN: weakref.WeakSet[TrajectoryLog] = weakref.WeakSet()  # logs not closed yet, for close_open_logs
+_EXIT_HOOK = False  # close_open_logs registered with atexit (on the first log, not at import)
+
+
+def close_open_logs() -> None:
+    """Close every log this process still has open, so none is left in SWMR-write state.
+
+    A file closed while SWMR writing is on is marked consistent again; one left open when the process
+    dies keeps its "open for writing" flag, and a plain `h5py.File(path, "r")` then refuses it. Called
+    at interpreter exit, and by the CLI before it leaves with os._exit (which skips exit handlers).
+    """
+    for log_ in list(_OPEN):
+        try:
+            log_.close()
+        except Exception as err:  # noqa: BLE001 - closing the others matters more than this one's error
+            log.warning("could not close %s: %s", log_.path, err)
 
 
 class TrajectoryLog:
@@ -54,6 +76,11 @@ class TrajectoryLog:
         self._rows: dict[str, int] = {}
         self._names: dict[str, tuple[str, ...]] = {}
         self._file.flush()
+        global _EXIT_HOOK
+        if not _EXIT_HOOK:
+            _EXIT_HOOK = True
+            atexit.register(close_open_logs)
+        _OPEN.add(self)
 
     @property
     def rounds_written(self) -> int:
@@ -103,6 +130,7 @@ class TrajectoryLog:
         `datasets` (path -> array, e.g. "personalization/acc_after") as datasets."""
         if self._file is None:
             return
+        _OPEN.discard(self)
         self._file.close()
         self._file = None  # type: ignore[assignment]
         if final or datasets:
@@ -132,21 +160,95 @@ class NullLog:
         pass
 
 
+READ_TIMEOUT_S = 60.0  # longest wait for an SWMR read (a live run's log); a torn file would stall it forever
+T = TypeVar("T")
+
+
+class TornLogError(OSError):
+    """The log is cut short (truncated) or could not be read in time; the message says which."""
+
+
+def _stored_eof(path: Path) -> int | None:
+    """The file size an HDF5 superblock (version 2 or 3, at offset 0) records, or None if not that layout."""
+    with open(path, "rb") as fh:
+        head = fh.read(48)
+    if len(head) < 48 or head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (2, 3) or head[9] != 8:
+        return None
+    return int.from_bytes(head[28:36], "little")  # after base and extension addresses (8 bytes each)
+
+
+def read_log(path: str | Path, read: Callable[[h5py.File], T], timeout_s: float = READ_TIMEOUT_S) -> T:
+    """`read(file)` on the log opened for reading, never hanging on a torn file.
+
+    A closed log is opened plainly, so HDF5 itself checks that the file is whole: a truncated one fails
+    at once. A log still flagged as being written (a running run, or one killed before it closed the
+    file) can only be read in SWMR mode, where HDF5 retries metadata it cannot verify, on a torn file
+    forever: that read runs in a helper thread and is given up after `timeout_s`.
+
+    Raises:
+        TornLogError: the file is cut short, or the SWMR read did not finish within `timeout_s`.
+        BlockingIOError: a writer holds the file and has not switched to SWMR yet (no round written).
+        OSError: not a readable HDF5 file.
+    """
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except BlockingIOError:
+        raise
+    except OSError as err:
+        if "truncated file" in str(err):
+            stored = _stored_eof(path)
+            whole = f" of the {stored} its header records" if stored else ""
+            raise TornLogError(f"truncated: {path.stat().st_size} bytes{whole}") from None
+        if "already open" not in str(err):  # "file is already open for write": flagged as being written
+            raise
+    else:
+        with f:
+            return read(f)
+    stored, size = _stored_eof(path), path.stat().st_size
+    if stored is not None and stored > size:
+        time.sleep(0.5)  # a live writer may be between growing the file and writing its header: look again
+        stored, size = _stored_eof(path), path.stat().st_size
+        if stored is not None and stored > size:
+            raise TornLogError(f"truncated: {size} bytes of the {stored} its header records (cut short while "
+                               "it was being written)")
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            with h5py.File(path, "r", swmr=True) as live:
+                outcome["value"] = read(live)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            outcome["error"] = err
+
+    worker = threading.Thread(target=work, name=f"swmr-read {path.name}", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise TornLogError(f"not readable within {timeout_s:g} s: the file is flagged as being written and "
+                           "HDF5's SWMR read is stuck, so it is torn (cut short, or its writer died mid-write)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def read_rounds(path: str | Path, group: str = "rounds") -> dict[str, np.ndarray]:
     """All per-round datasets of a table (/rounds, or FedNAS's /retrain) of a (possibly still running)
     log, as arrays."""
-    with h5py.File(path, "r", swmr=True) as f:
+
+    def read(f: h5py.File) -> dict[str, np.ndarray]:
         if group not in f:
             return {}
         return {name: ds[()] for name, ds in f[group].items()}
 
+    return read_log(path, read)
 
-def logged_rounds(path: str | Path) -> int | None:
-    """Rounds a log holds: 0 if there is no file (or no round yet), None if it cannot be read."""
+
+def logged_rounds(path: str | Path, timeout_s: float = READ_TIMEOUT_S) -> int | None:
+    """Rounds a log holds: 0 if there is no file (or no round yet), None if it cannot be read (torn)."""
     if not Path(path).exists():
         return 0
     try:
-        with h5py.File(path, "r", swmr=True) as f:
-            return int(f["rounds/round"].shape[0]) if "rounds/round" in f else 0
-    except (OSError, KeyError, ValueError):
+        return read_log(path, lambda f: int(f["rounds/round"].shape[0]) if "rounds/round" in f else 0, timeout_s)
+    except (OSError, KeyError, ValueError, RuntimeError):
         return None

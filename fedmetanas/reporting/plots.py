@@ -313,13 +313,15 @@ def _draw_cell(ax: Axes, gene: list[list[tuple[str, int]]], concat: Sequence[int
 
 
 def genotype_cells(genotype: Genotype, title: str) -> Figure:
-    """The genotype's normal and reduction cells drawn as DAGs, edges labelled with their ops."""
-    layouts = [cell_layout(getattr(genotype, cell)) for cell in CELLS]
+    """The genotype's cells (normal and reduction, or the one its network has) drawn as DAGs, edges
+    labelled with their ops."""
+    cells = genotype.cells or CELLS
+    layouts = [cell_layout(getattr(genotype, cell)) for cell in cells]
     width = max(max(x for x, _ in p.values()) for p in layouts) / 2.0 + 1  # columns
-    fig, axes = _subplots(1, 2, figsize=(min(20.0, 2 * (1.0 + 1.6 * width)), 4.0))
+    fig, axes = _subplots(1, len(cells), figsize=(min(20.0, len(cells) * (1.0 + 1.6 * width)), 4.0), squeeze=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))  # fix the axes before arrows are placed in display coordinates
-    for ax, cell in zip(axes, CELLS):
+    for ax, cell in zip(axes[0], cells):
         _draw_cell(ax, getattr(genotype, cell), getattr(genotype, f"{cell}_concat"), f"{cell} cell")
     return fig
 

@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 
 from fedmetanas.reporting import plots
+from fedmetanas.reporting.hdf5 import READ_TIMEOUT_S, TornLogError, read_log
 from fedmetanas.search.genotypes import Genotype
 
 log = logging.getLogger(__name__)
@@ -137,15 +138,16 @@ def _personalized(f: h5py.File, rounds: dict[str, np.ndarray]) -> np.ndarray | N
     return None
 
 
-def load_run(path: str | Path, label: str | None = None) -> RunData:
+def load_run(path: str | Path, label: str | None = None, read_timeout_s: float = READ_TIMEOUT_S) -> RunData:
     """Read a trajectory log (finished, still running, or from a killed run).
 
     Args:
         path: a run's trajectory.h5.
         label: name of the run on the page (default: the run directory's name).
+        read_timeout_s: the longest wait for a log still flagged as being written (see hdf5.read_log).
 
     Raises:
-        ReportError: the file is missing, not HDF5, not a trajectory log, or not readable now.
+        ReportError: the file is missing, not HDF5, not a trajectory log, torn, or not readable now.
     """
     p = Path(path)
     if not p.exists():
@@ -159,29 +161,36 @@ def load_run(path: str | Path, label: str | None = None) -> RunData:
     if not is_hdf5:
         raise ReportError(f"{p}: not an HDF5 file; pass a run's trajectory log (runs/<name>/trajectory.h5)")
     notes: list[str] = []
+
+    def read(f: h5py.File) -> tuple[Any, ...]:
+        attrs = {k: _text(v) for k, v in f.attrs.items()}
+        if "format_version" not in attrs:
+            raise ReportError(f"{p}: an HDF5 file but not a fedmetanas trajectory log (no format_version "
+                              "attribute; see docs/hdf5.md)")
+        raw = _read_group(f, "rounds", notes)
+        part = _read_group(f, "partition", notes)
+        final = {k: _text(v) for k, v in f["final"].attrs.items()} if "final" in f else {}
+        # A writer killed mid-round may leave some datasets one row longer: keep the common rows.
+        n = min((len(v) for v in raw.values() if v.ndim), default=0)
+        rounds = {k: v[:n] for k, v in raw.items() if v.ndim}
+        personalized = _personalized(f, rounds)
+        raw_retrain = _read_group(f, "retrain", notes)
+        m = min((len(v) for v in raw_retrain.values() if v.ndim), default=0)
+        retrain = {k: v[:m] for k, v in raw_retrain.items() if v.ndim}
+        if retrain and not {"round", "wall_time", "discrete_acc", "discrete_loss"} <= set(retrain):
+            notes.append("The /retrain table lacks round, wall_time or accuracy: the retrained net is not drawn.")
+            retrain = {}
+        return attrs, part, final, n, rounds, personalized, retrain
+
     try:
-        with h5py.File(p, "r", swmr=True) as f:
-            attrs = {k: _text(v) for k, v in f.attrs.items()}
-            if "format_version" not in attrs:
-                raise ReportError(f"{p}: an HDF5 file but not a fedmetanas trajectory log (no format_version "
-                                  "attribute; see docs/hdf5.md)")
-            raw = _read_group(f, "rounds", notes)
-            part = _read_group(f, "partition", notes)
-            final = {k: _text(v) for k, v in f["final"].attrs.items()} if "final" in f else {}
-            # A writer killed mid-round may leave some datasets one row longer: keep the common rows.
-            n = min((len(v) for v in raw.values() if v.ndim), default=0)
-            rounds = {k: v[:n] for k, v in raw.items() if v.ndim}
-            personalized = _personalized(f, rounds)
-            raw_retrain = _read_group(f, "retrain", notes)
-            m = min((len(v) for v in raw_retrain.values() if v.ndim), default=0)
-            retrain = {k: v[:m] for k, v in raw_retrain.items() if v.ndim}
-            if retrain and not {"round", "wall_time", "discrete_acc", "discrete_loss"} <= set(retrain):
-                notes.append("The /retrain table lacks round, wall_time or accuracy: the retrained net is not drawn.")
-                retrain = {}
+        attrs, part, final, n, rounds, personalized, retrain = read_log(p, read, read_timeout_s)
     except BlockingIOError:
         raise ReportError(f"{p}: open for writing and not readable yet (a run becomes readable after its first "
                           "round); try again in a moment") from None
-    except OSError as err:
+    except TornLogError as err:
+        raise ReportError(f"{p}: {err}; copy the complete file from the run directory (a killed run's log is "
+                          "rebuilt by --resume)") from None
+    except (OSError, RuntimeError) as err:
         raise ReportError(f"{p}: unreadable HDF5 file ({str(err).splitlines()[0][:120]}); pass a run's "
                           "trajectory log") from None
     if str(attrs["format_version"]) != "1":
@@ -299,7 +308,8 @@ def _run_section(run: RunData, prefix: str) -> Section:
     if not run.num_rounds:
         section.notes.append("No round logged yet (the run has just started): only the partition is shown.")
     x = r["round"] + 1 if run.num_rounds else np.zeros(0)
-    for cell in CELLS:
+    cells = _cells_of(run)
+    for cell in cells:
         need = _missing(run, "tau", f"alpha_{cell}", f"mask_alpha_{cell}")
         if run.num_rounds and not need:
             section.planned.append(Planned(
@@ -310,7 +320,7 @@ def _run_section(run: RunData, prefix: str) -> Section:
                     r[f"mask_alpha_{cell}"], run.primitives, run.nodes, f"{run.label}: {cell} cell")))
         elif run.num_rounds:
             section.notes.append(f"Op probabilities, {cell} cell: the log lacks {', '.join(need)}.")
-    for cell in CELLS:
+    for cell in cells:
         if run.num_rounds and not _missing(run, "tau", f"beta_{cell}", f"mask_beta_{cell}"):
             section.planned.append(Planned(
                 f"{prefix}pairs_{cell}.png", f"{cell.capitalize()} cell: probability of each input pair of each node "
@@ -357,10 +367,19 @@ def _run_section(run: RunData, prefix: str) -> Section:
     return section
 
 
+def _cells_of(run: RunData) -> tuple[str, ...]:
+    """The cell kinds the run's network has, as its genotype tells (a 1-layer net has no reduce cell)."""
+    try:
+        return Genotype.from_string(run.genotype_text or "").cells or CELLS
+    except (ValueError, SyntaxError, KeyError, TypeError):
+        return CELLS
+
+
 def _graphviz(genotype: Genotype, prefix: str, section: Section) -> list[Planned]:
-    """DOT sources of both cells (always written, as links), and their Graphviz renderings where `dot` exists."""
+    """DOT sources of the genotype's cells (always written, as links), and their Graphviz renderings where
+    `dot` exists."""
     planned = []
-    for cell in CELLS:
+    for cell in genotype.cells:
         source = plots.genotype_dot(genotype, cell)
         section.texts[f"{prefix}genotype_{cell}.dot"] = source
         if shutil.which("dot"):
@@ -409,7 +428,7 @@ def describe_genotype(text: str) -> str:
     except (ValueError, SyntaxError, KeyError, TypeError):
         return text
     lines = []
-    for cell in CELLS:
+    for cell in genotype.cells:
         gene = getattr(genotype, cell)
         names = plots.state_names(len(gene))
         nodes = "; ".join(f"{j} = " + " + ".join(f"{op}({names[i]})" for op, i in node) for j, node in enumerate(gene))
@@ -497,7 +516,8 @@ def _unique_labels(paths: Sequence[Path], labels: Sequence[str] | None) -> list[
     return out
 
 
-def write_report(paths: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None) -> Path:
+def write_report(paths: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None,
+                 read_timeout_s: float = READ_TIMEOUT_S) -> Path:
     """Read the logs, write the figures and index.html into `out` (created), return the page's path.
 
     Only the report's own file names are written in `out` (existing ones are overwritten). With
@@ -506,7 +526,8 @@ def write_report(paths: Sequence[str | Path], out: str | Path, labels: Sequence[
     paths = [Path(p) for p in paths]
     if labels is not None and len(labels) != len(paths):
         raise ReportError(f"--label: {len(labels)} label(s) for {len(paths)} log(s); give one per log or none")
-    runs = [load_run(p, name) for p, name in zip(paths, _unique_labels(paths, labels))]  # all read before writing
+    runs = [load_run(p, name, read_timeout_s)  # all read before writing
+            for p, name in zip(paths, _unique_labels(paths, labels))]
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -535,11 +556,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--label", action="append", metavar="NAME",
                    help="name of a run on the page, once per log in order (default: its run directory)")
     p.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING)")
+    p.add_argument("--read-timeout", type=float, default=READ_TIMEOUT_S, metavar="SECONDS",
+                   help="longest wait for a log that is still being written (a torn one never finishes)")
     args = p.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(message)s", stream=sys.stderr)
     try:
-        index = write_report(args.logs, args.out, args.label)
+        index = write_report(args.logs, args.out, args.label, args.read_timeout)
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -15,9 +15,9 @@ import copy
 import torch
 from torch import nn
 
-from fedmetanas.search.genotypes import Genotype
+from fedmetanas.search.genotypes import Genotype, cell_kinds, default_reduction_layers, validate_genotype
 from fedmetanas.search.operations import OPS, FactorizedReduce, ReLUConvBN
-from fedmetanas.search.supernet import SuperNet, default_reduction_layers, edge_offsets
+from fedmetanas.search.supernet import SuperNet, edge_offsets
 from fedmetanas.search.tensor_lists import TensorListsModule
 
 
@@ -78,15 +78,16 @@ class DiscreteNet(FixedNet):
                       stem_multiplier: int = 3, reduction_layers: tuple[int, ...] | None = None,
                       stem_stride: int = 1) -> "DiscreteNet":
         """A freshly initialised network of the genotype's cells (weights from the global RNG: seed it)."""
-        if len(genotype.normal) != len(genotype.reduce):
-            raise ValueError("genotype: the normal and reduction cells need the same number of nodes")
-        for gene in (genotype.normal, genotype.reduce):
-            for node in gene:
-                for op, _ in node:
-                    if op not in OPS or op == "none":
-                        raise ValueError(f"genotype: op {op!r} cannot be built (known: {', '.join(OPS)}; not 'none')")
+        try:
+            validate_genotype(genotype, OPS)
+        except ValueError as err:
+            raise ValueError(f"genotype: {err}") from None
         if reduction_layers is None:
             reduction_layers = default_reduction_layers(layers)
+        missing = [k for k in cell_kinds(layers, reduction_layers) if k not in genotype.cells]
+        if missing:
+            raise ValueError(f"genotype: has no {missing[0]} cell, which a network of {layers} layer(s) with "
+                             f"reduction layers {list(reduction_layers)} needs")
         c_curr = stem_multiplier * channels
         stem = nn.Sequential(nn.Conv2d(in_channels, c_curr, 3, stride=stem_stride, padding=1, bias=False),
                              nn.BatchNorm2d(c_curr))

@@ -16,13 +16,10 @@ import torch
 from torch import nn
 
 from fedmetanas.runtime import to_device
-from fedmetanas.search.genotypes import Genotype
+from fedmetanas.search.genotypes import CELL_KINDS, Genotype, default_reduction_layers
 from fedmetanas.search.operations import OPS, FactorizedReduce, ReLUConvBN
 from fedmetanas.search.relax import RelaxMode, gumbel_noise, probabilities, relaxed_weights, sampled_onehot
 from fedmetanas.search.tensor_lists import TensorListsModule
-
-CELL_KINDS = ("normal", "reduce")
-
 
 def input_pairs(n_inputs: int) -> list[tuple[int, int]]:
     """Unordered pairs of a node's inputs, in the fixed order the pair logits use."""
@@ -36,11 +33,6 @@ def edge_offsets(nodes: int) -> list[int]:
 
 def num_edges(nodes: int) -> int:
     return sum(j + 2 for j in range(nodes))
-
-
-def default_reduction_layers(layers: int) -> tuple[int, ...]:
-    """DARTS's placement of the reduction cells: at a third and two thirds of the depth."""
-    return tuple(sorted({layers // 3, 2 * layers // 3})) if layers >= 2 else ()
 
 
 @dataclass
@@ -196,6 +188,12 @@ class SuperNet(TensorListsModule):
                 inc[j, p, a] = inc[j, p, b] = 1.0
         self.register_buffer("pair_incidence", inc, persistent=False)
 
+    @property
+    def cell_kinds(self) -> tuple[str, ...]:
+        """The cell kinds the network has: both logits exist, but only these are trained and decoded."""
+        kinds = {"reduce" if cell.reduction else "normal" for cell in self.cells}
+        return tuple(k for k in CELL_KINDS if k in kinds)
+
     # -- the two named parameter sets ---------------------------------------------------------
     @staticmethod
     def _is_alpha(name: str) -> bool:
@@ -319,9 +317,10 @@ def _best_op(probs_row: torch.Tensor, primitives: tuple[str, ...]) -> tuple[str,
 
 def derive_genotype(model: SuperNet, masks: ArchMasks, tau: float = 1.0) -> Genotype:
     """Discrete cells from the logits: with pairs, the most likely input pair per node and each
-    input's most likely op; without, DARTS's rule (the two strongest incoming edges)."""
-    cells = {}
-    for kind in CELL_KINDS:
+    input's most likely op; without, DARTS's rule (the two strongest incoming edges). Only the cell
+    kinds the network has: a kind it lacks (no reduction layer) is empty, its logits never trained."""
+    cells: dict[str, list[list[tuple[str, int]]]] = {k: [] for k in CELL_KINDS}
+    for kind in model.cell_kinds:
         # Pruned ops keep a fallback probability of 0 so an all-pruned-but-none edge still decodes.
         p_ops = probabilities(getattr(model, f"alpha_{kind}"), masks.ops[kind], tau)
         nodes = []
@@ -335,8 +334,8 @@ def derive_genotype(model: SuperNet, masks: ArchMasks, tau: float = 1.0) -> Geno
                 chosen = sorted(sorted(range(j + 2), key=lambda i: -strength[i])[:2])
             nodes.append([(_best_op(p_ops[off + i], model.primitives)[0], i) for i in chosen])
         cells[kind] = nodes
-    concat = list(range(2, 2 + model.nodes))
-    return Genotype(cells["normal"], concat, cells["reduce"], list(concat))
+    concat = {k: list(range(2, 2 + model.nodes)) if cells[k] else [] for k in CELL_KINDS}
+    return Genotype(cells["normal"], concat["normal"], cells["reduce"], concat["reduce"])
 
 
 def arch_from_genotype(model: SuperNet, genotype: Genotype) -> ArchSample:
@@ -345,6 +344,11 @@ def arch_from_genotype(model: SuperNet, genotype: Genotype) -> ArchSample:
     cells = []
     for kind in CELL_KINDS:
         gene = getattr(genotype, kind)
+        if not gene and kind not in model.cell_kinds:
+            # The network has no cell of this kind, so forward never reads it: an empty placeholder.
+            w = torch.zeros(tuple(model.alpha_normal.shape), device=device)
+            cells.append(CellArch(w, [[] for _ in range(w.shape[0])], None, [[] for _ in range(model.nodes)]))
+            continue
         if len(gene) != model.nodes:
             raise ValueError(f"genotype has {len(gene)} nodes per cell but the model has {model.nodes}")
         w = torch.zeros(tuple(model.alpha_normal.shape), device=device)

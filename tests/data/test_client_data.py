@@ -83,3 +83,58 @@ def test_a_batch_on_a_gpu_makes_no_host_sync_and_equals_the_cpu_batch(augment):
     assert syncs.count == 0
     x_cpu, y_cpu = sample_batch(split, idx, 16, torch.Generator().manual_seed(3), augment)
     assert torch.equal(y.cpu(), y_cpu) and torch.allclose(x.cpu(), x_cpu, atol=1e-6, rtol=0)
+
+
+# -- batch sizes against the clients' local splits (issue 10) ------------------------------------
+def _batches(*overrides: str) -> list[tuple[str, int, int]]:
+    """The batches the configured algorithm draws (its `batch_sizes()`)."""
+    from fedmetanas.algorithms import get_algorithm
+    from fedmetanas.config import load_config
+
+    cfg = load_config(None, list(overrides))
+    return get_algorithm(cfg.algorithm.name)(cfg).batch_sizes()
+
+
+def test_a_batch_larger_than_every_clients_split_is_refused_naming_the_field_and_the_size_that_works():
+    from fedmetanas.config import ConfigError
+    from fedmetanas.data.client_data import check_batch_sizes
+
+    with pytest.raises(ConfigError, match=r"^algorithm\.batch_size \(100000\) .*9561\.\.13501 .*at most 9561"):
+        check_batch_sizes(_batches("algorithm.batch_size=100000"), [12017, 12922, 13501, 9561])
+
+
+def test_a_batch_larger_than_only_some_splits_warns_once_with_their_effective_size(caplog):
+    from fedmetanas.data.client_data import check_batch_sizes
+
+    warnings = check_batch_sizes(_batches("algorithm.batch_size=40", "algorithm.query_batch_size=16"),
+                                 [100, 30, 35, 200])
+
+    assert warnings == ["algorithm.batch_size (40) is larger than the local train split of 2 of 4 clients: "
+                        "their batches are their whole split (30..35 samples)"]
+    assert [r.getMessage() for r in caplog.records] == warnings
+
+
+def test_batches_that_every_client_fills_pass_silently():
+    from fedmetanas.data.client_data import check_batch_sizes
+
+    assert check_batch_sizes(_batches(), [32, 33, 500]) == []
+
+
+@pytest.mark.parametrize(("algorithm", "fields"), [
+    ("fedmetanas", ["algorithm.batch_size", "algorithm.query_batch_size"]),
+    ("fednas", ["fednas.batch_size", "fedavg.batch_size", "personalize.batch_size"]),
+    ("fedavg", ["fedavg.batch_size", "personalize.batch_size"]),
+    ("perfedavg", ["algorithm.batch_size", "algorithm.query_batch_size"]),
+])
+def test_only_the_batches_the_algorithm_draws_are_checked(algorithm, fields):
+    assert [name for name, _, _ in _batches(f"algorithm.name={algorithm}")] == fields
+
+
+def test_milenas_batches_are_checked_against_half_of_each_split():
+    from fedmetanas.config import ConfigError
+    from fedmetanas.data.client_data import check_batch_sizes
+
+    batches = _batches("algorithm.name=fednas", "fednas.batch_size=60", "fedavg.batch_size=8",
+                       "personalize.batch_size=8")
+    with pytest.raises(ConfigError, match=r"fednas\.batch_size \(60\) is larger than every client's half"):
+        check_batch_sizes(batches, [100, 110])

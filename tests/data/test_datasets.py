@@ -17,7 +17,6 @@ from fedmetanas.data import fetch
 from fedmetanas.data.datasets import DATASET_NAMES, TensorSplit, load_dataset
 from fedmetanas.data.errors import DataError
 
-SHARED_MNIST = Path("/work/shared/data/mnist")
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
@@ -364,21 +363,11 @@ def test_fetch_fashion_without_root_unpacks_the_deb_under_root(tmp_path, monkeyp
 
 
 # ---------------------------------------------------------------------------------------------
-# The real data, where this machine has it
+# The real data the repository's set-up provides (`make data`; conftest's data_root)
 
 
-@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="no shared MNIST copy on this machine")
-def test_real_mnist_has_60000_train_10000_test_and_the_published_mean(tmp_path):
-    fetch.fetch_mnist_from(SHARED_MNIST, tmp_path)
-    train, test = load_dataset("mnist", str(tmp_path), download=False)
-    assert (len(train), len(test)) == (60000, 10000)
-    assert train.images.float().mean().item() / 255 == pytest.approx(0.1307, abs=5e-4)
-    assert sorted(train.labels.unique().tolist()) == list(range(10))
-
-
-@pytest.mark.skipif(not fetch.DEBIAN_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
-def test_real_fashion_mnist_from_the_debian_package_has_60000_plus_10000(tmp_path):
-    fetch.fetch_fashion_mnist(tmp_path)
-    train, test = load_dataset("fashion_mnist", str(tmp_path), download=False)
+def test_the_repositorys_fashion_mnist_has_60000_train_10000_test_and_the_published_mean(data_root):
+    train, test = load_dataset("fashion_mnist", str(data_root), download=False)
     assert (len(train), len(test)) == (60000, 10000)
     assert train.images.float().mean().item() / 255 == pytest.approx(0.2860, abs=5e-4)
+    assert sorted(train.labels.unique().tolist()) == list(range(10))

@@ -1,14 +1,17 @@
 """The trajectory log: static facts at creation, one row per round, readable while it is written."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
 import pytest
 
-from fedmetanas.reporting.hdf5 import FORMAT_VERSION, NullLog, TrajectoryLog, read_rounds
+from fedmetanas.reporting.hdf5 import (FORMAT_VERSION, NullLog, TornLogError, TrajectoryLog, close_open_logs,
+                                       logged_rounds, read_log, read_rounds)
 
 ATTRS = {"config": {"federated": {"rounds": 3}, "model": {"primitives": ["conv_3x3"]}}, "name": "unit", "seed": 7}
 STATIC = {"partition/class_counts": np.arange(12).reshape(3, 4), "partition/names": "dirichlet"}
@@ -196,3 +199,66 @@ def test_a_second_table_can_be_started_after_the_first_rows_and_both_stay_readab
         other = TrajectoryLog(tmp_path / "three.h5", ATTRS, STATIC)
         other.append({"round": 0, "acc": 0.5}, "retrain")
         other.append({"round": 1}, "retrain")
+
+
+# -- never left open, never a hang (issue 10) -----------------------------------------------------
+_KILLED_WRITER = """
+import os, signal, sys
+import numpy as np
+from fedmetanas.reporting.hdf5 import TrajectoryLog
+log = TrajectoryLog(sys.argv[1], {"name": "killed"}, {"partition/class_counts": np.ones((3, 4))})
+for r in range(int(sys.argv[2])):
+    log.append({"round": r, "loss": 1.0 / (r + 1), "alpha_normal": np.full((5, 7), r, dtype=np.float32),
+                "genotype": "g" * 40})
+if sys.argv[3] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)  # no handler, no clean-up: the file keeps its SWMR-write flag
+raise KeyboardInterrupt  # Ctrl-C escaping the program: the log is closed at exit
+"""
+
+
+def write_log_and_die(path, rounds: int = 30, how: str = "kill") -> None:
+    """A log whose writer died after `rounds` rounds: by SIGKILL, or by an uncaught KeyboardInterrupt."""
+    from tests.helpers import REPO
+
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(path), str(rounds), how], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0 and path.is_file(), proc.stderr
+
+
+def test_close_open_logs_leaves_a_file_a_plain_reader_opens(tmp_path):
+    log = TrajectoryLog(tmp_path / "run.h5", ATTRS, STATIC)
+    log.append(_record(0))  # now in SWMR-write mode
+
+    close_open_logs()
+
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        assert f["rounds/round"][()].tolist() == [0]
+    log.close()  # a second close is harmless
+
+
+def test_a_log_whose_program_died_of_ctrl_c_is_closed_at_exit(tmp_path):
+    write_log_and_die(tmp_path / "run.h5", 3, "interrupt")
+
+    with h5py.File(tmp_path / "run.h5", "r") as f:  # plain, not swmr=True
+        assert f["rounds/round"][()].tolist() == [0, 1, 2]
+
+
+def test_a_killed_writers_log_is_still_read_but_a_truncated_copy_is_torn_at_once(tmp_path):
+    path = tmp_path / "killed.h5"
+    write_log_and_die(path)
+    assert read_rounds(path)["round"].tolist() == list(range(30))
+
+    torn = tmp_path / "torn.h5"
+    torn.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(TornLogError, match="truncated"):
+        read_log(torn, lambda f: f["rounds/loss"][()])
+    assert logged_rounds(torn) is None
+
+
+def test_an_swmr_read_that_does_not_finish_is_given_up_after_the_timeout(tmp_path):
+    path = tmp_path / "killed.h5"
+    write_log_and_die(path, 2)
+
+    with pytest.raises(TornLogError, match="not readable within 0.3 s"):
+        read_log(path, lambda f: time.sleep(3), timeout_s=0.3)  # as HDF5 retrying a torn chunk forever

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,12 +38,12 @@ def _images(page: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_logs(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def tiny_logs(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """The logs of two tiny real searches (Dirichlet 0.5 and 0.1), run side by side."""
     out = tmp_path_factory.mktemp("runs")
     jobs = [("alpha05", "0.5"), ("alpha01", "0.1")]
     with ThreadPoolExecutor(len(jobs)) as pool:
-        procs = list(pool.map(lambda job: launch(tiny_overrides(mnist_root, out, job[0]) + [
+        procs = list(pool.map(lambda job: launch(tiny_overrides(data_root, out, job[0]) + [
             f"data.dirichlet_alpha={job[1]}", f"federated.rounds={ROUNDS}"]), jobs))
     for proc in procs:
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -254,3 +255,28 @@ def test_every_image_of_the_page_loads_in_headless_chromium(overlay_report: Path
     assert ok and total, proc.stdout[-1000:] + proc.stderr[-1000:]
     assert int(total.group(1)) == len(_images(overlay_report)) == len(ALWAYS_SHARED) + 2 * (len(PER_RUN) + len(GRAPHVIZ))
     assert int(ok.group(1)) == int(total.group(1))
+
+
+@pytest.mark.parametrize("writer", ["finished", "killed"])
+def test_a_truncated_log_is_one_error_line_never_a_hang(tiny_logs: list[Path], tmp_path: Path, writer: str) -> None:
+    """Issue 10: a log cut to half kept the report in an SWMR read forever. A finished log is closed (HDF5
+    checks its length); a killed writer's is still flagged as being written (SWMR read, bounded)."""
+    from tests.reporting.test_hdf5 import write_log_and_die
+
+    whole = tmp_path / "whole.h5"
+    if writer == "finished":
+        shutil.copy(tiny_logs[0], whole)
+    else:
+        write_log_and_die(whole)
+    torn = tmp_path / "run" / "trajectory.h5"
+    torn.parent.mkdir()
+    torn.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    cmd = [sys.executable, "-m", "fedmetanas.report", str(torn), "--out", str(tmp_path / "out"), "--read-timeout", "10"]
+    t = time.time()
+
+    proc = subprocess.run(cmd, cwd=REPO, check=False, capture_output=True, text=True, timeout=60)
+
+    assert time.time() - t < 30
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and str(torn) in errors[0] and "truncated" in errors[0] and "Traceback" not in proc.stderr

@@ -428,3 +428,51 @@ def test_discrete_net_from_a_hand_written_genotype_uses_the_named_ops():
 def test_arch_from_genotype_rejects_a_wrong_node_count():
     with pytest.raises(ValueError, match="nodes"):
         arch_from_genotype(_net(nodes=2), DARTS_V2)
+
+
+# -- a network without one kind of cell (issue 10: model.layers=1) --------------------------------
+def _one_layer_net(reduction_layers: tuple[int, ...] = ()) -> SuperNet:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return SuperNet(1, CLASSES, channels=4, layers=1, nodes=2, primitives=METANAS_PRIMITIVES, stem_multiplier=1,
+                        reduction_layers=reduction_layers, alpha_init_std=1.0, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(("reduction_layers", "kind", "absent"), [((), "normal", "reduce"), ((0,), "reduce", "normal")])
+def test_a_genotype_reports_only_the_cells_the_network_has(reduction_layers, kind, absent):
+    net = _one_layer_net(reduction_layers)
+
+    g = derive_genotype(net, net.initial_masks())
+
+    assert net.cell_kinds == (kind,) and g.cells == (kind,)
+    assert getattr(g, absent) == [] and getattr(g, f"{absent}_concat") == []
+    assert absent not in g.to_string() and Genotype.from_string(g.to_string()) == g
+
+
+def test_a_one_cell_genotype_runs_in_its_supernet_and_as_a_discrete_net():
+    net = _one_layer_net().eval()
+    g = derive_genotype(net, net.initial_masks())
+
+    with torch.no_grad():
+        expected = net(_x(), arch_from_genotype(net, g))
+        got = DiscreteNet.from_supernet(net, g).eval()(_x())
+
+    torch.testing.assert_close(got, expected)
+
+
+def test_a_genotype_lacking_a_cell_the_supernet_has_is_refused():
+    one_cell = derive_genotype(_one_layer_net(), _one_layer_net().initial_masks())
+
+    with pytest.raises(ValueError, match="nodes per cell"):
+        arch_from_genotype(_net(), one_cell)
+    with pytest.raises(ValueError, match="no reduce cell"):
+        DiscreteNet.from_genotype(one_cell, 1, CLASSES, channels=4, layers=3)
+
+
+def test_an_old_genotype_string_with_both_cells_still_parses():
+    old = ("{'normal': [[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)]], 'normal_concat': [2], "
+           "'reduce': [[('max_pool_3x3', 0), ('max_pool_3x3', 1)]], 'reduce_concat': [2]}")
+
+    g = Genotype.from_string(old)
+
+    assert g.cells == ("normal", "reduce") and g.to_string() == old

@@ -78,11 +78,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(slurm_cluster: LocalSlurm, mnist_root: Path, runs: Path) -> tuple[dict[str, np.ndarray], str]:
+def reference(slurm_cluster: LocalSlurm, data_root: Path, runs: Path) -> tuple[dict[str, np.ndarray], str]:
     """The CPU batch script (2 ranks, mpirun) run to its end, uninterrupted."""
     log = runs / "reference.out"
     job = _submit(slurm_cluster, "cpu_test.sbatch", log, RUN_NAME="reference",
-                  OVERRIDES=_overrides(mnist_root, runs), LAUNCHER="mpirun")
+                  OVERRIDES=_overrides(data_root, runs), LAUNCHER="mpirun")
     assert _wait_until_done(slurm_cluster, job, log) == "COMPLETED", _tail(log)
     assert slurm_cluster.job_field(job, "ExitCode") == "0:0", _tail(log)
     return _final(runs / "reference")
@@ -95,10 +95,10 @@ def test_the_cpu_batch_script_runs_a_two_rank_search_to_its_end(reference, runs:
     assert "on 2 rank(s)" in log
 
 
-def test_srun_without_mpi_runs_the_same_search(slurm_cluster: LocalSlurm, mnist_root: Path, runs: Path,
+def test_srun_without_mpi_runs_the_same_search(slurm_cluster: LocalSlurm, data_root: Path, runs: Path,
                                                reference) -> None:
     log = runs / "srun.out"
-    job = _submit(slurm_cluster, "cpu_test.sbatch", log, RUN_NAME="srun", OVERRIDES=_overrides(mnist_root, runs),
+    job = _submit(slurm_cluster, "cpu_test.sbatch", log, RUN_NAME="srun", OVERRIDES=_overrides(data_root, runs),
                   LAUNCHER="srun", SRUN_MPI="none")
     assert _wait_until_done(slurm_cluster, job, log) == "COMPLETED", _tail(log)
     assert "srun --mpi=none" in log.read_text()
@@ -106,11 +106,11 @@ def test_srun_without_mpi_runs_the_same_search(slurm_cluster: LocalSlurm, mnist_
     _assert_identical(runs / "srun", reference)
 
 
-def test_a_preempted_job_checkpoints_requeues_itself_and_ends_identical(slurm_cluster: LocalSlurm, mnist_root: Path,
+def test_a_preempted_job_checkpoints_requeues_itself_and_ends_identical(slurm_cluster: LocalSlurm, data_root: Path,
                                                                        runs: Path, reference) -> None:
     log = runs / "preempted.out"
     job = _submit(slurm_cluster, "cpu_test.sbatch", log, RUN_NAME="preempted",
-                  OVERRIDES=_overrides(mnist_root, runs), LAUNCHER="mpirun")
+                  OVERRIDES=_overrides(data_root, runs), LAUNCHER="mpirun")
     first = runs / "preempted" / "checkpoints" / "round-000001.pt"
     deadline = time.monotonic() + 180
     while not first.exists():
@@ -133,7 +133,7 @@ def test_a_preempted_job_checkpoints_requeues_itself_and_ends_identical(slurm_cl
     _assert_identical(runs / "preempted", reference)
 
 
-def test_the_single_node_gpu_script_runs_one_rank_per_gpu(slurm_cluster: LocalSlurm, mnist_root: Path, runs: Path,
+def test_the_single_node_gpu_script_runs_one_rank_per_gpu(slurm_cluster: LocalSlurm, data_root: Path, runs: Path,
                                                           reference) -> None:
     log, seen = runs / "gpu.out", runs / "gpu-seen.txt"
     python = runs / "python-recording-its-gpu"  # PYTHON is a setting of the scripts: wrap the venv's
@@ -141,7 +141,7 @@ def test_the_single_node_gpu_script_runs_one_rank_per_gpu(slurm_cluster: LocalSl
                       f'exec {REPO / ".venv" / "bin" / "python"} "$@"\n')
     python.chmod(0o755)
     job = _submit(slurm_cluster, "single_node.sbatch", log, *FIT_NODE, RUN_NAME="gpu", PYTHON=str(python),
-                  OVERRIDES=_overrides(mnist_root, runs))
+                  OVERRIDES=_overrides(data_root, runs))
     assert _wait_until_done(slurm_cluster, job, log) == "COMPLETED", _tail(log)
     assert "srun --mpi=none" in log.read_text()
     assert sorted(seen.read_text().splitlines()) == ["0 0", "1 1"]  # rank r alone sees GPU r
@@ -149,10 +149,10 @@ def test_the_single_node_gpu_script_runs_one_rank_per_gpu(slurm_cluster: LocalSl
     _assert_identical(runs / "gpu", reference)  # the stand-in GPUs are not CUDA devices: ranks use the CPU
 
 
-def test_the_sweep_array_runs_one_search_per_alpha(slurm_cluster: LocalSlurm, mnist_root: Path, runs: Path) -> None:
+def test_the_sweep_array_runs_one_search_per_alpha(slurm_cluster: LocalSlurm, data_root: Path, runs: Path) -> None:
     log = runs / "sweep-%a.out"
     array = _submit(slurm_cluster, "sweep_array.sbatch", log, *FIT_NODE, "--array=0-1", ALPHAS="0.1 1.0",
-                    RUN_PREFIX="sweep", OVERRIDES=_overrides(mnist_root, runs) + " federated.rounds=2")
+                    RUN_PREFIX="sweep", OVERRIDES=_overrides(data_root, runs) + " federated.rounds=2")
     for task, alpha in enumerate((0.1, 1.0)):
         task_log = runs / f"sweep-{task}.out"
         assert _wait_until_done(slurm_cluster, f"{array}_{task}", task_log) == "COMPLETED", _tail(task_log)

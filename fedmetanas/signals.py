@@ -1,0 +1,71 @@
+"""Signals that ask a run to stop: finish the round, write a checkpoint, exit (resume with --resume).
+
+SIGTERM and SIGUSR1 (a scheduler's preemption notice) and SIGINT (Ctrl-C) only set a flag that the
+round loop reads once per round and shares with the other ranks through its all-reduce, so every
+rank stops after the same round. Ctrl-C therefore no longer kills one rank mid-collective while the
+others wait for it until `runtime.collective_timeout_s`. A second Ctrl-C is for a user who will not
+wait for the round to end: it raises KeyboardInterrupt at once (the CLI exits 130; the last
+checkpoint written is kept).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a job ended by Ctrl-C
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: SIGTERM / SIGUSR1; slurm/launch.sh requeues on it
+
+
+def exit_code(signal_name: str) -> int:
+    """The CLI's exit code for a run stopped by `signal_name` ("SIGINT", "SIGTERM", "SIGUSR1", or "")."""
+    return EXIT_INTERRUPTED if signal_name == "SIGINT" else EXIT_PREEMPTED
+
+
+class StopFlag:
+    """Set from a signal handler; the round loop reads `requested` once per round.
+
+    Use as a context manager around the round loop (installs the handlers, restores the previous
+    ones on exit), or call `install()` / `uninstall()`.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
+        self.signals = signals
+        self.requested = False
+        self.signal_name = ""  # the first signal received here ("" until one arrives)
+        self.interrupts = 0  # SIGINTs received
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def install(self) -> None:
+        """Handle the stop signals from now on (main thread only: Python delivers signals there)."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal.signal would raise; a run driven from a thread (tests) just has no handler
+        for sig in self.signals:
+            if sig not in self._previous:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        """Put back the handlers that were there before `install`."""
+        while self._previous:
+            sig, handler = self._previous.popitem()
+            signal.signal(sig, handler)
+
+    def __enter__(self) -> StopFlag:
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:  # noqa: ARG002 - handler signature
+        name = signal.Signals(signum).name
+        if name == "SIGINT":
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now, without finishing the round
+        self.requested = True
+        if not self.signal_name:
+            self.signal_name = name
