@@ -13,9 +13,12 @@ export OMP_NUM_THREADS ?= 1
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt
+# The pinned dependencies, then the project itself (editable: launch/main.py, the benchmarks and the tests
+# import the installed package; no sys.path tricks).
+$(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
 # Real Fashion-MNIST, offline: Debian's dataset-fashion-mnist package, unpacked for torchvision.

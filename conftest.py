@@ -1,6 +1,2 @@
-"""Put the repository root on sys.path so tests import `fedmetanas` without installing it."""
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+"""The repository root holds this file so that pytest puts the root on sys.path (rootdir conftest):
+the tests import their shared helpers as `tests.helpers`. The package itself is installed (`make venv`)."""

@@ -31,9 +31,8 @@ import h5py
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from tests.helpers import launch  # noqa: E402
+from fedmetanas.launcher import launch
 
 METHODS = ("fedmetanas", "fednas", "fedavg")
 # The main comparison adds FedAvg on the FedAvg paper's CNN, and Per-FedAvg (FedMetaNAS's dual learner on

@@ -33,27 +33,26 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-from fedmetanas.runtime import configure_determinism  # noqa: E402
+from fedmetanas.runtime import configure_determinism
 
 configure_determinism(True)  # before any CUDA work: cuBLAS reads its workspace setting once
 
-from fedmetanas.algorithms.fedmetanas import FedMetaNAS, LocalContext, copy_state  # noqa: E402
-from fedmetanas.config import AlgorithmConfig  # noqa: E402
-from fedmetanas.data.datasets import TensorSplit  # noqa: E402
-from fedmetanas.federated.aggregation import add_weighted, aggregated_tensors, numel  # noqa: E402
-from fedmetanas.federated.executor import (  # noqa: E402
+from fedmetanas.algorithms.fedmetanas import FedMetaNAS, LocalContext, copy_state
+from fedmetanas.config import AlgorithmConfig
+from fedmetanas.data.datasets import TensorSplit
+from fedmetanas.federated.aggregation import add_weighted, aggregated_tensors, numel
+from fedmetanas.federated.executor import (
     ClientExecutor,
     close_executors,
     make_executors,
     run_clients,
 )
-from fedmetanas.runtime import count_syncs, peak_memory_mib, synchronize  # noqa: E402
-from fedmetanas.search.genotypes import METANAS_PRIMITIVES  # noqa: E402
-from fedmetanas.search.supernet import SuperNet  # noqa: E402
+from fedmetanas.runtime import count_syncs, peak_memory_mib, synchronize
+from fedmetanas.search.genotypes import METANAS_PRIMITIVES
+from fedmetanas.search.supernet import SuperNet
 
 MPIRUN = REPO / "scripts" / "mpirun.sh"
 
@@ -215,7 +214,7 @@ def run_overrides(device: str, quick: bool, out_dir: Path, name: str) -> list[st
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "4"))
+    return dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "4"))
 
 
 def launch(args: list[str], ranks: int = 1, timeout: float = 240, wait: bool = True) -> Any:

@@ -1,11 +1,11 @@
 """Kill-and-resume trials: SIGKILL a 2-rank search at random points, resume it, compare with an uninterrupted run.
 
-Each trial starts the same tiny search on real MNIST under mpirun, kills one random rank (or the whole
+Each trial starts the same tiny search on real Fashion-MNIST (`make data`) under mpirun, kills one random rank (or the whole
 job) with SIGKILL at a uniformly random time within the run's expected duration, checks whether the HDF5
 log left behind is still readable, then runs `--resume` (repeatedly, if needed) until the run finishes
 and compares its final weights, alphas and genotype bit for bit with an uninterrupted reference.
 
-    .venv/bin/python benchmarks/kill.py [--trials 20] [--mnist ../shared/data/mnist]
+    .venv/bin/python benchmarks/kill.py [--trials 20] [--data-root data]
 """
 
 from __future__ import annotations
@@ -24,10 +24,8 @@ import h5py
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from fedmetanas.data.fetch import fetch_mnist_from  # noqa: E402
-from tests.helpers import MPIRUN, launch, tiny_overrides  # noqa: E402
+from fedmetanas.launcher import command, launch, tiny_overrides
 
 
 def rank_pids(run_name: str) -> list[int]:
@@ -67,13 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--mnist", default=str(REPO.parent / "shared" / "data" / "mnist"))
+    p.add_argument("--data-root", default=str(REPO / "data"), help="Fashion-MNIST as `make data` writes it")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="killbench-"))
-    root = work / "data"
-    fetch_mnist_from(args.mnist, root)
+    root = Path(args.data_root).resolve()
 
     def overrides(name: str) -> list[str]:
         return tiny_overrides(root, work / "runs", name) + [f"federated.rounds={args.rounds}"]
@@ -85,11 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     ref_state, ref_genotype = final_state(work / "runs" / "reference")
 
     identical = unreadable = 0
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     for trial in range(args.trials):
         name = f"trial{trial:02d}"
-        cmd = [str(MPIRUN), "-np", "2", sys.executable, str(REPO / "launch" / "main.py"), *overrides(name)]
-        job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        job = subprocess.Popen(command(overrides(name), np=2), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
         delay = rng.uniform(0.1, duration)
         target = rng.choice(["rank0", "rank1", "job"])

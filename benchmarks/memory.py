@@ -16,9 +16,8 @@ from pathlib import Path
 import h5py
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from tests.helpers import launch  # noqa: E402
+from fedmetanas.launcher import launch
 
 
 def peak_mib(clients: int, out: Path) -> float:

@@ -21,14 +21,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedmetanas.config import load_config  # noqa: E402
-from fedmetanas.data.client_data import sample_batch  # noqa: E402
-from fedmetanas.dist import init_distributed, shutdown  # noqa: E402
-from fedmetanas.federated.loop import Loop  # noqa: E402
-from fedmetanas.seeding import Purpose, torch_generator  # noqa: E402
-from fedmetanas.search.supernet import sample_arch  # noqa: E402
+from fedmetanas.config import load_config
+from fedmetanas.data.client_data import sample_batch
+from fedmetanas.dist import init_distributed, shutdown
+from fedmetanas.federated.loop import Loop
+from fedmetanas.seeding import Purpose, torch_generator
+from fedmetanas.search.supernet import sample_arch
 
 
 def bare_round(sim: Loop, global_sd: dict[str, torch.Tensor], rnd: int, tau: float) -> dict[str, torch.Tensor]:

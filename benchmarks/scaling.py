@@ -21,9 +21,8 @@ import h5py
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from tests.helpers import launch  # noqa: E402
+from fedmetanas.launcher import launch
 
 
 def run_point(mode: str, np_: int, clients_per_rank: int, strong_clients: int, rounds: int, out: Path,

@@ -13,14 +13,12 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedmetanas.search.genotypes import resolve_primitives  # noqa: E402
-from fedmetanas.search.supernet import ArchMasks, SuperNet, sample_arch  # noqa: E402
+from fedmetanas.search.genotypes import resolve_primitives
+from fedmetanas.search.supernet import ArchMasks, SuperNet, sample_arch
 
 
 def pruned_masks(net: SuperNet, keep_ops: int, generator: torch.Generator) -> ArchMasks:

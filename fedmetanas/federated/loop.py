@@ -184,12 +184,12 @@ class Loop:
                 "rows": self.rows, "wall_time": wall_time, "config": to_dict(self.cfg),
                 "partition_hash": self.setup.partition_hash}
 
-    def _lock_and_resume(self) -> None:
-        """Rank 0 locks the run directory before anything is written (a second start of the same run
-        fails here); then every rank reads the checkpoint, if resuming."""
+    def _resume_and_lock(self) -> None:
+        """Every rank reads the checkpoint, if resuming (a refused resume writes nothing); then rank 0
+        locks the run directory before anything is written (a second start of the same run fails here)."""
+        self._resume()
         if self.ctx.is_main:
             self.lock = acquire_run_dir(self.cfg.output)
-        self._resume()
 
     def _start(self) -> None:
         """Rank 0: the callbacks; the log is rebuilt from a resumed run's rows."""
@@ -235,7 +235,7 @@ class Loop:
     def _run(self) -> RunResult:
         t_start = time.perf_counter()
         # Every rank decides from the same files before rank 0 writes any (no rank sees rank 0's new log).
-        self._agree(self._lock_and_resume)
+        self._agree(self._resume_and_lock)
         self._start()
         t_start -= self.wall_offset
         for rnd in range(self.start_round, self.total):
