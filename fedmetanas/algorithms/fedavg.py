@@ -12,8 +12,8 @@ import torch
 
 from fedmetanas.algorithms.base import Algorithm, Phase, Span
 from fedmetanas.algorithms.common import Forward, LocalContext, LocalResult, sgd_steps
-from fedmetanas.algorithms.phases import TrainPhase
-from fedmetanas.config import Config, PersonalizeConfig, check_architecture, check_architecture_cells
+from fedmetanas.algorithms.phases import TrainPhase, check_fixed_net
+from fedmetanas.config import Config, PersonalizeConfig, check_architecture
 from fedmetanas.search.discrete import FixedNet
 from fedmetanas.search.relax import lr_factor
 
@@ -89,9 +89,7 @@ class FedAvg(Algorithm):
 
     @classmethod
     def validate(cls, cfg: Config) -> None:
-        f, m = cfg.fedavg, cfg.model
-        check_architecture_cells("fedavg.architecture", f.architecture, f.layers or m.layers,
-                                 None if f.layers else m.reduction_layers, "fedavg.layers / model.layers")
+        check_fixed_net("fedavg", cfg)
 
     def batch_sizes(self) -> list[tuple[str, int, int]]:
         return fedavg_batches(self.cfg)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from fedmetanas.algorithms.base import Algorithm, Phase, Span
 from fedmetanas.algorithms.fedmetanas import FedMetaNAS, dual_learner_batches, dual_learner_lr_scale
-from fedmetanas.algorithms.phases import TrainPhase
-from fedmetanas.config import Config, check_architecture, check_architecture_cells
+from fedmetanas.algorithms.phases import TrainPhase, check_fixed_net
+from fedmetanas.config import Config, check_architecture
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,7 @@ class PerFedAvg(Algorithm):
 
     @classmethod
     def validate(cls, cfg: Config) -> None:
-        p, m = cfg.perfedavg, cfg.model
-        check_architecture_cells("perfedavg.architecture", p.architecture, p.layers or m.layers,
-                                 None if p.layers else m.reduction_layers, "perfedavg.layers / model.layers")
+        check_fixed_net("perfedavg", cfg)
 
     def batch_sizes(self) -> list[tuple[str, int, int]]:
         return dual_learner_batches(self.cfg.algorithm)

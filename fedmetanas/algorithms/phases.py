@@ -19,7 +19,7 @@ from torch import nn
 
 from fedmetanas.algorithms.base import Artifact, ModelInputs, Phase, PhaseOutcome, RoundPlan, Span
 from fedmetanas.algorithms.common import Forward, LocalContext, LocalResult
-from fedmetanas.config import Config, to_dict
+from fedmetanas.config import Config, check_architecture_cells, to_dict
 from fedmetanas.search.discrete import CNN, DiscreteNet, FixedNet
 from fedmetanas.search.genotypes import DARTS_V2, Genotype, resolve_primitives
 from fedmetanas.search.relax import RelaxMode, entropy, update_mask
@@ -70,6 +70,14 @@ def build_fixed(cfg: Config, genotype: Genotype | None, inputs: ModelInputs, cha
         return DiscreteNet.from_genotype(genotype, inputs.in_channels, inputs.num_classes, channels or m.channels,
                                          layers or m.layers, m.stem_multiplier,
                                          m.reduction_layers if not layers else None, m.stem_stride)
+
+
+def check_fixed_net(section: str, cfg: Config) -> None:
+    """`<section>.architecture` has every cell kind of the network `<section>.layers` (0: model.layers)
+    builds, as `build_fixed` lays it out (config load time: a missing cell fails before any data loads)."""
+    net, m = getattr(cfg, section), cfg.model
+    check_architecture_cells(f"{section}.architecture", net.architecture, net.layers or m.layers,
+                             None if net.layers else m.reduction_layers, f"{section}.layers / model.layers")
 
 
 class SearchPhase(Phase):
