@@ -146,3 +146,29 @@ def check_compatible(state: dict[str, Any], path: Path, config: dict[str, Any], 
         raise CheckpointError(
             f"checkpoint {path} was made on a different client partition (data or partition settings changed); "
             "resume with the same data, or start a new run")
+
+
+def resumable_state(run_path: Path, config: dict[str, Any], partition_hash: str) -> tuple[dict[str, Any], Path] | None:
+    """The newest readable checkpoint of the run in `run_path`, checked against the current config and
+    partition; None when there is none and starting afresh loses nothing.
+
+    Raises:
+        CheckpointError: no readable checkpoint but a log holding rounds (starting afresh would replace
+            it), or a checkpoint of a different search.
+    """
+    from fedmetanas.reporting.hdf5 import logged_rounds  # noqa: PLC0415 - h5py only when resuming
+    from fedmetanas.rundir import LOG_NAME  # noqa: PLC0415
+
+    ckpt_dir = run_path / "checkpoints"
+    found = load_latest(ckpt_dir)
+    if found is None:
+        if logged_rounds(run_path / LOG_NAME) != 0:
+            # A log with no rounds (killed in round 1) holds nothing to lose; one with rounds (or an
+            # unreadable one) would be replaced: refuse.
+            raise CheckpointError(
+                f"output.resume: {ckpt_dir} holds no readable checkpoint, so the run in {run_path} cannot be "
+                "continued; start a new run with another --name")
+        log.info("no checkpoint in %s: starting a new run", ckpt_dir)
+        return None
+    check_compatible(found[0], found[1], config, partition_hash)
+    return found

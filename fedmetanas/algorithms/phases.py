@@ -248,7 +248,8 @@ class TrainPhase(Phase):
         searched = f"; searched in {final['search_seconds']:.1f} s" if "search_genotype" in final else ""
         arch = (f"final genotype: {final['genotype']}" if self.genotype is not None
                 else "final architecture: cnn (FedAvg paper's CNN)")
-        return [arch, f"trained net test accuracy: {final['discrete_acc']:.4f} (loss {final['discrete_loss']:.4f}){searched}"]
+        return [arch, f"trained net test accuracy: {final['discrete_acc']:.4f} "
+                      f"(loss {final['discrete_loss']:.4f}){searched}"]
 
     def final_genotype(self, model: FixedNet, plan: RoundPlan) -> Genotype | None:
         return self.genotype

@@ -78,7 +78,8 @@ class CheckpointCallback(Callback):
     """A checkpoint every `checkpoint.every` rounds, at the end, and when a signal stops the run."""
 
     def __init__(self, cfg: Config, directory: Path, snapshot: Callable[[int, float], dict[str, Any]]) -> None:
-        self.every, self.keep, self.directory, self.snapshot = cfg.checkpoint.every, cfg.checkpoint.keep, directory, snapshot
+        self.every, self.keep = cfg.checkpoint.every, cfg.checkpoint.keep
+        self.directory, self.snapshot = directory, snapshot
 
     def on_round_end(self, next_round: int, wall_time: float, stopping: bool, last: bool) -> None:
         if stopping or (self.every and next_round % self.every == 0) or last:

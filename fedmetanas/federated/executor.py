@@ -136,7 +136,8 @@ def make_executors(count: int, build: Callable[[], nn.Module], buffer_len: int,
     """`count` lanes on a GPU (one stream each); a single lane on a CPU. Each lane holds a worker
     replica and, `with_task`, a task-learner replica."""
     lanes = count if device.type == "cuda" else 1
-    return [ClientExecutor(build(), build() if with_task else None, torch.zeros(buffer_len, dtype=torch.float64, device=device),
+    return [ClientExecutor(build(), build() if with_task else None,
+                           torch.zeros(buffer_len, dtype=torch.float64, device=device),
                            torch.cuda.Stream(device) if device.type == "cuda" else None)
             for _ in range(lanes)]
 

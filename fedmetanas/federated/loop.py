@@ -25,7 +25,7 @@ import yaml
 from fedmetanas.algorithms import get_algorithm
 from fedmetanas.algorithms.base import Phase, PhaseOutcome, RoundPlan
 from fedmetanas.algorithms.common import LocalContext, copy_state
-from fedmetanas.checkpoint import CheckpointError, check_compatible, load_latest
+from fedmetanas.checkpoint import CheckpointError, resumable_state
 from fedmetanas.config import Config, ConfigError, to_dict
 from fedmetanas.dist import DistContext
 from fedmetanas.federated.aggregation import add_weighted_if_finite, aggregated_tensors, numel, write_flat
@@ -37,9 +37,8 @@ from fedmetanas.federated.layout import round_layout
 from fedmetanas.federated.personalization import personalize_clients, summarize
 from fedmetanas.federated.scheduling import assign_to_ranks, sample_clients
 from fedmetanas.federated.setup import Setup, prepare
-from fedmetanas.reporting.hdf5 import logged_rounds
 from fedmetanas.data.client_data import check_batch_sizes
-from fedmetanas.rundir import LOG_NAME, RunDirError, RunLock, acquire_run_dir
+from fedmetanas.rundir import RunDirError, RunLock, acquire_run_dir
 from fedmetanas.runtime import peak_memory_mib, synchronize
 from fedmetanas.search.genotypes import Genotype
 from fedmetanas.seeding import Purpose, torch_generator
@@ -144,21 +143,12 @@ class Loop:
 
     def _resume(self) -> None:
         """Load the newest valid checkpoint, if resuming and one exists (every rank reads it)."""
-        out = self.cfg.output
-        ckpt_dir = self.setup.run_path / "checkpoints"
-        found = load_latest(ckpt_dir) if out.resume else None
+        if not self.cfg.output.resume:
+            return
+        found = resumable_state(self.setup.run_path, to_dict(self.cfg), self.setup.partition_hash)
         if found is None:
-            if out.resume and logged_rounds(self.setup.run_path / LOG_NAME) != 0:
-                # Starting afresh would replace a log holding rounds (or an unreadable one): refuse
-                # rather than lose it. A log with no rounds (killed in round 1) holds nothing to lose.
-                raise CheckpointError(
-                    f"output.resume: {ckpt_dir} holds no readable checkpoint, so the run in "
-                    f"{self.setup.run_path} cannot be continued; start a new run with another --name")
-            if out.resume:
-                log.info("no checkpoint in %s: starting a new run", ckpt_dir)
             return
         state, path = found
-        check_compatible(state, path, to_dict(self.cfg), self.setup.partition_hash)
         nxt, index = int(state["next_round"]), int(state.get("stage", 0))
         if index != self._phase_of(nxt):
             raise CheckpointError(
@@ -197,8 +187,8 @@ class Loop:
             return
         out_dir = self.lock.path
         s, cfg = self.setup, self.cfg
-        attrs = {"config_yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False), **self.model_attrs, "world_size": self.ctx.world_size,
-                 "algorithm": cfg.algorithm.name,
+        attrs = {"config_yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False), **self.model_attrs,
+                 "world_size": self.ctx.world_size, "algorithm": cfg.algorithm.name,
                  "stages": json.dumps([dataclasses.asdict(p.span) for p in self.phases]),
                  "partition_hash": s.partition_hash}
         static = {"partition/class_counts": s.counts,
@@ -379,7 +369,8 @@ class Loop:
                   "eval_count": int(final_idx.numel()), **final, **summary}
         self._emit("on_phase_end", phase.artifacts(self.net, plan, last=True))
         self._emit("on_finish", record, personal)
-        return RunResult(phase.final_genotype(self.net, plan), final["discrete_acc"], final["supernet_acc"], final["discrete_loss"], seconds,
+        return RunResult(phase.final_genotype(self.net, plan), final["discrete_acc"], final["supernet_acc"],
+                         final["discrete_loss"], seconds,
                          s.run_path if self.ctx.is_main else None, cfg.algorithm.name, final["search_seconds"],
                          summary or None, tuple(phase.describe_final(record)))
 
