@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import h5py
@@ -113,3 +114,21 @@ def test_a_one_layer_network_reports_only_its_normal_cell(data_root: Path, tmp_p
     with h5py.File(tmp_path / "one" / "trajectory.h5", "r") as f:
         assert all("reduce" not in g.decode() for g in f["rounds/genotype"][()])
         assert "reduce" not in f["final"].attrs["genotype"]
+
+
+def test_a_resume_from_the_last_checkpoint_only_finishes_the_run_and_writes_the_same_model(
+        tiny_run: tuple[Path, str], data_root: Path, tmp_path: Path) -> None:
+    # Killed after the last round's checkpoint, before the final files: the resume runs no round, and
+    # the final evaluation decodes the genotype from the restored logits and masks.
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_run[0], run_dir)
+    for name in ("genotype.txt", "discrete_model.pt"):
+        (run_dir / name).unlink()
+
+    proc = launch(tiny_overrides(data_root, tmp_path, "tiny") + ["--resume"])
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_dir / "genotype.txt").read_text() == (tiny_run[0] / "genotype.txt").read_text()
+    want = torch.load(tiny_run[0] / "discrete_model.pt", weights_only=False)["state_dict"]
+    got = torch.load(run_dir / "discrete_model.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(got[k], v) for k, v in want.items())

@@ -149,10 +149,6 @@ class Phase:
         `genotype`, the architecture's text)."""
         raise NotImplementedError
 
-    def final_genotype(self, model: nn.Module, plan: RoundPlan) -> Genotype | None:
-        """The final model's cells (None for a network that has no genotype, such as the CNN)."""
-        raise NotImplementedError
-
     def arch_text(self, model: nn.Module, plan: RoundPlan) -> str:
         """The final architecture as text (genotype.txt)."""
         raise NotImplementedError

@@ -93,13 +93,13 @@ class SearchPhase(Phase):
         self.prune, self.base_lr = prune, base_lr
         self.needs_task = needs_task  # type: ignore[misc] - per instance: MiLeNAS needs no task learner
         self._masks: ArchMasks | None = None
-        self.genotype: Genotype | None = None  # of the current logits, after each server update
+        self._genotype: Genotype | None = None  # of the current logits and masks; None: derive anew
 
     def build_model(self, inputs: ModelInputs) -> SuperNet:
         return build_supernet(self.cfg, inputs.in_channels, inputs.num_classes)
 
     def on_model(self, model: SuperNet) -> None:
-        self._masks = model.initial_masks()
+        self._masks, self._genotype = model.initial_masks(), None
 
     def model_attrs(self, model: SuperNet) -> dict[str, Any]:
         return {"primitives": list(model.primitives), "nodes": model.nodes,
@@ -124,15 +124,22 @@ class SearchPhase(Phase):
                 None if m.pairs is None else
                 {k: update_mask(getattr(model, f"beta_{k}"), v, plan.tau, s.pair_prune_threshold)
                  for k, v in m.pairs.items()})
-        self.genotype = derive_genotype(model, self._masks, plan.tau)
+        self._genotype = None  # the averaged logits decode anew
+
+    def current_genotype(self, model: SuperNet, plan: RoundPlan) -> Genotype:
+        """The discrete cells of the current logits and masks at the round's temperature: derived once
+        after each server update (or resume) and shared by the log, evaluation and the phase's files."""
+        if self._genotype is None:
+            self._genotype = derive_genotype(model, self._masks, plan.tau)
+        return self._genotype
 
     def forwards(self, model: SuperNet, plan: RoundPlan) -> dict[str, Forward]:
         expected = sample_arch(model, self._masks, plan.tau, "expected")
-        discrete = arch_from_genotype(model, self.genotype)
+        discrete = arch_from_genotype(model, self.current_genotype(model, plan))
         return {"supernet": lambda x: model(x, expected), "discrete": lambda x: model(x, discrete)}
 
     def record(self, model: SuperNet, plan: RoundPlan) -> dict[str, Any]:
-        rec: dict[str, Any] = {"tau": plan.tau, "genotype": self.genotype.to_string()}
+        rec: dict[str, Any] = {"tau": plan.tau, "genotype": self.current_genotype(model, plan).to_string()}
         for (name, p), (_, m) in zip(model.named_alphas(), self._masks.items()):
             rec[name] = p.detach().cpu().numpy().copy()  # a copy: the parameter keeps training
             rec[f"mask_{name}"] = m.numpy().copy()
@@ -144,7 +151,7 @@ class SearchPhase(Phase):
                 f"discrete {row['discrete_acc']:.4f}")
 
     def outcome(self, model: SuperNet, plan: RoundPlan, last_row: dict[str, Any]) -> PhaseOutcome:
-        genotype = derive_genotype(model, self._masks, plan.tau)
+        genotype = self.current_genotype(model, plan)
         return PhaseOutcome(genotype, {"genotype": genotype.to_string(),
                                        "supernet_acc": float(last_row["supernet_acc"]),
                                        "supernet_loss": float(last_row["supernet_loss"]),
@@ -152,7 +159,7 @@ class SearchPhase(Phase):
                                        "search_seconds": float(last_row["wall_time"])})
 
     def final_forward(self, model: SuperNet, plan: RoundPlan) -> Forward:
-        arch = arch_from_genotype(model, derive_genotype(model, self._masks, plan.tau))
+        arch = arch_from_genotype(model, self.current_genotype(model, plan))
         return lambda x: model(x, arch)
 
     def final_record(self, metrics: dict[str, float], previous: PhaseOutcome | None,
@@ -164,14 +171,11 @@ class SearchPhase(Phase):
                 f"discrete net (pruned, not retrained) test accuracy: {final['discrete_acc']:.4f} "
                 f"(loss {final['discrete_loss']:.4f}); soft supernet: {final['supernet_acc']:.4f}"]
 
-    def final_genotype(self, model: SuperNet, plan: RoundPlan) -> Genotype:
-        return derive_genotype(model, self._masks, plan.tau)
-
     def arch_text(self, model: SuperNet, plan: RoundPlan) -> str:
-        return self.final_genotype(model, plan).to_string()
+        return self.current_genotype(model, plan).to_string()
 
     def artifacts(self, model: SuperNet, plan: RoundPlan, last: bool) -> dict[str, Artifact]:
-        genotype = derive_genotype(model, self._masks, plan.tau)
+        genotype = self.current_genotype(model, plan)
         files: dict[str, Artifact] = {
             "supernet.pt": {"state_dict": model.state_dict(), "masks": dict(self._masks.items()), "tau": plan.tau,
                             "config": to_dict(self.cfg)}}
@@ -195,7 +199,7 @@ class SearchPhase(Phase):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("masks") is not None:
-            self._masks = ArchMasks(state["masks"]["ops"], state["masks"]["pairs"])
+            self._masks, self._genotype = ArchMasks(state["masks"]["ops"], state["masks"]["pairs"]), None
 
 
 class TrainPhase(Phase):
@@ -250,9 +254,6 @@ class TrainPhase(Phase):
                 else "final architecture: cnn (FedAvg paper's CNN)")
         return [arch, f"trained net test accuracy: {final['discrete_acc']:.4f} "
                       f"(loss {final['discrete_loss']:.4f}){searched}"]
-
-    def final_genotype(self, model: FixedNet, plan: RoundPlan) -> Genotype | None:
-        return self.genotype
 
     def arch_text(self, model: FixedNet, plan: RoundPlan) -> str:
         return self.genotype.to_string() if self.genotype is not None else "cnn"

@@ -51,14 +51,9 @@ log = logging.getLogger(__name__)
 class RunResult:
     """What a finished run reports (identical on every rank)."""
 
-    genotype: Genotype | None  # the final model's cells; None for the plain CNN
-    discrete_acc: float  # the final model's test accuracy
-    supernet_acc: float  # the soft supernet's (NaN without a search)
-    discrete_loss: float
+    final: dict[str, Any]  # the log's /final record: accuracies, genotype, algorithm, times
     seconds: float
     run_dir: Any  # Path on rank 0, None elsewhere
-    algorithm: str = ""  # the registry name of the algorithm that ran
-    search_seconds: float = 0.0
     personalization: dict[str, float] | None = None
     lines: tuple[str, ...] = ()  # what the command line prints about the final model
 
@@ -196,8 +191,8 @@ class Loop:
                   "partition/test_sizes": np.array([c.test_idx.numel() for c in s.clients])}
         self.callbacks = [ArtifactsCallback(cfg, out_dir), TrajectoryCallback(out_dir, attrs, static),
                           CheckpointCallback(cfg, s.run_path / "checkpoints", self._snapshot),
-                          ConsoleCallback(self.total, lambda row, loss: self.phases[self._phase_of(row["round"])]
-                                          .describe_round(row, loss), cfg.personalize.steps)]
+                          ConsoleCallback(self.total, lambda row, loss: self.phase.describe_round(row, loss),
+                                          cfg.personalize.steps)]
         for cb in self.callbacks:
             cb.on_start(self.rows)
         for group, row in self.rows:
@@ -346,8 +341,7 @@ class Loop:
         cfg, phase, s = self.cfg, self.phase, self.setup
         final_idx = torch.arange(len(s.test)) if cfg.eval.final_full else s.eval_idx
         plan = phase.round_plan(self.total - 1)
-        metrics = self._evaluate({**phase.forwards(self.net, plan), "discrete": phase.final_forward(self.net, plan)},
-                                 final_idx)
+        metrics = self._evaluate(phase.forwards(self.net, plan), final_idx)
         final = phase.final_record(metrics, self.previous, time.perf_counter() - t_start)
         personal, summary = None, {}
         p = cfg.personalize
@@ -369,10 +363,8 @@ class Loop:
                   "eval_count": int(final_idx.numel()), **final, **summary}
         self._emit("on_phase_end", phase.artifacts(self.net, plan, last=True))
         self._emit("on_finish", record, personal)
-        return RunResult(phase.final_genotype(self.net, plan), final["discrete_acc"], final["supernet_acc"],
-                         final["discrete_loss"], seconds,
-                         s.run_path if self.ctx.is_main else None, cfg.algorithm.name, final["search_seconds"],
-                         summary or None, tuple(phase.describe_final(record)))
+        return RunResult(record, seconds, s.run_path if self.ctx.is_main else None, summary or None,
+                         tuple(phase.describe_final(record)))
 
 
 def run(cfg: Config, ctx: DistContext) -> RunResult:
