@@ -26,8 +26,9 @@ _NAME = re.compile(r"^round-(\d{6})\.pt$")
 FORMAT_VERSION = 1
 # Fields that may change between a run and its resumption without changing the search (output.*: a run
 # directory may be moved or renamed and resumed where it now lies; data.root / data.download: where the
-# data is found is not what it is; the partition's hash, checked separately, is the data's identity).
-RESUMABLE_CHANGES = ("output.", "runtime.", "eval.", "federated.rounds",
+# data is found is not what it is; the partition's hash, checked separately, is the data's identity;
+# federated.time_budget_s, like federated.rounds, only says where the run ends: a larger one continues it).
+RESUMABLE_CHANGES = ("output.", "runtime.", "eval.", "federated.rounds", "federated.time_budget_s",
                      "checkpoint.", "personalize.", "data.root", "data.download")
 
 

@@ -130,6 +130,19 @@ class FederatedConfig:
     rounds: int = 20
     seed: int = 0
     nonfinite: Literal["exclude", "stop"] = "exclude"  # a client update with NaN/Inf: drop it, or stop
+    # The server's step on the round's average (Reddi et al. 2021; fedmetanas/federated/server.py):
+    # avg = the plain sample-weighted average; momentum = FedAvgM; adam = FedAdam (no bias correction).
+    server_optimizer: Literal["avg", "momentum", "adam"] = "avg"
+    server_lr: float = 1.0
+    server_momentum: float = 0.9  # FedAvgM's mu
+    server_betas: tuple[float, float] = (0.9, 0.99)  # FedAdam's beta1, beta2
+    server_eps: float = 1e-3  # FedAdam's tau (adaptivity floor)
+    # Stop at the first round boundary where the run's training time (wall time minus the rounds'
+    # evaluation time) reaches this many seconds, and finalize as if that round were the last; 0: no budget.
+    time_budget_s: float = 0.0
+
+    def check(self) -> None:
+        check_betas("federated.server_betas", self.server_betas)
 
 
 @dataclass(frozen=True)
@@ -250,6 +263,10 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("federated", "participation"): (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
     ("federated", "rounds"): (lambda v: v >= 1, "an integer >= 1"),
     ("federated", "seed"): (lambda v: 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED} (32 bits)"),
+    ("federated", "server_lr"): (lambda v: v > 0, "a number > 0 (1: the average's own step)"),
+    ("federated", "server_momentum"): (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("federated", "server_eps"): (lambda v: v > 0, "a number > 0 (FedAdam's tau, e.g. 1e-3)"),
+    ("federated", "time_budget_s"): (lambda v: v >= 0, "a number of seconds >= 0 (0: no budget)"),
     ("eval", "every"): (lambda v: v >= 1, "an integer >= 1"),
     ("eval", "subset"): (lambda v: v >= 0, "an integer >= 0 (0: full test set)"),
     ("eval", "batch_size"): (lambda v: v >= 1, "an integer >= 1"),
@@ -265,6 +282,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("runtime", "master_addr"): (lambda v: v is None or (v.strip() != "" and not any(c.isspace() for c in v)),
                                  "null or rank 0's host name or address (no spaces)"),
 }
+_RANGES[("fednas", "stable_rounds")] = (lambda v: v >= 0, "an integer >= 0 (0: search all federated.rounds)")
 for _section, _names in (("fednas", ("local_steps", "batch_size", "retrain_rounds")),
                          ("fedavg", ("local_steps", "batch_size")), ("personalize", ("batch_size",))):
     for _name in _names:

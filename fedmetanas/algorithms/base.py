@@ -115,6 +115,12 @@ class Phase:
     def server_update(self, model: nn.Module, plan: RoundPlan) -> None:
         """After the engine's sample-weighted averaging (e.g. pruning). Default: nothing."""
 
+    def end_early(self, rnd: int, row: dict[str, Any]) -> bool:  # noqa: ARG002
+        """Asked once after every round of the phase (`row`: its log row), on every rank alike: True ends
+        the phase at this round when a later phase exists (the loop moves the later phases' spans to
+        start at the next round). Keeps any state it needs in `state_dict`. Default: never."""
+        return False
+
     eval_names: ClassVar[tuple[str, ...]] = ("discrete",)
 
     def forwards(self, model: nn.Module, plan: RoundPlan) -> dict[str, Forward]:  # noqa: ARG002

@@ -75,10 +75,13 @@ def fedavg_phase(algo: Algorithm, span: Span, architecture: str | None) -> Train
     cfg, f = algo.cfg, algo.cfg.fedavg
 
     def lr_scale(rnd: int) -> float:
-        return lr_factor("cosine", f.lr_min / f.lr if f.lr > 0 else 1.0, rnd - span.first, span.rounds)
+        # The phase's span as it is when the round runs: an earlier phase that ended early moved it.
+        s = phase.span
+        return lr_factor("cosine", f.lr_min / f.lr if f.lr > 0 else 1.0, rnd - s.first, s.rounds)
 
-    return TrainPhase(cfg, span, FedAvgLocal(f, cfg.personalize), architecture=architecture, lr_scale=lr_scale,
-                      base_lr=f.lr, channels=f.channels, layers=f.layers)
+    phase = TrainPhase(cfg, span, FedAvgLocal(f, cfg.personalize), architecture=architecture, lr_scale=lr_scale,
+                       base_lr=f.lr, channels=f.channels, layers=f.layers)
+    return phase
 
 
 class FedAvg(Algorithm):

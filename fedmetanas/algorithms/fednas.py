@@ -36,7 +36,7 @@ class FedNASConfig:
     local_steps: int = 10  # MiLeNAS steps (one train + one validation batch each) per client per round
     batch_size: int = 32
     lr_w: float = 0.025
-    lr_w_min: float = 0.001  # cosine over the search rounds
+    lr_w_min: float = 0.001  # cosine over federated.rounds (the cap on search rounds)
     momentum: float = 0.9
     weight_decay: float = 3e-4
     lr_alpha: float = 3e-4
@@ -45,6 +45,9 @@ class FedNASConfig:
     lambda_train: float = 1.0  # alpha gradient = grad L_val + lambda_train * grad L_train
     grad_clip: float = 5.0  # on the weights' gradients (the public code clips the alphas': a defect)
     retrain_rounds: int = 20
+    # The search ends once its genotype has stayed the same for this many rounds in a row (federated.rounds
+    # is then the cap on search rounds); 0: search all federated.rounds (docs/method.md).
+    stable_rounds: int = 3
 
     def check(self) -> None:
         check_betas("fednas.alpha_betas", self.alpha_betas)
@@ -111,8 +114,9 @@ class MiLeNAS:
 
 
 class FedNAS(Algorithm):
-    """FedNAS: `federated.rounds` of MiLeNAS search (softmax, temperature 1, no pruning), then
-    `fednas.retrain_rounds` of FedAvg training the searched genotype from scratch (rows in /retrain)."""
+    """FedNAS: MiLeNAS search (softmax, temperature 1, no pruning) until its genotype has been stable for
+    `fednas.stable_rounds` rounds, at most `federated.rounds`, then `fednas.retrain_rounds` of FedAvg
+    training the searched genotype from scratch (rows in /retrain)."""
 
     name = "fednas"
     sections = {"fednas": FedNASConfig, "fedavg": FedAvgConfig}
@@ -143,5 +147,5 @@ class FedNAS(Algorithm):
 
         # Personalization happens after retraining, so the search phase's base rate is never used for it.
         return [SearchPhase(cfg, search, MiLeNAS(c), tau=lambda rnd: 1.0, lr_scale=lr_scale, relax_mode="expected",
-                            prune=False, base_lr=c.lr_w, needs_task=False),
+                            prune=False, base_lr=c.lr_w, needs_task=False, stable_rounds=c.stable_rounds),
                 fedavg_phase(self, Span("train", "retrain", search.end, c.retrain_rounds), None)]

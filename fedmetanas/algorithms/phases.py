@@ -81,19 +81,23 @@ def check_fixed_net(section: str, cfg: Config) -> None:
 
 
 class SearchPhase(Phase):
-    """A supernet searched by `rule`; the server soft-prunes after averaging when `prune` is set."""
+    """A supernet searched by `rule`; the server soft-prunes after averaging when `prune` is set; with
+    `stable_rounds` k > 0 the search ends early (`end_early`) once its genotype has stayed the same for k
+    consecutive rounds."""
 
     eval_names = ("supernet", "discrete")
 
     def __init__(self, cfg: Config, span: Span, rule: PersonalizingRule | LocalRule, *, tau: Schedule,
                  lr_scale: Schedule, relax_mode: RelaxMode, prune: bool, base_lr: float,
-                 needs_task: bool = True) -> None:
+                 needs_task: bool = True, stable_rounds: int = 0) -> None:
         super().__init__(cfg, span)
         self.rule, self.tau, self.lr_scale, self.relax_mode = rule, tau, lr_scale, relax_mode
         self.prune, self.base_lr = prune, base_lr
         self.needs_task = needs_task  # type: ignore[misc] - per instance: MiLeNAS needs no task learner
         self._masks: ArchMasks | None = None
         self._genotype: Genotype | None = None  # of the current logits and masks; None: derive anew
+        # The stability rule (0: none): rounds in a row whose genotype equalled the previous round's.
+        self.stable_rounds, self._unchanged, self._last_genotype = stable_rounds, 0, ""
 
     def build_model(self, inputs: ModelInputs) -> SuperNet:
         return build_supernet(self.cfg, inputs.in_channels, inputs.num_classes)
@@ -150,13 +154,30 @@ class SearchPhase(Phase):
         return (f"search  tau {row['tau']:.3f}  loss {mean_loss:.3f}  acc supernet {row['supernet_acc']:.4f} "
                 f"discrete {row['discrete_acc']:.4f}")
 
+    def end_early(self, rnd: int, row: dict[str, Any]) -> bool:
+        """The stability rule: True once the round's genotype (`row["genotype"]`, decoded once per round by
+        `record`) has equalled the previous round's for `stable_rounds` rounds in a row. The first round
+        has no previous one (the initial genotype is the random logits'), so a search runs at least
+        `stable_rounds + 1` rounds."""
+        if self.stable_rounds <= 0:
+            return False
+        text = row["genotype"]
+        self._unchanged = self._unchanged + 1 if text == self._last_genotype else 0
+        self._last_genotype = text
+        return self._stable()
+
+    def _stable(self) -> bool:
+        return 0 < self.stable_rounds <= self._unchanged
+
     def outcome(self, model: SuperNet, plan: RoundPlan, last_row: dict[str, Any]) -> PhaseOutcome:
         genotype = self.current_genotype(model, plan)
         return PhaseOutcome(genotype, {"genotype": genotype.to_string(),
                                        "supernet_acc": float(last_row["supernet_acc"]),
                                        "supernet_loss": float(last_row["supernet_loss"]),
                                        "discrete_acc_not_retrained": float(last_row["discrete_acc"]),
-                                       "search_seconds": float(last_row["wall_time"])})
+                                       "search_seconds": float(last_row["wall_time"]),
+                                       "search_stopped_by": "stable_genotype" if self._stable() else "cap",
+                                       "search_rounds": int(last_row["round"]) + 1 - self.span.first})
 
     def final_forward(self, model: SuperNet, plan: RoundPlan) -> Forward:
         arch = arch_from_genotype(model, self.current_genotype(model, plan))
@@ -195,11 +216,14 @@ class SearchPhase(Phase):
         return self.rule.personalize(model, task, ctx, steps)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": {"ops": self._masks.ops, "pairs": self._masks.pairs}}
+        return {"masks": {"ops": self._masks.ops, "pairs": self._masks.pairs},
+                "stable_unchanged": self._unchanged, "stable_last_genotype": self._last_genotype}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("masks") is not None:
             self._masks, self._genotype = ArchMasks(state["masks"]["ops"], state["masks"]["pairs"]), None
+        self._unchanged = int(state.get("stable_unchanged", 0))
+        self._last_genotype = str(state.get("stable_last_genotype", ""))
 
 
 class TrainPhase(Phase):
@@ -246,6 +270,7 @@ class TrainPhase(Phase):
         if sf:
             out.update({"search_genotype": sf["genotype"],
                         "search_discrete_acc_not_retrained": sf["discrete_acc_not_retrained"]})
+            out.update({k: sf[k] for k in ("search_stopped_by", "search_rounds") if k in sf})
         return out
 
     def describe_final(self, final: dict[str, Any]) -> list[str]:

@@ -48,6 +48,21 @@ def add_weighted_if_finite(buf: torch.Tensor, tensors: Sequence[torch.Tensor], w
     return True
 
 
+def flatten64(tensors: Sequence[torch.Tensor], length: int) -> torch.Tensor:
+    """The first `length` values of concat(tensors), as one flat float64 vector (e.g. the parameters that
+    lead `aggregated_tensors`)."""
+    parts, taken = [], 0
+    for t in tensors:
+        if taken >= length:
+            break
+        flat = t.detach().reshape(-1)[: length - taken]
+        parts.append(flat.to(torch.float64))
+        taken += flat.numel()
+    if taken < length:
+        raise ValueError(f"flatten64: the tensors hold {taken} values, fewer than {length}")
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
 def write_flat(tensors: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
     """Copy a flat vector back into the tensors (cast to each tensor's dtype)."""
     offset = 0

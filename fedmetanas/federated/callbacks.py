@@ -48,10 +48,13 @@ class Callback:
 
 class TrajectoryCallback(Callback):
     """The HDF5 trajectory log: a fresh file, or on resume the file rebuilt from the checkpoint's rows
-    (a killed run's file may hold rounds after the checkpoint, or be torn; those are recomputed)."""
+    (a killed run's file may hold rounds after the checkpoint, or be torn; those are recomputed).
+    `stages` gives the root attribute `stages` as run, rewritten when the run finishes (a phase may
+    have ended early, the run may have stopped before its last planned round)."""
 
-    def __init__(self, out_dir: Path, attrs: dict[str, Any], static: dict[str, Any]) -> None:
-        self.out_dir, self.attrs, self.static = out_dir, attrs, static
+    def __init__(self, out_dir: Path, attrs: dict[str, Any], static: dict[str, Any],
+                 stages: Callable[[], str] | None = None) -> None:
+        self.out_dir, self.attrs, self.static, self.stages = out_dir, attrs, static, stages
         self.log: TrajectoryLog | None = None
 
     def on_start(self, rows: list[tuple[str, dict[str, Any]]]) -> None:
@@ -67,7 +70,8 @@ class TrajectoryCallback(Callback):
             self.log.append(row, group)
 
     def on_finish(self, final: dict[str, Any], datasets: dict[str, np.ndarray] | None) -> None:
-        self.log.close(final=final, datasets=datasets)
+        self.log.close(final=final, datasets=datasets,
+                       attrs=None if self.stages is None else {"stages": self.stages()})
 
     def on_stop(self) -> None:
         if self.log is not None:
@@ -106,16 +110,16 @@ class ArtifactsCallback(Callback):
 class ConsoleCallback(Callback):
     """One line per round and a summary of personalization."""
 
-    def __init__(self, total_rounds: int, describe: Callable[[dict[str, Any], float], str],
+    def __init__(self, total_rounds: Callable[[], int], describe: Callable[[dict[str, Any], float], str],
                  personalize_steps: int) -> None:
-        self.total, self.describe, self.steps = total_rounds, describe, personalize_steps
+        self.total, self.describe, self.steps = total_rounds, describe, personalize_steps  # total: as it stands
 
     def on_round(self, group: str, row: dict[str, Any], replay: bool = False) -> None:
         if replay:
             return
         loss = row["client_loss"]
         mean_loss = float(np.nanmean(loss)) if np.isfinite(loss).any() else float("nan")
-        log.info("round %3d/%d %s  local %.1fs comm %.3fs eval %.1fs", row["round"] + 1, self.total,
+        log.info("round %3d/%d %s  local %.1fs comm %.3fs eval %.1fs", row["round"] + 1, self.total(),
                  self.describe(row, mean_loss), row["time_local"], row["time_allreduce"], row["time_eval"])
 
     def on_finish(self, final: dict[str, Any], datasets: dict[str, np.ndarray] | None) -> None:

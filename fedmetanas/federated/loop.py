@@ -1,11 +1,16 @@
-"""The round loop: sample clients -> local work -> one all-reduce -> average -> the phase's server update
--> evaluation -> the round's record to the callbacks.
+"""The round loop: sample clients -> local work -> one all-reduce -> average -> the server optimizer -> the
+phase's server update -> evaluation -> the round's record to the callbacks -> the stop rules.
 
 Every rank runs this same code. Each rank hosts the clients the schedule gives it, adds their
 sample-weighted parameters (and per-client losses, flags and the rank's timings) into one flat float64
 buffer (`layout.round_layout`), and a single all-reduce makes every rank's copy of the global model
 identical. What the model is, how a client learns and what the server does after averaging belong to
 the algorithm's phases (`algorithms/`): this module names no algorithm.
+
+Stop rules, asked after every round with the same answer on every rank: the phase may end early
+(`Phase.end_early`; the later phases' spans then follow it), and the run ends at the last round of the
+last phase (`stopped_by: rounds`) or once its training time reaches `federated.time_budget_s`
+(`stopped_by: time_budget`), finalizing in the phase it is in as if that round had been the last.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from fedmetanas.algorithms.common import LocalContext, copy_state
 from fedmetanas.checkpoint import CheckpointError, resumable_state
 from fedmetanas.config import Config, ConfigError, to_dict
 from fedmetanas.dist import DistContext
-from fedmetanas.federated.aggregation import add_weighted_if_finite, aggregated_tensors, numel, write_flat
+from fedmetanas.federated.aggregation import (add_weighted_if_finite, aggregated_tensors, flatten64, numel,
+                                              write_flat)
 from fedmetanas.federated.callbacks import (ArtifactsCallback, Callback, CheckpointCallback, ConsoleCallback,
                                             TrajectoryCallback)
 from fedmetanas.federated.evaluation import evaluate_forwards
@@ -36,6 +42,7 @@ from fedmetanas.federated.executor import ClientExecutor, close_executors, make_
 from fedmetanas.federated.layout import round_layout
 from fedmetanas.federated.personalization import personalize_clients, summarize
 from fedmetanas.federated.scheduling import assign_to_ranks, sample_clients
+from fedmetanas.federated.server import ServerOptimizer
 from fedmetanas.federated.setup import Setup, prepare
 from fedmetanas.data.client_data import check_batch_sizes
 from fedmetanas.rundir import RunDirError, RunLock, acquire_run_dir
@@ -81,9 +88,13 @@ class Loop:
         # Every rank checks the same clients: all fail alike, none waits for another.
         check_batch_sizes(algorithm.batch_sizes(), [c.num_train for c in self.setup.clients])
         self.phases: list[Phase] = algorithm.phases()
-        self.total = self.phases[-1].span.end
+        self.phase_ends: list[int] = []  # the round each ended phase ended at (in the checkpoint)
         self.previous: PhaseOutcome | None = None  # the outcome the current phase started from
         self.start_round, self.wall_offset = 0, 0.0
+        self.end_round = 0  # one past the last round run so far
+        self.stopped_by = "rounds"  # or "time_budget": which rule ended the run
+        self.training_seconds = 0.0  # rank 0's, as of the last budget check
+        self.switch_pending = False  # resumed from a phase that had ended, the next not yet entered
         self.rows: list[tuple[str, dict[str, Any]]] = []  # (HDF5 table, row): replayed on resume
         self.stop = StopFlag()
         self.lock: RunLock | None = None  # rank 0's hold on the run directory
@@ -107,6 +118,10 @@ class Loop:
         self.net = build()
         phase.on_model(self.net)
         self.global_tensors = aggregated_tensors(self.net)
+        self.num_params = numel(self.net.parameters())  # the aggregated tensors' leading parameters
+        f = self.cfg.federated
+        self.server = ServerOptimizer(f.server_optimizer, f.server_lr, f.server_momentum, f.server_betas,
+                                      f.server_eps)  # a new model: the server optimizer starts afresh
         self.layout = round_layout(numel(self.global_tensors), self.cfg.federated.num_clients, self.ctx.world_size)
         close_executors(self.executors)  # free the previous phase's lanes (and their threads) first
         self.executors = []
@@ -118,8 +133,28 @@ class Loop:
     def phase(self) -> Phase:
         return self.phases[self.phase_index]
 
+    @property
+    def total(self) -> int:
+        """Rounds of the whole run as its phases' spans now stand (an early phase end shortens it)."""
+        return self.phases[-1].span.end
+
     def _phase_of(self, rnd: int) -> int:
         return next((i for i, p in enumerate(self.phases) if rnd < p.span.end), len(self.phases) - 1)
+
+    def _close_span(self, index: int, end: int) -> None:
+        """Phase `index` ends at round `end` (its last round is `end - 1`): cut its span there and move the
+        later phases' spans to follow it (spans are frozen: replaced, never edited)."""
+        span = self.phases[index].span
+        if end != span.end:
+            self.phases[index].span = dataclasses.replace(span, rounds=end - span.first)
+        for before, after in zip(self.phases[index:], self.phases[index + 1:]):
+            after.span = dataclasses.replace(after.span, first=before.span.end)
+
+    def _stages(self) -> list[dict[str, Any]]:
+        """The spans of the phases run so far, the current one up to the last round run."""
+        spans = [p.span for p in self.phases[:self.phase_index + 1]]
+        spans[-1] = dataclasses.replace(spans[-1], rounds=max(self.end_round, spans[-1].first) - spans[-1].first)
+        return [dataclasses.asdict(s) for s in spans]
 
     # -- start: resume, run directory, callbacks ---------------------------------------------------
     def _agree(self, step: Callable[[], None]) -> None:
@@ -144,8 +179,13 @@ class Loop:
         if found is None:
             return
         state, path = found
+        self.phase_ends = [int(e) for e in state.get("phase_ends") or []]
+        for i, end in enumerate(self.phase_ends):
+            self._close_span(i, end)
         nxt, index = int(state["next_round"]), int(state.get("stage", 0))
-        if index != self._phase_of(nxt):
+        # Saved at the end of a phase whose successor was not entered (the run stopped there).
+        self.switch_pending = index < len(self.phase_ends) and self.phase_ends[index] == nxt
+        if index + self.switch_pending != self._phase_of(nxt):
             raise CheckpointError(
                 f"{path}: saved in stage {index} at round {nxt}, which this config places in "
                 f"stage {self._phase_of(nxt)}; resume with the run's federated.rounds")
@@ -155,7 +195,9 @@ class Loop:
                                             state.get("search_final") or {}))
         self.net.load_state_dict(state["model"])
         self.phase.load_state_dict(state)
+        self.server.load_state_dict(state.get("server_optimizer"), self.ctx.device)
         self.start_round, self.wall_offset = nxt, float(state["wall_time"])
+        self.end_round = nxt
         self.rows = [tuple(r) for r in state["rows"]]
         log.info("resumed from %s at round %d", path, self.start_round + 1)
 
@@ -166,6 +208,7 @@ class Loop:
         return {"next_round": next_round, "model": self.net.state_dict(), **self.phase.state_dict(),
                 "stage": self.phase_index, "search_final": prev.summary if prev else None,
                 "genotype": prev.genotype.to_string() if prev and prev.genotype is not None else None,
+                "phase_ends": list(self.phase_ends), "server_optimizer": self.server.state_dict(),
                 "rows": self.rows, "wall_time": wall_time, "config": to_dict(self.cfg),
                 "partition_hash": self.setup.partition_hash}
 
@@ -184,14 +227,17 @@ class Loop:
         s, cfg = self.setup, self.cfg
         attrs = {"config_yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False), **self.model_attrs,
                  "world_size": self.ctx.world_size, "algorithm": cfg.algorithm.name,
+                 # The planned spans; rewritten at the end with those run (`_stages`).
                  "stages": json.dumps([dataclasses.asdict(p.span) for p in self.phases]),
                  "partition_hash": s.partition_hash}
         static = {"partition/class_counts": s.counts,
                   "partition/train_sizes": np.array([c.num_train for c in s.clients]),
                   "partition/test_sizes": np.array([c.test_idx.numel() for c in s.clients])}
-        self.callbacks = [ArtifactsCallback(cfg, out_dir), TrajectoryCallback(out_dir, attrs, static),
+        self.callbacks = [ArtifactsCallback(cfg, out_dir), TrajectoryCallback(out_dir, attrs, static,
+                                                                               lambda: json.dumps(self._stages())),
                           CheckpointCallback(cfg, s.run_path / "checkpoints", self._snapshot),
-                          ConsoleCallback(self.total, lambda row, loss: self.phase.describe_round(row, loss),
+                          ConsoleCallback(lambda: self.total,
+                                          lambda row, loss: self.phase.describe_round(row, loss),
                                           cfg.personalize.steps)]
         for cb in self.callbacks:
             cb.on_start(self.rows)
@@ -223,19 +269,48 @@ class Loop:
         self._agree(self._resume_and_lock)
         self._start()
         t_start -= self.wall_offset
-        for rnd in range(self.start_round, self.total):
+        rnd = self.start_round
+        if 0 < rnd < self.total and self._over_budget(self.wall_offset):
+            self.stopped_by = "time_budget"  # a resumed run whose budget was already spent only finishes
+        elif self.switch_pending:
+            self._switch_phase(self.phase.round_plan(rnd - 1), self.rows[-1][1])
+        while self.stopped_by == "rounds" and rnd < self.total:
             plan = self.phase.round_plan(rnd)
             row, stopping = self.run_round(rnd, plan, t_start)
-            if rnd == self.phase.span.end - 1 and self.phase_index + 1 < len(self.phases):
-                self._end_phase(plan, row)
-            self._emit("on_round_end", rnd + 1, row["wall_time"], stopping, rnd == self.total - 1)
-            if stopping and rnd < self.total - 1:
+            self.end_round = rnd + 1
+            early = self.phase.end_early(rnd, row)  # asked every round: the phase may count something
+            phase_ends = self.phase_index + 1 < len(self.phases) and (early or rnd == self.phase.span.end - 1)
+            if phase_ends and rnd < self.phase.span.end - 1:
+                log.info("phase %d ends early, after round %d of its planned %d (its own stop rule)",
+                         self.phase_index + 1, rnd + 1, self.phase.span.end)
+            if phase_ends:
+                self._close_span(self.phase_index, rnd + 1)
+                self.phase_ends.append(rnd + 1)
+            last = rnd == self.total - 1
+            if not last and self._over_budget(row["wall_time"]):
+                self.stopped_by, last = "time_budget", True  # finalize in this phase, as if its last round
+            if phase_ends and not last:
+                self._switch_phase(plan, row)
+            self._emit("on_round_end", rnd + 1, row["wall_time"], stopping, last)
+            if stopping and not last:
                 self._emit("on_stop")
                 raise Preempted(f"stopped by {self.stop.signal_name or 'a signal on another rank'} after round "
                                 f"{rnd + 1}; checkpoint written, continue with --resume", self.stop.signal_name)
+            rnd += 1
         return self._finish(t_start)
 
-    def _end_phase(self, plan: RoundPlan, row: dict[str, Any]) -> None:
+    def _over_budget(self, wall_time: float) -> bool:
+        """Whether the run's training time (wall time less the rounds' evaluation time: how often the
+        model is measured is not the method's cost) has reached `federated.time_budget_s`. Rank 0's clock
+        decides for every rank (one small collective, only when a budget is set)."""
+        budget = self.cfg.federated.time_budget_s
+        if budget <= 0:
+            return False
+        spent = wall_time - sum(float(row["time_eval"]) for _, row in self.rows)
+        self.training_seconds = float(self.ctx.all_gather_objects(spent)[0])
+        return self.training_seconds >= budget
+
+    def _switch_phase(self, plan: RoundPlan, row: dict[str, Any]) -> None:
         """Between phases: keep the outcome, write the phase's files, build the next phase's model."""
         outcome = self.phase.outcome(self.net, plan, row)
         self._emit("on_phase_end", self.phase.artifacts(self.net, plan, last=False))
@@ -305,7 +380,10 @@ class Loop:
             log.warning("round %d: excluded non-finite update(s) of client(s) %s", rnd + 1,
                         np.flatnonzero(excluded).tolist())
         if float(out["n"][0]) > 0:  # else every client was excluded: keep the previous model
-            write_flat(self.global_tensors, seg["params"] / seg["n"])
+            average = seg["params"] / seg["n"]
+            if self.server.active:  # the server's step from the old parameters (avg: the average itself)
+                average = self.server.step(flatten64(self.global_tensors, self.num_params), average)
+            write_flat(self.global_tensors, average)
         phase.server_update(self.net, plan)
 
         t0 = time.perf_counter()
@@ -340,7 +418,14 @@ class Loop:
         """Final evaluation on the full test set, personalization, saved models, the log's summary."""
         cfg, phase, s = self.cfg, self.phase, self.setup
         final_idx = torch.arange(len(s.test)) if cfg.eval.final_full else s.eval_idx
-        plan = phase.round_plan(self.total - 1)
+        end = self.end_round  # the run's last round is `end - 1` (the last planned one unless stopped early)
+        plan = phase.round_plan(end - 1)
+        if self.stopped_by == "time_budget":
+            log.info("stopped_by=time_budget after round %d of %d: training time %.3f s >= federated.time_budget_s "
+                     "%g s; finalizing in phase %d", end, self.total, self.training_seconds,
+                     cfg.federated.time_budget_s, self.phase_index + 1)
+        else:
+            log.info("stopped_by=rounds after round %d", end)
         metrics = self._evaluate(phase.forwards(self.net, plan), final_idx)
         final = phase.final_record(metrics, self.previous, time.perf_counter() - t_start)
         personal, summary = None, {}
@@ -353,14 +438,14 @@ class Loop:
             lr_scale = p.lr / base if p.lr > 0 and base > 0 else plan.lr_scale
             personal = personalize_clients(
                 self.ctx, s, phase, self.net, self.executors, dataclasses.replace(plan, lr_scale=lr_scale),
-                lambda cid, pl: self._context(cid, pl, self.total, 1), p.steps, cfg.eval.batch_size,
+                lambda cid, pl: self._context(cid, pl, end, 1), p.steps, cfg.eval.batch_size,
                 cfg.model.channels_last)
             summary = {**summarize(personal["personalization/acc_before"], "personal_before"),
                        **summarize(personal["personalization/acc_after"], "personal_after")}
         seconds = time.perf_counter() - t_start
         arch_text = phase.arch_text(self.net, plan)
         record = {"genotype": arch_text, "algorithm": cfg.algorithm.name, "seconds": seconds,
-                  "eval_count": int(final_idx.numel()), **final, **summary}
+                  "eval_count": int(final_idx.numel()), "stopped_by": self.stopped_by, **final, **summary}
         self._emit("on_phase_end", phase.artifacts(self.net, plan, last=True))
         self._emit("on_finish", record, personal)
         return RunResult(record, seconds, s.run_path if self.ctx.is_main else None, summary or None,

@@ -125,17 +125,20 @@ class TrajectoryLog:
         self.path = Path(path)
 
     def close(self, final: Mapping[str, Any] | None = None,
-              datasets: Mapping[str, Any] | None = None) -> None:
-        """Close the file; `final` (name -> scalar or string) is stored as attributes of /final and
-        `datasets` (path -> array, e.g. "personalization/acc_after") as datasets."""
+              datasets: Mapping[str, Any] | None = None, attrs: Mapping[str, Any] | None = None) -> None:
+        """Close the file; `final` (name -> scalar or string) is stored as attributes of /final,
+        `datasets` (path -> array, e.g. "personalization/acc_after") as datasets, and `attrs` replace
+        root attributes."""
         if self._file is None:
             return
         _OPEN.discard(self)
         self._file.close()
         self._file = None  # type: ignore[assignment]
-        if final or datasets:
+        if final or datasets or attrs:
             # SWMR forbids new objects, so the summary is added after reopening normally.
             with h5py.File(self.path, "a") as f:
+                for key, value in (attrs or {}).items():
+                    f.attrs[key] = value
                 group = f.require_group("final")
                 for key, value in (final or {}).items():
                     group.attrs[key] = value
@@ -156,7 +159,7 @@ class NullLog:
         pass
 
     def close(self, final: Mapping[str, Any] | None = None,  # noqa: D102
-              datasets: Mapping[str, Any] | None = None) -> None:
+              datasets: Mapping[str, Any] | None = None, attrs: Mapping[str, Any] | None = None) -> None:
         pass
 
 

@@ -2,14 +2,17 @@
 run by hand on the same batches."""
 
 import copy
+import dataclasses
 
+import pytest
 import torch
 from torch import nn
 
 from fedmetanas.algorithms.common import LocalContext
 from fedmetanas.algorithms.fedavg import FedAvgLocal
 from fedmetanas.algorithms.fedavg import FedAvgConfig
-from fedmetanas.config import PersonalizeConfig
+from fedmetanas.algorithms.fednas import FedNAS
+from fedmetanas.config import PersonalizeConfig, config_from_dict
 from fedmetanas.data.client_data import sample_batch
 from fedmetanas.data.datasets import TensorSplit
 from fedmetanas.search.discrete import CNN
@@ -69,3 +72,18 @@ def test_no_personalization_steps_leave_the_model_unchanged():
     FedAvgLocal(CFG).personalize(net, net, _ctx(split), 0)
     for k, v in net.state_dict().items():
         torch.testing.assert_close(v, before[k])
+
+
+def test_a_training_phase_s_schedule_follows_its_span_when_an_earlier_phase_ended_early():
+    """FedNAS's retraining planned after a 20-round search cap starts at round 3 when the search ends
+    there: its cosine starts at the full rate at round 3 and ends at lr_min at its own last round."""
+    cfg = config_from_dict({"algorithm": {"name": "fednas"}, "federated": {"rounds": 20},
+                            "fednas": {"retrain_rounds": 5}})
+    retrain = FedNAS(cfg).phases()[1]
+    assert retrain.span.first == 20
+
+    retrain.span = dataclasses.replace(retrain.span, first=3)
+
+    f = cfg.fedavg
+    assert retrain.round_plan(3).lr_scale == 1.0
+    assert retrain.round_plan(7).lr_scale == pytest.approx(f.lr_min / f.lr)  # its last round

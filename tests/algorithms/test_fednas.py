@@ -12,9 +12,12 @@ import math
 import torch
 from torch import nn
 
+from fedmetanas.algorithms.base import ModelInputs
 from fedmetanas.algorithms.common import LocalContext
 from fedmetanas.algorithms.fednas import MiLeNAS, milenas_alpha_grads, split_train_val
-from fedmetanas.algorithms.fednas import FedNASConfig
+from fedmetanas.algorithms.fednas import FedNAS, FedNASConfig
+from fedmetanas.algorithms.phases import SearchPhase
+from fedmetanas.config import config_from_dict
 from fedmetanas.data.client_data import sample_batch
 from fedmetanas.data.datasets import TensorSplit
 from fedmetanas.search.genotypes import DARTS_PRIMITIVES
@@ -117,3 +120,48 @@ def test_every_op_of_every_edge_is_computed_under_the_softmax_relaxation():
     MiLeNAS(FedNASConfig(**{**CFG.__dict__})).local_update(net, copy.deepcopy(net), _ctx(net))
     edges = sum(len(c.edges) for c in net.cells)
     assert len(calls) == 3 * edges * len(DARTS_PRIMITIVES)  # 3 forward passes per step
+
+
+# -- the search's length: the stability rule (fednas.stable_rounds) ------------------------------------
+def _search_phase(stable_rounds: int, rounds: int = 20) -> SearchPhase:
+    cfg = config_from_dict({"algorithm": {"name": "fednas"}, "federated": {"rounds": rounds},
+                            "fednas": {"stable_rounds": stable_rounds}})
+    search, retrain = FedNAS(cfg).phases()
+    assert retrain.span.first == search.span.end == rounds  # planned: the cap, then retraining
+    return search
+
+
+def _asked(phase: SearchPhase, genotypes: str) -> list[bool]:
+    """The phase's answers, round by round, to rows whose genotypes are the letters of `genotypes`."""
+    return [phase.end_early(rnd, {"round": rnd, "genotype": g}) for rnd, g in enumerate(genotypes)]
+
+
+def test_the_search_ends_once_its_genotype_has_not_changed_for_stable_rounds_rounds():
+    # Round 0 has nothing to compare with; a change restarts the count.
+    assert _asked(_search_phase(2), "abbbaccc") == [False, False, False, True, False, False, False, True]
+    assert _asked(_search_phase(3), "aaaa") == [False, False, False, True]
+    assert _asked(_search_phase(1), "abb") == [False, False, True]
+
+
+def test_stable_rounds_0_searches_every_round_of_federated_rounds():
+    assert _asked(_search_phase(0), "aaaaaa") == [False] * 6
+
+
+def test_fednas_searches_until_stable_for_3_rounds_by_default():
+    cfg = config_from_dict({"algorithm": {"name": "fednas"}})
+    assert cfg.fednas.stable_rounds == 3 and FedNAS(cfg).phases()[0].stable_rounds == 3
+
+
+def test_the_stability_count_survives_a_checkpoint():
+    before = _search_phase(3)
+    before.on_model(before.build_model(ModelInputs(1, 10, 28)))
+    _asked(before, "abb")
+    state = before.state_dict()
+
+    after = _search_phase(3)
+    after.load_state_dict(state)
+
+    assert [after.end_early(r, {"genotype": "b"}) for r in (3, 4)] == [False, True]
+    fresh = _search_phase(3)
+    fresh.load_state_dict({"masks": None})  # a checkpoint from before the rule: counts from zero
+    assert [fresh.end_early(r, {"genotype": "b"}) for r in (3, 4, 5, 6)] == [False, False, False, True]

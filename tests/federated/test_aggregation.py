@@ -9,6 +9,7 @@ from fedmetanas.federated.aggregation import (
     add_weighted,
     add_weighted_if_finite,
     aggregated_tensors,
+    flatten64,
     numel,
     weighted_average,
     write_flat,
@@ -157,3 +158,15 @@ def test_an_update_with_one_non_finite_value_anywhere_leaves_the_buffer_untouche
     buf = torch.full((12,), 2.0, dtype=torch.float64)
     assert add_weighted_if_finite(buf, tensors, 3.0) is False
     assert torch.equal(buf, torch.full((12,), 2.0, dtype=torch.float64))
+
+
+def test_flatten64_takes_the_leading_values_of_the_tensors_as_one_float64_vector():
+    model = CLIENTS[0]
+    params = numel(model.parameters())
+
+    flat = flatten64(aggregated_tensors(model), params)
+
+    assert flat.dtype == torch.float64 and flat.numel() == params
+    assert torch.equal(flat, _flat(model)[:params])
+    with pytest.raises(ValueError, match="fewer"):
+        flatten64(list(model.parameters()), params + 1)

@@ -1,0 +1,105 @@
+"""The server optimizer (Reddi et al. 2021) on flat float64 vectors, checked against the update rules
+written out in numpy: FedAvgM's momentum step, FedAdam's step without bias correction, and `avg` that
+takes no step at all."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedmetanas.federated.server import ServerOptimizer, adam_step, momentum_step, pseudo_gradient
+
+P, B = 5, 3  # parameters, float buffers (BN statistics) after them
+
+
+def _rounds(seed: int = 0, n: int = 4) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A start vector (parameters only) and `n` rounds' averages (parameters, then buffers)."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=P), [rng.normal(size=P + B) for _ in range(n)]
+
+
+def _run(opt: ServerOptimizer, x0: np.ndarray, averages: list[np.ndarray]) -> list[np.ndarray]:
+    """The server's vector after each round: each round starts from the previous round's parameters."""
+    x, out = torch.tensor(x0), []
+    for avg in averages:
+        new = opt.step(x, torch.tensor(avg))
+        out.append(new.numpy())
+        x = new[:P]
+    return out
+
+
+def test_the_pseudo_gradient_is_the_old_model_minus_the_average():
+    assert pseudo_gradient(torch.tensor([3.0, -1.0]), torch.tensor([1.0, 1.0])).tolist() == [2.0, -2.0]
+
+
+def test_avg_returns_the_average_itself_untouched():
+    opt = ServerOptimizer("avg")
+    avg = torch.arange(P + B, dtype=torch.float64)
+
+    assert not opt.active
+    assert opt.step(torch.zeros(P, dtype=torch.float64), avg) is avg
+    assert opt.state_dict() == {}
+
+
+def test_fedavgm_is_momentum_on_the_pseudo_gradient_computed_by_hand():
+    x0, averages = _rounds()
+    lr, mu = 0.7, 0.9
+
+    got = _run(ServerOptimizer("momentum", lr=lr, momentum=mu), x0, averages)
+
+    x, v = x0, np.zeros(P)
+    for avg, step in zip(averages, got):
+        v = mu * v + (x - avg[:P])
+        x = x - lr * v
+        np.testing.assert_allclose(step[:P], x, rtol=0, atol=1e-15)
+        np.testing.assert_array_equal(step[P:], avg[P:])  # buffers: just averaged
+
+
+def test_fedadam_is_adam_without_bias_correction_computed_by_hand():
+    x0, averages = _rounds(1)
+    lr, (b1, b2), eps = 0.05, (0.9, 0.99), 1e-3
+
+    got = _run(ServerOptimizer("adam", lr=lr, betas=(b1, b2), eps=eps), x0, averages)
+
+    x, m, v = x0, np.zeros(P), np.zeros(P)
+    for avg, step in zip(averages, got):
+        d = x - avg[:P]
+        m = b1 * m + (1 - b1) * d
+        v = b2 * v + (1 - b2) * d * d
+        x = x - lr * m / (np.sqrt(v) + eps)
+        np.testing.assert_allclose(step[:P], x, rtol=0, atol=1e-15)
+        np.testing.assert_array_equal(step[P:], avg[P:])
+    # No bias correction: the first step is lr (1 - b1) d / (sqrt(1 - b2) |d| + eps), not Adam's lr sign(d).
+    d0 = x0 - averages[0][:P]
+    np.testing.assert_allclose(got[0][:P], x0 - lr * (1 - b1) * d0 / (np.sqrt(1 - b2) * np.abs(d0) + eps))
+
+
+def test_momentum_with_lr_1_and_no_momentum_is_the_plain_average():
+    x0, averages = _rounds(2)
+
+    got = _run(ServerOptimizer("momentum", lr=1.0, momentum=0.0), x0, averages)
+
+    for avg, step in zip(averages, got):
+        np.testing.assert_allclose(step, avg, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["momentum", "adam"])
+def test_the_state_saved_after_a_round_continues_the_run_exactly(kind: str):
+    x0, averages = _rounds(3)
+    whole = _run(ServerOptimizer(kind), x0, averages)
+    first = ServerOptimizer(kind)
+    half = _run(first, x0, averages[:2])
+
+    second = ServerOptimizer(kind)
+    second.load_state_dict({k: v.clone() for k, v in first.state_dict().items()}, torch.device("cpu"))
+    rest = _run(second, half[-1][:P], averages[2:])
+
+    assert set(first.state_dict()) == ({"v"} if kind == "momentum" else {"m", "v"})
+    for a, b in zip(whole, half + rest):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_pure_steps_agree_with_the_optimizer():
+    x, d = torch.tensor([1.0, 2.0]), torch.tensor([0.5, -0.25])
+    assert momentum_step(x, d, torch.zeros(2), 1.0, 0.9)[0].tolist() == [0.5, 2.25]
+    new, m, v = adam_step(x, d, torch.zeros(2), torch.zeros(2), 1.0, (0.0, 0.0), 0.0)
+    assert new.tolist() == [0.0, 3.0] and m.tolist() == d.tolist() and v.tolist() == (d * d).tolist()
