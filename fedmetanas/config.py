@@ -263,7 +263,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("federated", "participation"): (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
     ("federated", "rounds"): (lambda v: v >= 1, "an integer >= 1"),
     ("federated", "seed"): (lambda v: 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED} (32 bits)"),
-    ("federated", "server_lr"): (lambda v: v > 0, "a number > 0 (1: the average's own step)"),
+    ("federated", "server_lr"): (lambda v: v > 0, "a number > 0 (e.g. 1.0)"),
     ("federated", "server_momentum"): (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     ("federated", "server_eps"): (lambda v: v > 0, "a number > 0 (FedAdam's tau, e.g. 1e-3)"),
     ("federated", "time_budget_s"): (lambda v: v >= 0, "a number of seconds >= 0 (0: no budget)"),
@@ -299,7 +299,8 @@ for _name in ("inner_lr_w", "inner_lr_alpha", "meta_lr_w", "meta_lr_alpha", "rep
 
 
 # What a non-finite value of a field was probably meant to say.
-_NONFINITE_HINTS = {"data.dirichlet_alpha": " (for IID clients set data.partition: iid)"}
+_NONFINITE_HINTS = {"data.dirichlet_alpha": " (for IID clients set data.partition: iid)",
+                    "federated.time_budget_s": " (0: no budget)"}
 
 
 def _type_name(tp: Any) -> str:

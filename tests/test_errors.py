@@ -191,6 +191,18 @@ CASES: dict[str, tuple[Prepare, str]] = {
     "name-part-too-long": (lambda t, r: _base(t, r, "--name", "x" * 300), "output.name"),
     "name-path-too-long": (lambda t, r: _base(t, r, "--name", "/".join(["d" * 200] * 25)), "output.name"),
     "dirichlet-alpha-infinite": (lambda t, r: _base(t, r, "data.dirichlet_alpha=.inf"), "data.dirichlet_alpha"),
+    # -- the server optimizer and the stop rules
+    "misspelled-server-optimizer": (lambda t, r: _base(t, r, "federated.server_optimizer=fedadam"),
+                                    "did you mean 'adam'"),
+    "server-lr-zero": (lambda t, r: _base(t, r, "federated.server_lr=0"), "federated.server_lr"),
+    "server-momentum-one": (lambda t, r: _base(t, r, "federated.server_momentum=1"), "federated.server_momentum"),
+    "server-betas-out-of-range": (lambda t, r: _base(t, r, "federated.server_betas=[0.9, 1.0]"),
+                                  "federated.server_betas"),
+    "server-eps-zero": (lambda t, r: _base(t, r, "federated.server_eps=0"), "federated.server_eps"),
+    "time-budget-negative": (lambda t, r: _base(t, r, "federated.time_budget_s=-1"), "federated.time_budget_s"),
+    "time-budget-infinite": (lambda t, r: _base(t, r, "federated.time_budget_s=.inf"), "0: no budget"),
+    "stable-rounds-negative": (lambda t, r: _base(t, r, "algorithm.name=fednas", "fednas.stable_rounds=-1"),
+                               "fednas.stable_rounds"),
 }
 
 # Rows of docs/errors.md tested elsewhere: case -> (docs section, "test file::test function").
