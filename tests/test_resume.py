@@ -1,10 +1,13 @@
 """A run that dies loses nothing: resumed from its checkpoint it ends bit-identical to an uninterrupted
-run, and its HDF5 log holds every round exactly once."""
+run, and its HDF5 log holds every round exactly once. The same holds for the server optimizer's state
+and for a run its time budget ended (resumed with a larger budget, it continues as if never stopped)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -140,3 +143,92 @@ def test_resume_finds_the_same_data_by_another_path(data_root: Path, tmp_path: P
     assert "resumed from" in proc.stderr
     with h5py.File(tmp_path / "run" / "trajectory.h5", "r") as f:
         assert f["rounds/round"][()].tolist() == [0, 1]
+
+
+# -- the server optimizer's state ------------------------------------------------------------------------------
+@pytest.mark.mpi
+def test_fedadam_s_moments_are_checkpointed_and_a_resume_is_bit_identical(data_root: Path, tmp_path: Path,
+                                                                          reference) -> None:
+    args = _overrides(data_root, tmp_path, "adam") + ["federated.server_optimizer=adam", "federated.server_lr=0.03",
+                                                      "checkpoint.keep=10", "personalize.steps=0"]
+    whole = launch(args, np=2)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run_dir, cut = tmp_path / "adam", tmp_path / "cut"
+    ckpt = torch.load(run_dir / "checkpoints" / "round-000002.pt", weights_only=False)
+    saved = ckpt["server_optimizer"]
+    # One float64 value per parameter (weights and alphas) in m and in v; BN statistics are only averaged.
+    params = sum(v.numel() for k, v in ckpt["model"].items() if not k.endswith(("running_mean", "running_var",
+                                                                                 "num_batches_tracked")))
+    assert set(saved) == {"m", "v"} and saved["m"].dtype == torch.float64
+    assert saved["m"].shape == saved["v"].shape == (params,) and (saved["v"] > 0).any()
+
+    # Prepare: the run as a kill after round 2's checkpoint leaves it.
+    shutil.copytree(run_dir, cut)
+    for path in (cut / "checkpoints").glob("round-*.pt"):
+        if int(path.stem.split("-")[1]) > 2:
+            path.unlink()
+    for name in ("genotype.txt", "discrete_model.pt", "supernet.pt"):
+        (cut / name).unlink()
+    resumed = launch([a.replace("output.name=adam", "output.name=cut") for a in args] + ["--resume"], np=2)
+
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_identical(cut, _final(run_dir))
+    adam_state, _ = _final(run_dir)
+    assert any(not np.array_equal(adam_state[k], reference[0][k]) for k in adam_state)  # the optimizer acted
+
+
+# -- the time budget -----------------------------------------------------------------------------------------
+BUDGET = ["federated.time_budget_s=0.001"]  # spent by any round: the run ends after its first
+
+
+@pytest.fixture(scope="module")
+def budget_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], str]:
+    """A 4-round run under mpirun -np 2 whose time budget ends it after round 1 (run dir, args, stderr)."""
+    out = tmp_path_factory.mktemp("budget")
+    args = _overrides(data_root, out, "budget") + BUDGET
+    proc = launch(args, np=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "budget", args, proc.stderr
+
+
+@pytest.mark.mpi
+def test_a_spent_time_budget_ends_the_run_at_the_round_boundary_and_finalizes_it(budget_run) -> None:
+    run_dir, _, stderr = budget_run
+    assert "stopped_by=time_budget after round 1 of 4" in stderr
+    with h5py.File(run_dir / "trajectory.h5", "r") as f:
+        assert f["rounds/round"][()].tolist() == [0]
+        assert f["final"].attrs["stopped_by"] == "time_budget"
+        assert json.loads(f.attrs["stages"]) == [{"kind": "search", "group": "rounds", "first": 0, "rounds": 1}]
+        assert "personalization" in f  # finalized normally: final evaluation, personalization
+    for name in ("genotype.txt", "discrete_model.pt", "supernet.pt", "checkpoints/round-000001.pt"):
+        assert (run_dir / name).is_file(), name
+
+
+def test_a_run_whose_budget_is_spent_resumes_to_no_further_round(budget_run, tmp_path: Path) -> None:
+    """The training time counts on from the checkpoint's wall time: the budget is still spent."""
+    run_dir, args, _ = budget_run
+    again = tmp_path / "budget"
+    shutil.copytree(run_dir, again)
+    (again / "genotype.txt").unlink()
+    proc = launch([a.replace(f"output.dir={run_dir.parent}", f"output.dir={tmp_path}") for a in args] + ["--resume"])
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stopped_by=time_budget after round 1" in proc.stderr
+    assert (again / "genotype.txt").read_text() == (run_dir / "genotype.txt").read_text()
+    with h5py.File(again / "trajectory.h5", "r") as f:
+        assert f["rounds/round"][()].tolist() == [0] and f["final"].attrs["stopped_by"] == "time_budget"
+
+
+@pytest.mark.mpi
+def test_a_run_stopped_by_its_budget_continues_bit_identical_with_a_larger_one(budget_run, tmp_path: Path,
+                                                                               reference) -> None:
+    run_dir, args, _ = budget_run
+    shutil.copytree(run_dir, tmp_path / "budget")
+    args = [a.replace(f"output.dir={run_dir.parent}", f"output.dir={tmp_path}") for a in args if a not in BUDGET]
+
+    proc = launch(args + ["federated.time_budget_s=0", "--resume"], np=2)
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_identical(tmp_path / "budget", reference)
+    with h5py.File(tmp_path / "budget" / "trajectory.h5", "r") as f:
+        assert f["final"].attrs["stopped_by"] == "rounds"
