@@ -54,7 +54,7 @@ def test_every_algorithm_runs_under_mpirun_and_logs_its_final_accuracy(runs: dic
     hashes = set()
     for name, run_dir in runs.items():
         final = _final(run_dir)
-        assert final["algorithm"] == name
+        assert final["algorithm"] == name and final["stopped_by"] == "rounds"
         assert 0.0 <= final["discrete_acc"] <= 1.0
         with h5py.File(run_dir / "trajectory.h5", "r") as f:
             hashes.add(f.attrs["partition_hash"])
@@ -89,6 +89,8 @@ def test_fednas_retrains_the_genotype_its_search_found_from_scratch(runs: dict[s
         retrain_wall = f["retrain/wall_time"][()]
         assert "alpha_normal" not in f["retrain"] and "alpha_normal" in f["rounds"]
     assert searched == last_search_genotype == final["genotype"] == final["search_genotype"]
+    # fednas.stable_rounds (3) needs 4 search rounds: these 2 ran to the cap, federated.rounds.
+    assert final["search_stopped_by"] == "cap" and final["search_rounds"] == SEARCH
     assert retrain_rounds == list(range(SEARCH, SEARCH + RETRAIN))
     assert (retrain_wall > search_end).all() and final["search_seconds"] <= search_end + 1e-6
     saved = torch.load(run_dir / "model.pt", weights_only=False)

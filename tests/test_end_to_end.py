@@ -85,10 +85,12 @@ def _final_state(run_dir: Path) -> tuple[dict[str, np.ndarray], str]:
 
 
 @pytest.mark.mpi
-def test_the_search_is_the_same_on_one_and_two_ranks(data_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("server", [[], ["federated.server_optimizer=adam", "federated.server_lr=0.03"]],
+                         ids=["avg", "adam"])
+def test_the_search_is_the_same_on_one_and_two_ranks(data_root: Path, tmp_path: Path, server: list[str]) -> None:
     results = {}
     for np_ in (1, 2):
-        proc = launch(tiny_overrides(data_root, tmp_path, f"np{np_}"), np=np_)
+        proc = launch(tiny_overrides(data_root, tmp_path, f"np{np_}") + server, np=np_)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[np_] = _final_state(tmp_path / f"np{np_}")
     (a1, g1), (a2, g2) = results[1], results[2]
