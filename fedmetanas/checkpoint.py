@@ -1,7 +1,8 @@
 """Atomic checkpoints of the server state, and the checks that a resumed run is the same run.
 
 A checkpoint holds everything the next round depends on: the global model (weights, architecture
-logits, BN statistics), the pruning masks, the round to run next, the resolved config, the
+logits, BN statistics), the pruning masks and other phase state, the server optimizer's moments, the
+round each ended phase ended at, the round to run next, the resolved config, the
 partition's hash and every per-round log row so far (so the HDF5 log can be rebuilt exactly).
 No RNG state is needed: all randomness derives from (seed, round, client) (see seeding.py).
 Files are written to a temporary name, fsynced and renamed, so a kill never leaves a torn file.
