@@ -33,6 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 from fedmetanas.launcher import launch
+from fedmetanas.search.genotypes import Genotype
 
 METHODS = ("fedmetanas", "fednas", "fedavg")
 # The main comparison adds FedAvg on the FedAvg paper's CNN, and Per-FedAvg (FedMetaNAS's dual learner on
@@ -45,6 +46,27 @@ LABELS = {"fedmetanas": "FedMetaNAS", "fednas": "FedNAS", "fedavg": "FedAvg (DAR
           "perfedavg": "Per-FedAvg (DARTS_V2)"}
 # What we tried when the claim did not hold (see docs/results.md): FedMetaNAS variants on the main setting.
 ATTEMPTS = (("48 rounds (cosine over 48)", ["federated.rounds=48"]),)
+# One change at a time from the old default (hard Gumbel, no warm-up, prune at once) on the hardest setting,
+# Fashion-MNIST Dirichlet(0.1): what decides FedMetaNAS's accuracy (docs/results.md).
+ABLATION_BASE = ["data.dirichlet_alpha=0.1", "search.gumbel=hard", "search.warmup_fraction=0",
+                 "search.soft_topk=0", "search.hard_after_fraction=1", "search.prune_patience=1",
+                 "search.prune_start_fraction=0"]
+ABLATIONS = (
+    ("old default: hard Gumbel", []),
+    ("warm-up 25% (weights only, hard paths)", ["search.warmup_fraction=0.25"]),
+    ("soft, top-2 ops per edge", ["search.gumbel=soft", "search.soft_topk=2"]),
+    ("soft top-2, hard after 50%", ["search.gumbel=soft", "search.soft_topk=2", "search.hard_after_fraction=0.5"]),
+    ("pruning patience 3 rounds", ["search.prune_patience=3"]),
+    ("pruning from 50% of the rounds", ["search.prune_start_fraction=0.5"]),
+    ("prune threshold 0.05", ["search.op_prune_threshold=0.05", "search.pair_prune_threshold=0.05"]),
+    ("architecture lr x0.2 (0.01)", ["algorithm.inner_lr_alpha=0.01", "algorithm.meta_lr_alpha=0.01"]),
+    ("meta SGD, momentum 0.9, lr 0.01", ["algorithm.meta_optimizer=sgd", "algorithm.meta_momentum=0.9",
+                                         "algorithm.meta_lr_w=0.01"]),
+    ("local steps x2 (30)", ["algorithm.local_steps=30"]),
+    ("combined: warm-up 25%, soft top-2, hard after 75%, patience 2",
+     ["search.warmup_fraction=0.25", "search.gumbel=soft", "search.soft_topk=2", "search.hard_after_fraction=0.75",
+      "search.prune_patience=2"]),
+)
 SWEEP = (("0.1", ["data.dirichlet_alpha=0.1"]), ("0.5", []), ("1.0", ["data.dirichlet_alpha=1.0"]),
          ("IID", ["data.partition=iid"]))
 
@@ -180,6 +202,12 @@ def table(rows: dict[str, dict[str, float]]) -> str:
             f"{retrain} | {_sec(r['total_s'])} | {r['rounds']} | {r['gigabytes']:.2f} | "
             f"{_sec(r['time_to_target_s'])} | {ratio} |")
     return head + "\n".join(lines) + "\n"
+
+
+def parametric_ops(genotype: str) -> int:
+    """How many of the normal cell's chosen ops have weights (convolutions): 0 is DARTS's collapse."""
+    return sum(op not in ("skip_connect", "max_pool_3x3", "avg_pool_3x3", "none")
+               for node in Genotype.from_string(genotype).normal for op, _ in node)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,11 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/compare", help="where the runs go")
     p.add_argument("--docs", default="docs", help="where results.md and its figures go")
     p.add_argument("--parts", nargs="+", default=["main", "sweep", "mnist", "peer"],
-                   choices=["main", "sweep", "mnist", "peer", "attempts"],
+                   choices=["main", "sweep", "mnist", "peer", "attempts", "ablations"],
                    help="attempts (not in the default): FedMetaNAS variants against the main comparison's FedNAS")
     p.add_argument("--data-root", default="data")
     p.add_argument("--quick", action="store_true", help="2 rounds per stage: checks the harness, measures nothing")
     p.add_argument("--reuse", action="store_true", help="read the logs of finished runs in --out instead of rerunning")
+    p.add_argument("--ablation-rounds", type=int, default=16, help="rounds of each ablation run")
     p.add_argument("--sweep-rounds", type=float, default=0.4,
                    help="the sweep's and MNIST's rounds as a fraction of the main comparison's (time budget)")
     args = p.parse_args(argv)
@@ -431,6 +460,26 @@ def main(argv: list[str] | None = None) -> int:
             images.append(f"![FedMetaNAS {label} vs FedNAS](img/results_attempt{i}.png)\n")
         sections["attempts"] = ("### What we tried: FedMetaNAS variants (Fashion-MNIST, Dirichlet(0.5))\n\n" +
                                 "\n".join(lines) + "\n\n" + "\n".join(images))
+    if "ablations" in args.parts:
+        rounds = 2 if args.quick else args.ablation_rounds
+        print(f"ablations: FedMetaNAS on Fashion-MNIST Dirichlet(0.1), {rounds} rounds", flush=True)
+        abl = ABLATIONS[:2] if args.quick else ABLATIONS
+        lines = ["| FedMetaNAS variant (one change from the old default) | discrete net, not retrained % | "
+                 "soft supernet % | parametric ops in the normal cell | training s | s per round |",
+                 "| --- | --- | --- | --- | --- | --- |"]
+        results["ablations"] = {}
+        for i, (label, over) in enumerate(abl):
+            run = run_method("fedmetanas", f"ablation{i}", out, args.np,
+                             base + ABLATION_BASE + [f"federated.rounds={rounds}", *over])
+            f = run.final
+            convs = parametric_ops(str(f["genotype"]))
+            results["ablations"][label] = {"acc": float(f["discrete_acc"]), "supernet_acc": float(f["supernet_acc"]),
+                                           "total_s": run.total_s, "normal_parametric_ops": convs}
+            lines.append(f"| {label} | {_pct(float(f['discrete_acc']))} | {_pct(float(f['supernet_acc']))} | "
+                         f"{convs} of {len(Genotype.from_string(str(f['genotype'])).normal) * 2} | "
+                         f"{run.total_s:.0f} | {run.total_s / run.rounds:.1f} |")
+        sections["ablations"] = (f"### What decides FedMetaNAS's accuracy: ablations (Fashion-MNIST, Dirichlet(0.1), "
+                                 f"{rounds} rounds)\n\n" + "\n".join(lines) + "\n")
     if "peer" in args.parts:
         print("FedNAS on the public code's peer settings", flush=True)
         pr = peer(out, args.np, args.data_root, args.quick)
@@ -461,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     for part, text in sections.items():
         saved[part] = {"text": text, "by": stamp}
     store.write_text(json.dumps(saved, indent=1))
-    order = ["main", "sweep", "mnist", "attempts", "peer"]
+    order = ["ablations", "main", "sweep", "mnist", "attempts", "peer"]
     generated = ("Measured on this 2-core CPU machine (one thread per rank) by `benchmarks/compare.py`; each "
                  "section says which command measured it.\n\n" +
                  "\n".join(f"{saved[k]['text']}\n*Measured by {saved[k]['by']}.*\n" for k in order if k in saved))

@@ -80,6 +80,21 @@ class SearchConfig:
     pair_prune_threshold: float = 0.01
     op_prune_threshold: float = 0.01
     alpha_init_std: float = 1e-3
+    # Warm-up (MetaNAS freezes the architecture for its first epochs): the first fraction of the rounds
+    # trains only the weights, the logits frozen, paths drawn by `warmup_gumbel` (hard: one uniformly
+    # sampled path per step, cheap); annealing and pruning start after it.
+    warmup_fraction: float = 0.0
+    warmup_gumbel: Literal["hard", "soft"] = "hard"
+    # Hybrid relaxation: from this fraction of the rounds on, hard sampling (1: never switch).
+    hard_after_fraction: float = 1.0
+    # Cheaper soft relaxation: per edge compute only the `soft_topk` ops with the largest perturbed
+    # logits (0: all) and skip ops whose relaxed weight is below `soft_eps` (0: none).
+    soft_topk: int = 0
+    soft_eps: float = 0.0
+    # Evidence-based pruning: an entry is masked only after its annealed probability stayed below the
+    # threshold for `prune_patience` consecutive rounds, and never before `prune_start_fraction` of the rounds.
+    prune_patience: int = 1
+    prune_start_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -97,7 +112,8 @@ class AlgorithmConfig:
     inner_lr_w: float = 3e-3
     inner_lr_alpha: float = 3e-3
     inner_betas: tuple[float, float] = (0.0, 0.999)
-    meta_optimizer: Literal["adam", "sgd"] = "adam"
+    meta_optimizer: Literal["adam", "sgd"] = "adam"  # fresh state every round (clients keep no state)
+    meta_momentum: float = 0.0  # the sgd meta optimizer's momentum
     meta_lr_w: float = 3e-3
     meta_lr_alpha: float = 3e-3
     reptile_lr_w: float = 1.0
@@ -252,6 +268,13 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("search", "pair_prune_threshold"): (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     ("search", "op_prune_threshold"): (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     ("search", "alpha_init_std"): (lambda v: v >= 0, "a number >= 0"),
+    ("search", "warmup_fraction"): (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    ("search", "hard_after_fraction"): (lambda v: 0 <= v <= 1, "a fraction in [0, 1] (1: never hard)"),
+    ("search", "soft_topk"): (lambda v: v >= 0, "an integer >= 0 (0: every op)"),
+    ("search", "soft_eps"): (lambda v: 0 <= v < 1, "a weight in [0, 1) (0: skip nothing)"),
+    ("search", "prune_patience"): (lambda v: v >= 1, "an integer >= 1 (rounds below the threshold)"),
+    ("search", "prune_start_fraction"): (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    ("algorithm", "meta_momentum"): (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     ("algorithm", "local_steps"): (lambda v: v >= 1, "an integer >= 1"),
     ("algorithm", "inner_steps"): (lambda v: v >= 1, "an integer >= 1"),
     ("algorithm", "batch_size"): (lambda v: v >= 1, "an integer >= 1"),

@@ -46,6 +46,10 @@ class RoundPlan:
     tau: float = math.nan  # relaxation temperature; NaN where the phase has no relaxation
     lr_scale: float = 1.0  # factor on the weights' learning rates (the phase's schedule)
     relax_mode: RelaxMode = "expected"  # how a client samples the architecture (ignored by fixed nets)
+    train_arch: bool = True  # False: the architecture logits stay frozen this round (a warm-up)
+    soft_topk: int = 0  # `soft` computes only the k ops per edge of largest perturbed logit (0: all)
+    soft_eps: float = 0.0  # `soft` skips ops whose relaxed weight is below this (0: none)
+    round: int = -1  # the global round this plan is for (-1: not a round, e.g. a default plan)
 
 
 @dataclass

@@ -29,6 +29,9 @@ class LocalContext:
     channels_last: bool = False
     lr_scale: float = 1.0  # the round's factor on the weights' learning rates (schedule)
     client_id: int = -1  # for logs and fault reports only: never a source of randomness here
+    train_arch: bool = True  # False: leave the architecture logits as they are (warm-up)
+    soft_topk: int = 0  # see RoundPlan: which ops a `soft` sample computes
+    soft_eps: float = 0.0
 
 
 @dataclass
@@ -62,7 +65,8 @@ def supervised_step(model: nn.Module, ctx: LocalContext, batch_size: int) -> tor
     if ctx.masks is None:  # a fixed architecture: nothing to sample
         logits = model(x)
     else:
-        logits = model(x, sample_arch(model, ctx.masks, ctx.tau, ctx.relax_mode, ctx.gumbel_gen))
+        logits = model(x, sample_arch(model, ctx.masks, ctx.tau, ctx.relax_mode, ctx.gumbel_gen,
+                                      topk=ctx.soft_topk, eps=ctx.soft_eps))
     loss = nn.functional.cross_entropy(logits, y)
     model.zero_grad(set_to_none=True)
     loss.backward()

@@ -24,7 +24,7 @@ from fedmetanas.algorithms.common import (  # noqa: F401 - re-exported: the loca
     supervised_step,
 )
 from fedmetanas.algorithms.base import Algorithm, Phase, Span
-from fedmetanas.algorithms.phases import SearchPhase
+from fedmetanas.algorithms.phases import SearchPhase, SearchSchedule
 from fedmetanas.config import AlgorithmConfig
 from fedmetanas.search.relax import lr_factor, temperature
 from fedmetanas.search.supernet import SuperNet, arch_from_genotype, derive_genotype
@@ -37,22 +37,23 @@ class FedMetaNAS:
     def __init__(self, cfg: AlgorithmConfig) -> None:
         self.cfg = cfg
 
-    def _meta_optimizer(self, model: SuperNet, lr_scale: float) -> torch.optim.Optimizer:
-        groups = [{"params": model.weights(), "lr": self.cfg.meta_lr_w * lr_scale,
+    def _meta_optimizer(self, model: SuperNet, ctx: LocalContext) -> torch.optim.Optimizer:
+        groups = [{"params": model.weights(), "lr": self.cfg.meta_lr_w * ctx.lr_scale,
                    "weight_decay": self.cfg.weight_decay}]
-        if model.alphas():  # a fixed architecture has none
+        if model.alphas() and ctx.train_arch:  # a fixed architecture has none; a warm-up freezes them
             groups.append({"params": model.alphas(), "lr": self.cfg.meta_lr_alpha, "weight_decay": 0.0})
         if self.cfg.meta_optimizer == "adam":
             return torch.optim.Adam(groups, foreach=True)
-        return torch.optim.SGD(groups, foreach=True)
+        return torch.optim.SGD(groups, momentum=self.cfg.meta_momentum, foreach=True)
 
     def adapt(self, task: SuperNet, ctx: LocalContext, steps: int) -> list[torch.Tensor]:
-        """Task learner: `steps` joint Adam steps on weights and architecture logits."""
+        """Task learner: `steps` joint Adam steps on weights and architecture logits (weights only while
+        `ctx.train_arch` is False)."""
         betas = self.cfg.inner_betas
         opt_w = torch.optim.Adam(task.weights(), lr=self.cfg.inner_lr_w * ctx.lr_scale, betas=betas,
                                  weight_decay=self.cfg.weight_decay, foreach=True)
         opt_a = torch.optim.Adam(task.alphas(), lr=self.cfg.inner_lr_alpha, betas=betas,
-                                 foreach=True) if task.alphas() else None
+                                 foreach=True) if task.alphas() and ctx.train_arch else None
         losses = []
         for _ in range(steps):
             losses.append(supervised_step(task, ctx, self.cfg.batch_size))
@@ -65,7 +66,7 @@ class FedMetaNAS:
     def local_update(self, model: SuperNet, task: SuperNet, ctx: LocalContext) -> LocalResult:
         """Run the client's meta-steps; `model` holds the global parameters on entry, the client's after."""
         cfg = self.cfg
-        meta_opt = self._meta_optimizer(model, ctx.lr_scale) if cfg.meta_update == "fomaml" else None
+        meta_opt = self._meta_optimizer(model, ctx) if cfg.meta_update == "fomaml" else None
         losses: list[torch.Tensor] = []
         for _ in range(cfg.local_steps):
             copy_state(task, model)
@@ -81,7 +82,7 @@ class FedMetaNAS:
                 with torch.no_grad():
                     for p_meta, p_task in zip(model.weights(), task.weights()):
                         p_meta.add_(p_task - p_meta, alpha=cfg.reptile_lr_w)
-                    for p_meta, p_task in zip(model.alphas(), task.alphas()):
+                    for p_meta, p_task in zip(model.alphas() if ctx.train_arch else [], task.alphas()):
                         p_meta.add_(p_task - p_meta, alpha=cfg.reptile_lr_alpha)
             # BN statistics follow what the task learner saw (they are not learned parameters).
             if model.buffer_list():  # a net without BN (the CNN) has none
@@ -125,11 +126,13 @@ class FedMetaNASAlgorithm(Algorithm):
     def phases(self) -> list[Phase]:
         cfg, s = self.cfg, self.cfg.search
         rounds = cfg.federated.rounds
-        anneal_rounds = max(1, round(s.anneal_fraction * rounds))
+        schedule = SearchSchedule.of(s, rounds)
+        # The temperature stays at tau_max through the warm-up, then anneals over anneal_fraction of the rest.
+        anneal_rounds = max(1, round(s.anneal_fraction * (rounds - schedule.warmup_rounds)))
 
         def tau(rnd: int) -> float:
-            return temperature(s.tau_schedule, s.tau_max, s.tau_min, rnd, anneal_rounds)
+            return temperature(s.tau_schedule, s.tau_max, s.tau_min, rnd - schedule.warmup_rounds, anneal_rounds)
 
         return [SearchPhase(cfg, Span("search", "rounds", 0, rounds), FedMetaNAS(cfg.algorithm), tau=tau,
                             lr_scale=dual_learner_lr_scale(cfg.algorithm, rounds), relax_mode=s.gumbel, prune=True,
-                            base_lr=cfg.algorithm.inner_lr_w)]
+                            base_lr=cfg.algorithm.inner_lr_w, schedule=schedule)]

@@ -98,10 +98,11 @@ class MiLeNAS:
         for _ in range(c.local_steps):
             train = draw_batch(ctx, train_idx, c.batch_size)
             val = draw_batch(ctx, val_idx, c.batch_size)
-            grads = milenas_alpha_grads(model, ctx, train, val, c.lambda_train)
-            for a, g in zip(model.alphas(), grads):
-                a.grad = g
-            opt_a.step()
+            if ctx.train_arch:  # a warm-up freezes the logits
+                grads = milenas_alpha_grads(model, ctx, train, val, c.lambda_train)
+                for a, g in zip(model.alphas(), grads):
+                    a.grad = g
+                opt_a.step()
             loss = softmax_loss(model, ctx, *train)
             model.zero_grad(set_to_none=True)
             loss.backward()

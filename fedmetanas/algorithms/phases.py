@@ -12,6 +12,7 @@ An algorithm is a small file that picks its phases and fills in their rules (see
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
@@ -19,10 +20,10 @@ from torch import nn
 
 from fedmetanas.algorithms.base import Artifact, ModelInputs, Phase, PhaseOutcome, RoundPlan, Span
 from fedmetanas.algorithms.common import Forward, LocalContext, LocalResult
-from fedmetanas.config import Config, check_architecture_cells, to_dict
+from fedmetanas.config import Config, SearchConfig, check_architecture_cells, to_dict
 from fedmetanas.search.discrete import CNN, DiscreteNet, FixedNet
 from fedmetanas.search.genotypes import DARTS_V2, Genotype, resolve_primitives
-from fedmetanas.search.relax import RelaxMode, entropy, update_mask
+from fedmetanas.search.relax import RelaxMode, entropy, prune_on_evidence
 from fedmetanas.search.supernet import ArchMasks, SuperNet, arch_from_genotype, derive_genotype, sample_arch
 from fedmetanas.seeding import Purpose, derive_seed, torch_generator
 
@@ -80,6 +81,29 @@ def check_fixed_net(section: str, cfg: Config) -> None:
                              None if net.layers else m.reduction_layers, f"{section}.layers / model.layers")
 
 
+@dataclass(frozen=True)
+class SearchSchedule:
+    """When a search phase does what, in rounds from its first: the warm-up (logits frozen, paths drawn
+    by `warmup_mode`), the switch to hard sampling, the sparse soft sample, and pruning's start and
+    patience. The defaults are a plain search: no warm-up, no switch, every op, prune at once."""
+
+    warmup_rounds: int = 0
+    warmup_mode: RelaxMode = "hard"
+    hard_from: int = 1 << 30
+    soft_topk: int = 0
+    soft_eps: float = 0.0
+    prune_from: int = 0
+    patience: int = 1
+
+    @classmethod
+    def of(cls, s: SearchConfig, rounds: int) -> "SearchSchedule":
+        """The `search` section's fractions as round counts of a `rounds`-round search."""
+        warm = int(round(s.warmup_fraction * rounds))
+        return cls(warm, s.warmup_gumbel, int(round(s.hard_after_fraction * rounds)) if s.hard_after_fraction < 1
+                   else 1 << 30, s.soft_topk, s.soft_eps, max(warm, int(round(s.prune_start_fraction * rounds))),
+                   s.prune_patience)
+
+
 class SearchPhase(Phase):
     """A supernet searched by `rule`; the server soft-prunes after averaging when `prune` is set; with
     `stable_rounds` k > 0 the search ends early (`end_early`) once its genotype has stayed the same for k
@@ -89,12 +113,14 @@ class SearchPhase(Phase):
 
     def __init__(self, cfg: Config, span: Span, rule: PersonalizingRule | LocalRule, *, tau: Schedule,
                  lr_scale: Schedule, relax_mode: RelaxMode, prune: bool, base_lr: float,
-                 needs_task: bool = True, stable_rounds: int = 0) -> None:
+                 needs_task: bool = True, stable_rounds: int = 0, schedule: SearchSchedule | None = None) -> None:
         super().__init__(cfg, span)
         self.rule, self.tau, self.lr_scale, self.relax_mode = rule, tau, lr_scale, relax_mode
         self.prune, self.base_lr = prune, base_lr
+        self.schedule = schedule or SearchSchedule()
         self.needs_task = needs_task  # type: ignore[misc] - per instance: MiLeNAS needs no task learner
         self._masks: ArchMasks | None = None
+        self._below: dict[str, torch.Tensor] = {}  # pruning evidence: rounds each entry stayed below threshold
         self._genotype: Genotype | None = None  # of the current logits and masks; None: derive anew
         # The stability rule (0: none): rounds in a row whose genotype equalled the previous round's.
         self.stable_rounds, self._unchanged, self._last_genotype = stable_rounds, 0, ""
@@ -104,13 +130,20 @@ class SearchPhase(Phase):
 
     def on_model(self, model: SuperNet) -> None:
         self._masks, self._genotype = model.initial_masks(), None
+        self._below = {name: torch.zeros(m.shape, dtype=torch.int64) for name, m in self._masks.items()}
 
     def model_attrs(self, model: SuperNet) -> dict[str, Any]:
         return {"primitives": list(model.primitives), "nodes": model.nodes,
                 "num_params": sum(p.numel() for p in model.weights())}
 
     def round_plan(self, rnd: int) -> RoundPlan:
-        return RoundPlan(self.tau(rnd), self.lr_scale(rnd), self.relax_mode)
+        """The round's relaxation: the warm-up's (logits frozen), then the phase's, then hard sampling
+        from the schedule's switch round on."""
+        sch = self.schedule
+        warm = rnd < self.span.first + sch.warmup_rounds
+        mode = sch.warmup_mode if warm else ("hard" if rnd >= self.span.first + sch.hard_from else self.relax_mode)
+        return RoundPlan(self.tau(rnd), self.lr_scale(rnd), mode, train_arch=not warm, soft_topk=sch.soft_topk,
+                         soft_eps=sch.soft_eps, round=rnd)
 
     def masks(self) -> ArchMasks | None:
         return self._masks
@@ -119,15 +152,19 @@ class SearchPhase(Phase):
         return self.rule.local_update(model, task, ctx)
 
     def server_update(self, model: SuperNet, plan: RoundPlan) -> None:
-        """Soft pruning: the masks follow the annealed distributions of the averaged logits."""
-        if self.prune:
-            s, m = self.cfg.search, self._masks
-            self._masks = ArchMasks(
-                {k: update_mask(getattr(model, f"alpha_{k}"), v, plan.tau, s.op_prune_threshold)
-                 for k, v in m.ops.items()},
-                None if m.pairs is None else
-                {k: update_mask(getattr(model, f"beta_{k}"), v, plan.tau, s.pair_prune_threshold)
-                 for k, v in m.pairs.items()})
+        """Soft pruning: the masks follow the annealed distributions of the averaged logits. Not while the
+        logits are frozen (warm-up); evidence counts from then on; masks shrink from `prune_from` on."""
+        if self.prune and plan.train_arch:
+            s, sch = self.cfg.search, self.schedule
+            patience = sch.patience if plan.round >= self.span.first + sch.prune_from else 1 << 30
+            masks: dict[str, torch.Tensor] = {}
+            for name, mask in self._masks.items():
+                threshold = s.op_prune_threshold if name.startswith("alpha_") else s.pair_prune_threshold
+                masks[name], self._below[name] = prune_on_evidence(getattr(model, name), mask, plan.tau, threshold,
+                                                                   self._below[name], patience)
+            m = self._masks
+            self._masks = ArchMasks({k: masks[f"alpha_{k}"] for k in m.ops},
+                                    None if m.pairs is None else {k: masks[f"beta_{k}"] for k in m.pairs})
         self._genotype = None  # the averaged logits decode anew
 
     def current_genotype(self, model: SuperNet, plan: RoundPlan) -> Genotype:
@@ -216,12 +253,14 @@ class SearchPhase(Phase):
         return self.rule.personalize(model, task, ctx, steps)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": {"ops": self._masks.ops, "pairs": self._masks.pairs},
+        return {"masks": {"ops": self._masks.ops, "pairs": self._masks.pairs}, "prune_below": dict(self._below),
                 "stable_unchanged": self._unchanged, "stable_last_genotype": self._last_genotype}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("masks") is not None:
             self._masks, self._genotype = ArchMasks(state["masks"]["ops"], state["masks"]["pairs"]), None
+        if state.get("prune_below") is not None:
+            self._below = {k: v.clone() for k, v in state["prune_below"].items()}
         self._unchanged = int(state.get("stable_unchanged", 0))
         self._last_genotype = str(state.get("stable_last_genotype", ""))
 

@@ -325,7 +325,8 @@ class Loop:
         return LocalContext(s.train, s.train_idx[cid], self.phase.masks(), plan.tau, plan.relax_mode,
                             torch_generator(cfg.federated.seed, Purpose.BATCHES, *coords, cid),
                             torch_generator(cfg.federated.seed, Purpose.GUMBEL, *coords, cid),
-                            cfg.data.augment, cfg.model.channels_last, plan.lr_scale, cid)
+                            cfg.data.augment, cfg.model.channels_last, plan.lr_scale, cid, plan.train_arch,
+                            plan.soft_topk, plan.soft_eps)
 
     def _local_work(self, rnd: int, plan: RoundPlan) -> torch.Tensor:
         """Run this rank's clients of the round (concurrently on GPU streams); return their summed buffer."""

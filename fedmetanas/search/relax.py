@@ -60,11 +60,35 @@ def sampled_onehot(logits_cpu: torch.Tensor, mask_cpu: torch.Tensor, noise_cpu: 
     return torch.nn.functional.one_hot(z.argmax(dim=-1), logits_cpu.shape[-1]).to(torch.bool)
 
 
+def sparse_active(logits_cpu: torch.Tensor, mask_cpu: torch.Tensor, noise_cpu: torch.Tensor, tau: float,
+                  topk: int, eps: float) -> torch.Tensor:
+    """The host half of a sparse `soft` sample: which entries of each row to compute.
+
+    An entry is computed if it is unmasked, among the `topk` largest perturbed logits of its row (0: any)
+    and its Gumbel-softmax weight is at least `eps`; each row's largest entry always is. The entries left
+    out get weight exactly 0 in the forward pass, so a sparse sample differs from the plain soft one by the
+    left-out terms alone: at most `eps` times an op's output each, and nothing where nothing is left out.
+    """
+    z = masked_logits(logits_cpu.detach(), mask_cpu) + noise_cpu
+    active = mask_cpu.clone()
+    if eps > 0:
+        active &= torch.softmax(z / tau, dim=-1) >= eps
+    if 0 < topk < z.shape[-1]:
+        top = torch.zeros_like(active)
+        top.scatter_(-1, z.topk(topk, dim=-1).indices, True)
+        active &= top
+    active.scatter_(-1, z.argmax(dim=-1, keepdim=True), True)
+    return active
+
+
 def relaxed_weights(logits: torch.Tensor, mask: torch.Tensor, tau: float, mode: RelaxMode,
                     noise: torch.Tensor | None = None, onehot: torch.Tensor | None = None) -> torch.Tensor:
     """The device half of `relax`: every argument already on the logits' device, so no host sync.
 
-    `noise` is required for `soft` and `hard`, `onehot` (from `sampled_onehot`) for `hard` and `argmax`.
+    `noise` is required for `soft` and `hard`, `onehot` (from `sampled_onehot`) for `hard` and `argmax`;
+    for `soft` an optional `onehot` is the active set of a sparse sample (`sparse_active`): the entries
+    outside it get weight 0 (the others keep their Gumbel-softmax weight, not renormalized, so gradients
+    still reach every logit through the softmax).
     """
     if mode == "argmax":
         return onehot.to(logits.dtype)
@@ -72,13 +96,13 @@ def relaxed_weights(logits: torch.Tensor, mask: torch.Tensor, tau: float, mode: 
     if mode in ("soft", "hard"):
         z = z + noise
     soft = torch.softmax(z / tau, dim=-1)
-    if mode != "hard":
-        return soft
-    return onehot.to(soft.dtype) - soft.detach() + soft
+    if mode == "hard":
+        return onehot.to(soft.dtype) - soft.detach() + soft
+    return soft if onehot is None else soft * onehot.to(soft.dtype)
 
 
 def relax(logits: torch.Tensor, mask: torch.Tensor, tau: float, mode: RelaxMode,
-          noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          noise: torch.Tensor | None = None, topk: int = 0, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Relaxed one-hot weights for each row of `logits`, and which entries must be computed.
 
     The definition, for one tensor; `supernet.sample_arch` computes the same for all of a step's logits
@@ -92,6 +116,7 @@ def relax(logits: torch.Tensor, mask: torch.Tensor, tau: float, mode: RelaxMode,
             Gumbel sample (forward value one-hot, gradient of the soft sample; only the sampled
             entry is active, as in GDAS); `expected` noise-free softmax; `argmax` a constant one-hot.
         noise: Gumbel noise of the same shape, required for `soft` and `hard`.
+        topk, eps: `soft` only: compute just the entries `sparse_active` keeps (0, 0: all unmasked).
 
     Returns:
         weights (rows, k) on the logits' device, and active (rows, k) bool on the CPU.
@@ -103,6 +128,8 @@ def relax(logits: torch.Tensor, mask: torch.Tensor, tau: float, mode: RelaxMode,
     onehot = None
     if mode in ("hard", "argmax"):
         onehot = sampled_onehot(logits.detach().cpu(), mask_cpu, noise.cpu() if mode == "hard" else None)
+    elif mode == "soft" and (topk > 0 or eps > 0):
+        onehot = sparse_active(logits.detach().cpu(), mask_cpu, noise.cpu(), tau, topk, eps)
     weights = relaxed_weights(logits, mask_cpu.to(device), tau, mode,
                               None if noise is None else noise.to(device),
                               None if onehot is None else onehot.to(device))
@@ -126,6 +153,24 @@ def update_mask(logits: torch.Tensor, mask: torch.Tensor, tau: float, threshold:
     best = probs.argmax(dim=-1, keepdim=True)
     keep.scatter_(-1, best, True)
     return keep
+
+
+def prune_on_evidence(logits: torch.Tensor, mask: torch.Tensor, tau: float, threshold: float,
+                      below: torch.Tensor, patience: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft pruning that waits for evidence: an entry is dropped once its annealed probability has been
+    below `threshold` for `patience` consecutive calls (rounds); `below` counts them per entry.
+
+    Returns the new mask and counts. With `patience` 1 the mask is `update_mask`'s. One noisy round
+    cannot lock an op out: under strong label skew the averaged logits swing from round to round.
+    """
+    if threshold <= 0:
+        return mask.clone(), torch.zeros_like(below)
+    probs = probabilities(logits, mask, tau)
+    low = (probs < threshold) & mask.cpu()
+    below = torch.where(low, below + 1, torch.zeros_like(below))
+    keep = mask.cpu() & (below < patience)
+    keep.scatter_(-1, probs.argmax(dim=-1, keepdim=True), True)
+    return keep, torch.where(keep, below, torch.zeros_like(below))
 
 
 def entropy(logits: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:

@@ -18,7 +18,8 @@ from torch import nn
 from fedmetanas.runtime import to_device
 from fedmetanas.search.genotypes import CELL_KINDS, Genotype, default_reduction_layers
 from fedmetanas.search.operations import OPS, FactorizedReduce, ReLUConvBN
-from fedmetanas.search.relax import RelaxMode, gumbel_noise, probabilities, relaxed_weights, sampled_onehot
+from fedmetanas.search.relax import (RelaxMode, gumbel_noise, probabilities, relaxed_weights, sampled_onehot,
+                                     sparse_active)
 from fedmetanas.search.tensor_lists import TensorListsModule
 
 def input_pairs(n_inputs: int) -> list[tuple[int, int]]:
@@ -246,13 +247,14 @@ def _split(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
 
 
 def sample_arch(model: SuperNet, masks: ArchMasks, tau: float, mode: RelaxMode,
-                generator: torch.Generator | None = None) -> ArchSample:
+                generator: torch.Generator | None = None, topk: int = 0, eps: float = 0.0) -> ArchSample:
     """Relax both cell types' logits once for a forward pass (noise from `generator`).
 
     The same as `relax` on each logit tensor in turn, with at most one blocking host-device transfer:
     the noise for all logits is drawn in one call and sent in one non-blocking copy (with the sampled
     one-hots in `hard` mode); `hard` and `argmax` copy all logits to the host once (the host must know
-    which ops to compute); the masks come from `masks.on(device)`, copied once per round.
+    which ops to compute); the masks come from `masks.on(device)`, copied once per round. A sparse `soft`
+    sample (`topk` / `eps`, see `relax.sparse_active`) copies the logits to the host as `hard` does.
     """
     device = model.alpha_normal.device
     names = _logit_names(model, masks)
@@ -268,9 +270,11 @@ def sample_arch(model: SuperNet, masks: ArchMasks, tau: float, mode: RelaxMode,
     onehots: list[torch.Tensor | None] = [None] * n
     if mode in ("soft", "hard"):
         noise = _split(gumbel_noise((sum(s.numel() for s in shapes),), generator), shapes)
-    if mode in ("hard", "argmax"):
+    sparse = mode == "soft" and (topk > 0 or eps > 0)
+    if mode in ("hard", "argmax") or sparse:
         host = _split(torch.cat([p.detach().reshape(-1) for p in logits]).cpu(), shapes)  # the one blocking copy
-        onehots = [sampled_onehot(h, m, z) for h, m, z in zip(host, cpu_masks, noise)]
+        onehots = [sparse_active(h, m, z, tau, topk, eps) if sparse else sampled_onehot(h, m, z)
+                   for h, m, z in zip(host, cpu_masks, noise)]
     # What the device needs from the host (noise, then one-hots) in one non-blocking copy.
     sent = [t for t in noise + onehots if t is not None]
     arrived = iter(_split(to_device(torch.cat([t.reshape(-1).float() for t in sent]), device),
