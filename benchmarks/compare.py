@@ -67,6 +67,23 @@ ABLATIONS = (
      ["search.warmup_fraction=0.25", "search.gumbel=soft", "search.soft_topk=2", "search.hard_after_fraction=0.75",
       "search.prune_patience=2"]),
 )
+# Meta-learning vs plain local training on the same fixed architecture (DARTS_V2), same setting and rounds.
+METALEARNING = (("Per-FedAvg on DARTS_V2 (FedMetaNAS's dual learner, no search)", "perfedavg"),
+                ("FedAvg on DARTS_V2 (local SGD)", "fedavg"))
+# Second round, one change at a time from the best of the first (soft top-2, hard after 50%).
+CANDIDATE_BASE = ABLATION_BASE + ["search.gumbel=soft", "search.soft_topk=2", "search.hard_after_fraction=0.5"]
+CANDIDATES = (
+    ("soft top-2, hard after 50%", []),
+    ("+ server momentum 0.9 (lr 0.3)", ["federated.server_optimizer=momentum", "federated.server_momentum=0.9",
+                                        "federated.server_lr=0.3"]),
+    ("+ server Adam (lr 0.01)", ["federated.server_optimizer=adam", "federated.server_lr=0.01"]),
+    ("+ warm-up 25% (hard paths)", ["search.warmup_fraction=0.25"]),
+    ("+ local steps x2 (30)", ["algorithm.local_steps=30"]),
+    ("+ prune threshold 0.05", ["search.op_prune_threshold=0.05", "search.pair_prune_threshold=0.05"]),
+    ("hard throughout, local steps 30, prune threshold 0.05",
+     ["search.gumbel=hard", "search.soft_topk=0", "search.hard_after_fraction=1", "algorithm.local_steps=30",
+      "search.op_prune_threshold=0.05", "search.pair_prune_threshold=0.05"]),
+)
 SWEEP = (("0.1", ["data.dirichlet_alpha=0.1"]), ("0.5", []), ("1.0", ["data.dirichlet_alpha=1.0"]),
          ("IID", ["data.partition=iid"]))
 
@@ -208,6 +225,99 @@ def parametric_ops(genotype: str) -> int:
     """How many of the normal cell's chosen ops have weights (convolutions): 0 is DARTS's collapse."""
     return sum(op not in ("skip_connect", "max_pool_3x3", "avg_pool_3x3", "none")
                for node in Genotype.from_string(genotype).normal for op, _ in node)
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid: the fair, budget-matched protocol on every non-IID setting
+GRID = (("Fashion-MNIST α=0.1", "fmnist_a0.1", ["data.dirichlet_alpha=0.1"]),
+        ("Fashion-MNIST α=0.5", "fmnist_a0.5", ["data.dirichlet_alpha=0.5"]),
+        ("MNIST α=0.1", "mnist_a0.1", ["data.name=mnist", "data.dirichlet_alpha=0.1"]),
+        ("Fashion-MNIST IID", "fmnist_iid", ["data.partition=iid"]),
+        ("Fashion-MNIST α=1.0", "fmnist_a1.0", ["data.dirichlet_alpha=1.0"]),
+        ("MNIST α=0.5", "mnist_a0.5", ["data.name=mnist", "data.dirichlet_alpha=0.5"]))
+META_ROUND_S: list[float] = []  # FedMetaNAS's training seconds per round on the grid settings run so far
+GRID_METHODS = ("fednas", "fedmetanas", "fedavg")
+
+
+def grid_setting(key: str, over: list[str], out: Path, np_: int, base: list[str], quick: bool) -> dict[str, Run]:
+    """One grid setting under the protocol (docs/results.md, "Protocol"):
+
+    1. FedNAS searches until its genotype is unchanged for `fednas.stable_rounds` rounds (or its cap,
+       `federated.rounds` of configs/fednas.yaml), then retrains; its training time T_nas is measured.
+    2. FedMetaNAS runs configs/default.yaml as shipped, with `federated.time_budget_s` = 0.5 x T_nas as a
+       cap (the log's `stopped_by` says whether the budget or its rounds ended it); where its default
+       rounds would not fit that budget at the per-round cost measured on the settings before, it runs
+       the rounds that do (so its annealing and schedules complete instead of being cut).
+    3. FedAvg (DARTS_V2) gets FedMetaNAS's measured training time: its rounds are that time over the
+       per-round time of FedNAS's retraining (the same FedAvg work on a same-sized cell), and the time is
+       also its budget.
+    """
+    nas = run_method("fednas", f"grid_{key}_fednas", out, np_, base + over)
+    budget = 0.5 * nas.total_s
+    meta_over = [] if quick else [f"federated.time_budget_s={budget:.1f}"]
+    if META_ROUND_S and not quick:  # rounds that fit the budget at the cost measured so far: schedules complete
+        from fedmetanas.config import load_config
+
+        default_rounds = load_config(REPO / "configs" / CONFIGS["fedmetanas"]).federated.rounds
+        fit = int(0.95 * budget / (sum(META_ROUND_S) / len(META_ROUND_S)))
+        if fit < default_rounds:
+            meta_over.append(f"federated.rounds={max(2, fit)}")
+    meta = run_method("fedmetanas", f"grid_{key}_fedmetanas", out, np_, base + over + meta_over)
+    META_ROUND_S.append(meta.total_s / meta.rounds)
+    retrain = nas.parts.get("train", {})
+    per_round = (retrain.get("local_s", 0.0) + retrain.get("allreduce_s", 0.0)) / max(retrain.get("rounds", 1), 1)
+    rounds = 2 if quick else max(2, int(meta.total_s / per_round)) if per_round > 0 else 32
+    avg_budget = [] if quick else [f"federated.time_budget_s={meta.total_s:.1f}"]
+    avg = run_method("fedavg", f"grid_{key}_fedavg", out, np_, base + over + [f"federated.rounds={rounds}", *avg_budget])
+    return {"fednas": nas, "fedmetanas": meta, "fedavg": avg}
+
+
+def grid_table(runs: dict[str, Run]) -> tuple[str, bool]:
+    """One setting's table and whether the claim holds there."""
+    nas, meta = runs["fednas"], runs["fedmetanas"]
+    acc_nas = float(nas.final["discrete_acc"])
+    target = float(nas.acc[np.isfinite(nas.acc)][-1])
+    lines = ["| method | final acc % | soft supernet % (gap) | personalized % mean / worst 10% | training s | "
+             "time ratio to FedNAS | rounds (stopped by) | time to FedNAS's acc, s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for m, r in runs.items():
+        f = r.final
+        sup = float(f.get("supernet_acc", math.nan))
+        gap = f"{_pct(sup)} ({100 * (sup - float(f['discrete_acc'])):+.2f})" if m == "fedmetanas" else "—"
+        stop = str(f.get("stopped_by", "rounds"))
+        if m == "fednas":
+            stop = f"{int(f.get('search_rounds', 0))} search ({f.get('search_stopped_by', '?')}) + retrain"
+        lines.append(f"| {LABELS[m]} | {_pct(float(f['discrete_acc']))} | {gap} | "
+                     f"{_pct(float(f.get('personal_after_mean', math.nan)))} / "
+                     f"{_pct(float(f.get('personal_after_worst10', math.nan)))} | {r.total_s:.0f} | "
+                     f"{r.total_s / nas.total_s:.2f} | {r.rounds} ({stop}) | {_sec(r.time_to(target))} |")
+    ratio = meta.total_s / nas.total_s
+    holds = float(meta.final["discrete_acc"]) >= acc_nas and ratio <= 0.5
+    personal = all(float(meta.final.get(k, -1)) >= float(nas.final.get(k, math.inf))
+                   for k in ("personal_after_mean", "personal_after_worst10"))
+    verdict = (f"\nClaim (FedMetaNAS's pruned, not retrained net ≥ FedNAS's retrained net in ≤ 0.5× its time): "
+               f"**{'holds' if holds else 'does not hold'}** ({100 * float(meta.final['discrete_acc']):.2f}% vs "
+               f"{100 * acc_nas:.2f}% at {ratio:.2f}× the time). Personalized mean and worst 10% ≥ FedNAS's: "
+               f"**{'yes' if personal else 'no'}**.\n")
+    return "\n".join(lines) + "\n" + verdict, holds
+
+
+def figure_grid(grid: dict[str, dict[str, Run]], path: Path) -> None:
+    plt = _plt()
+    n = len(grid)
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.5 * rows), squeeze=False)
+    for ax, (label, runs) in zip(axes.flat, grid.items()):
+        nas = runs["fednas"]
+        plot_time(ax, runs, float(nas.acc[np.isfinite(nas.acc)][-1]))
+        ax.set_title(label, fontsize=10)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,11 +466,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/compare", help="where the runs go")
     p.add_argument("--docs", default="docs", help="where results.md and its figures go")
     p.add_argument("--parts", nargs="+", default=["main", "sweep", "mnist", "peer"],
-                   choices=["main", "sweep", "mnist", "peer", "attempts", "ablations"],
+                   choices=["main", "sweep", "mnist", "peer", "attempts", "ablations", "candidates", "grid"],
                    help="attempts (not in the default): FedMetaNAS variants against the main comparison's FedNAS")
     p.add_argument("--data-root", default="data")
     p.add_argument("--quick", action="store_true", help="2 rounds per stage: checks the harness, measures nothing")
     p.add_argument("--reuse", action="store_true", help="read the logs of finished runs in --out instead of rerunning")
+    p.add_argument("--mnist-root", default="data", help="data.root holding MNIST (python -m fedmetanas.data.fetch)")
+    p.add_argument("--settings", nargs="*", default=[], help="grid: only these settings (keys, e.g. fmnist_a0.1)")
     p.add_argument("--ablation-rounds", type=int, default=16, help="rounds of each ablation run")
     p.add_argument("--sweep-rounds", type=float, default=0.4,
                    help="the sweep's and MNIST's rounds as a fraction of the main comparison's (time budget)")
@@ -460,26 +572,58 @@ def main(argv: list[str] | None = None) -> int:
             images.append(f"![FedMetaNAS {label} vs FedNAS](img/results_attempt{i}.png)\n")
         sections["attempts"] = ("### What we tried: FedMetaNAS variants (Fashion-MNIST, Dirichlet(0.5))\n\n" +
                                 "\n".join(lines) + "\n\n" + "\n".join(images))
-    if "ablations" in args.parts:
+    if "grid" in args.parts:
+        grid: dict[str, dict[str, Run]] = {}
+        texts, held = [], 0
+        settings = GRID[:1] if args.quick else [g for g in GRID if not args.settings or g[1] in args.settings]
+        for label, key, over in settings:
+            print(f"grid: {label}", flush=True)
+            root = [f"data.root={args.mnist_root}"] if "data.name=mnist" in over else []
+            grid[label] = grid_setting(key, over + root, out, args.np, base, args.quick)
+            text, holds = grid_table(grid[label])
+            held += holds
+            texts.append(f"#### {label}\n\n{text}")
+        figure_grid(grid, docs / "img" / "results_grid.png")
+        results["grid"] = {label: {m: {"acc": float(r.final["discrete_acc"]), "total_s": r.total_s}
+                                   for m, r in runs.items()} for label, runs in grid.items()}
+        sections["grid"] = ("### The grid: FedMetaNAS (default config) vs FedNAS vs FedAvg, budget-matched\n\n"
+                            f"The claim holds on **{held} of {len(grid)}** settings.\n\n" + "\n".join(texts) +
+                            "\n![accuracy vs wall time per setting](img/results_grid.png)\n")
+    for part, table_rows, base_over, title in (
+            ("ablations", ABLATIONS, ABLATION_BASE, "one change from the old default"),
+            ("candidates", CANDIDATES, CANDIDATE_BASE, "one change from soft top-2, hard after 50%")):
+        if part not in args.parts:
+            continue
         rounds = 2 if args.quick else args.ablation_rounds
-        print(f"ablations: FedMetaNAS on Fashion-MNIST Dirichlet(0.1), {rounds} rounds", flush=True)
-        abl = ABLATIONS[:2] if args.quick else ABLATIONS
-        lines = ["| FedMetaNAS variant (one change from the old default) | discrete net, not retrained % | "
+        print(f"{part}: FedMetaNAS on Fashion-MNIST Dirichlet(0.1), {rounds} rounds", flush=True)
+        abl = table_rows[:2] if args.quick else table_rows
+        lines = [f"| FedMetaNAS variant ({title}) | discrete net, not retrained % | "
                  "soft supernet % | parametric ops in the normal cell | training s | s per round |",
                  "| --- | --- | --- | --- | --- | --- |"]
-        results["ablations"] = {}
+        results[part] = {}
         for i, (label, over) in enumerate(abl):
-            run = run_method("fedmetanas", f"ablation{i}", out, args.np,
-                             base + ABLATION_BASE + [f"federated.rounds={rounds}", *over])
+            run = run_method("fedmetanas", f"{part[:-1]}{i}", out, args.np,
+                             base + base_over + [f"federated.rounds={rounds}", *over])
             f = run.final
             convs = parametric_ops(str(f["genotype"]))
-            results["ablations"][label] = {"acc": float(f["discrete_acc"]), "supernet_acc": float(f["supernet_acc"]),
+            results[part][label] = {"acc": float(f["discrete_acc"]), "supernet_acc": float(f["supernet_acc"]),
                                            "total_s": run.total_s, "normal_parametric_ops": convs}
             lines.append(f"| {label} | {_pct(float(f['discrete_acc']))} | {_pct(float(f['supernet_acc']))} | "
                          f"{convs} of {len(Genotype.from_string(str(f['genotype'])).normal) * 2} | "
                          f"{run.total_s:.0f} | {run.total_s / run.rounds:.1f} |")
-        sections["ablations"] = (f"### What decides FedMetaNAS's accuracy: ablations (Fashion-MNIST, Dirichlet(0.1), "
-                                 f"{rounds} rounds)\n\n" + "\n".join(lines) + "\n")
+        if part == "ablations":
+            lines += ["", "| same setting and rounds, fixed architecture | final acc % | personalized % mean / worst 10% "
+                      "| training s | s per round |", "| --- | --- | --- | --- | --- |"]
+            for i, (label, method) in enumerate(METALEARNING[:1] if args.quick else METALEARNING):
+                run = run_method(method, f"ablation_fixed{i}", out, args.np,
+                                 base + ["data.dirichlet_alpha=0.1", f"federated.rounds={rounds}"])
+                f = run.final
+                lines.append(f"| {label} | {_pct(float(f['discrete_acc']))} | "
+                             f"{_pct(float(f.get('personal_after_mean', math.nan)))} / "
+                             f"{_pct(float(f.get('personal_after_worst10', math.nan)))} | {run.total_s:.0f} | "
+                             f"{run.total_s / run.rounds:.1f} |")
+        sections[part] = (f"### {'What decides FedMetaNAS accuracy' if part == 'ablations' else 'Second round'}: "
+                          f"{title} (Fashion-MNIST, Dirichlet(0.1), {rounds} rounds)\n\n" + "\n".join(lines) + "\n")
     if "peer" in args.parts:
         print("FedNAS on the public code's peer settings", flush=True)
         pr = peer(out, args.np, args.data_root, args.quick)
@@ -501,8 +645,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(sections.values()))
     if args.quick:
         return 0
-    # Each part's section is kept in runs/.../sections.json, so a partial rerun updates only its parts.
-    store = out / "sections.json"
+    # Each part's section is kept in docs/results_data/sections.json (whatever --out the part's runs are in),
+    # so a partial rerun updates only its parts.
+    store = docs / "results_data" / "sections.json"
+    store.parent.mkdir(parents=True, exist_ok=True)
     saved = json.loads(store.read_text()) if store.is_file() else {}
     stamp = (f"`{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')}, `mpirun -np {args.np}`, "
              f"{total / 60:.1f} min" + (" (re-reading the finished runs' logs: their times are their own)"
@@ -510,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     for part, text in sections.items():
         saved[part] = {"text": text, "by": stamp}
     store.write_text(json.dumps(saved, indent=1))
-    order = ["ablations", "main", "sweep", "mnist", "attempts", "peer"]
+    order = ["grid", "ablations", "candidates", "main", "sweep", "mnist", "attempts", "peer"]
     generated = ("Measured on this 2-core CPU machine (one thread per rank) by `benchmarks/compare.py`; each "
                  "section says which command measured it.\n\n" +
                  "\n".join(f"{saved[k]['text']}\n*Measured by {saved[k]['by']}.*\n" for k in order if k in saved))
