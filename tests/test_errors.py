@@ -203,6 +203,9 @@ CASES: dict[str, tuple[Prepare, str]] = {
     "time-budget-infinite": (lambda t, r: _base(t, r, "federated.time_budget_s=.inf"), "0: no budget"),
     "stable-rounds-negative": (lambda t, r: _base(t, r, "algorithm.name=fednas", "fednas.stable_rounds=-1"),
                                "fednas.stable_rounds"),
+    "soft-topk-negative": (lambda t, r: _base(t, r, "search.soft_topk=-1"), "search.soft_topk"),
+    "warmup-the-whole-search": (lambda t, r: _base(t, r, "search.warmup_fraction=1"), "search.warmup_fraction"),
+    "prune-patience-zero": (lambda t, r: _base(t, r, "search.prune_patience=0"), "search.prune_patience"),
 }
 
 # Rows of docs/errors.md tested elsewhere: case -> (docs section, "test file::test function").
