@@ -81,6 +81,9 @@ def check_fixed_net(section: str, cfg: Config) -> None:
                              None if net.layers else m.reduction_layers, f"{section}.layers / model.layers")
 
 
+NEVER = 1 << 30  # a round no search reaches: "this step of the schedule does not happen"
+
+
 @dataclass(frozen=True)
 class SearchSchedule:
     """When a search phase does what, in rounds from its first: the warm-up (logits frozen, paths drawn
@@ -89,7 +92,7 @@ class SearchSchedule:
 
     warmup_rounds: int = 0
     warmup_mode: RelaxMode = "hard"
-    hard_from: int = 1 << 30
+    hard_from: int = NEVER
     soft_topk: int = 0
     soft_eps: float = 0.0
     prune_from: int = 0
@@ -100,7 +103,7 @@ class SearchSchedule:
         """The `search` section's fractions as round counts of a `rounds`-round search."""
         warm = int(round(s.warmup_fraction * rounds))
         return cls(warm, s.warmup_gumbel, int(round(s.hard_after_fraction * rounds)) if s.hard_after_fraction < 1
-                   else 1 << 30, s.soft_topk, s.soft_eps, max(warm, int(round(s.prune_start_fraction * rounds))),
+                   else NEVER, s.soft_topk, s.soft_eps, max(warm, int(round(s.prune_start_fraction * rounds))),
                    s.prune_patience)
 
 
@@ -156,7 +159,7 @@ class SearchPhase(Phase):
         logits are frozen (warm-up); evidence counts from then on; masks shrink from `prune_from` on."""
         if self.prune and plan.train_arch:
             s, sch = self.cfg.search, self.schedule
-            patience = sch.patience if plan.round >= self.span.first + sch.prune_from else 1 << 30
+            patience = sch.patience if plan.round >= self.span.first + sch.prune_from else NEVER  # counts only
             masks: dict[str, torch.Tensor] = {}
             for name, mask in self._masks.items():
                 threshold = s.op_prune_threshold if name.startswith("alpha_") else s.pair_prune_threshold

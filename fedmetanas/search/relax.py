@@ -145,14 +145,9 @@ def update_mask(logits: torch.Tensor, mask: torch.Tensor, tau: float, threshold:
     """Soft pruning: drop entries whose annealed probability fell below `threshold`.
 
     Masks only shrink (a pruned entry never returns), and each row's most likely entry is kept.
+    `prune_on_evidence` with patience 1: one round below the threshold is evidence enough.
     """
-    if threshold <= 0:
-        return mask.clone()
-    probs = probabilities(logits, mask, tau)
-    keep = (probs >= threshold) & mask.cpu()
-    best = probs.argmax(dim=-1, keepdim=True)
-    keep.scatter_(-1, best, True)
-    return keep
+    return prune_on_evidence(logits, mask, tau, threshold, torch.zeros(mask.shape, dtype=torch.int64), 1)[0]
 
 
 def prune_on_evidence(logits: torch.Tensor, mask: torch.Tensor, tau: float, threshold: float,
@@ -160,7 +155,7 @@ def prune_on_evidence(logits: torch.Tensor, mask: torch.Tensor, tau: float, thre
     """Soft pruning that waits for evidence: an entry is dropped once its annealed probability has been
     below `threshold` for `patience` consecutive calls (rounds); `below` counts them per entry.
 
-    Returns the new mask and counts. With `patience` 1 the mask is `update_mask`'s. One noisy round
+    Returns the new mask and counts (`update_mask` is patience 1). One noisy round
     cannot lock an op out: under strong label skew the averaged logits swing from round to round.
     """
     if threshold <= 0:
