@@ -272,6 +272,31 @@ def grid_setting(key: str, over: list[str], out: Path, np_: int, base: list[str]
     return {"fednas": nas, "fedmetanas": meta, "fedavg": avg}
 
 
+# Defaults chosen on the grid: the shipped default against one-change candidates, each under the grid's
+# budget of its setting (0.5 x that setting's FedNAS time, rounds fitted to the candidate's own measured
+# per-round cost), on every setting whose FedNAS run is in --out. The winner of a setting is the higher
+# final accuracy within the budget.
+GRID_CANDIDATES = (("hard from 25% of the rounds (cheaper rounds, more of them)", ["search.hard_after_fraction=0.25"]),
+                   ("local steps x2 (30 meta-steps a round)", ["algorithm.local_steps=30"]))
+
+
+def grid_candidate(key: str, over: list[str], out: Path, np_: int, base: list[str], index: int,
+                   extra: list[str], round_s: list[float]) -> tuple[Run, Run, Run]:
+    """Candidate `index` on one grid setting: (its run, the setting's FedNAS run, the shipped default's run),
+    the last two read from the grid's runs in `out`."""
+    nas, default = (Run.load(m, out / f"grid_{key}_{m}", math.nan) for m in ("fednas", "fedmetanas"))
+    budget = 0.5 * nas.total_s
+    from fedmetanas.config import load_config
+
+    rounds = load_config(REPO / "configs" / CONFIGS["fedmetanas"]).federated.rounds
+    per_round = (sum(round_s) / len(round_s)) if round_s else default.total_s / default.rounds
+    fit = int(0.95 * budget / per_round)
+    meta_over = [f"federated.time_budget_s={budget:.1f}"] + ([f"federated.rounds={max(2, fit)}"] if fit < rounds else [])
+    run = run_method("fedmetanas", f"gridcand{index}_{key}", out, np_, base + over + extra + meta_over)
+    round_s.append(run.total_s / run.rounds)
+    return run, nas, default
+
+
 def grid_table(runs: dict[str, Run]) -> tuple[str, bool]:
     """One setting's table and whether the claim holds there."""
     nas, meta = runs["fednas"], runs["fedmetanas"]
@@ -466,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/compare", help="where the runs go")
     p.add_argument("--docs", default="docs", help="where results.md and its figures go")
     p.add_argument("--parts", nargs="+", default=["main", "sweep", "mnist", "peer"],
-                   choices=["main", "sweep", "mnist", "peer", "attempts", "ablations", "candidates", "grid"],
+                   choices=["main", "sweep", "mnist", "peer", "attempts", "ablations", "candidates", "grid",
+                            "grid_candidates"],
                    help="attempts (not in the default): FedMetaNAS variants against the main comparison's FedNAS")
     p.add_argument("--data-root", default="data")
     p.add_argument("--quick", action="store_true", help="2 rounds per stage: checks the harness, measures nothing")
@@ -589,6 +615,34 @@ def main(argv: list[str] | None = None) -> int:
         sections["grid"] = ("### The grid: FedMetaNAS (default config) vs FedNAS vs FedAvg, budget-matched\n\n"
                             f"The claim holds on **{held} of {len(grid)}** settings.\n\n" + "\n".join(texts) +
                             "\n![accuracy vs wall time per setting](img/results_grid.png)\n")
+    if "grid_candidates" in args.parts:
+        settings = [g for g in GRID if (not args.settings or g[1] in args.settings)
+                    and (out / f"grid_{g[1]}_fednas" / "trajectory.h5").is_file()]
+        lines = ["| setting | FedNAS % (budget s) | shipped default % (rounds, s) | " +
+                 " | ".join(f"{label} % (rounds, s)" for label, _ in GRID_CANDIDATES) + " | best |",
+                 "| --- | --- | --- | " + " | ".join("---" for _ in GRID_CANDIDATES) + " | --- |"]
+        wins = {"shipped default": 0, **{label: 0 for label, _ in GRID_CANDIDATES}}
+        round_s: list[list[float]] = [[] for _ in GRID_CANDIDATES]
+        results["grid_candidates"] = {}
+        for label, key, over in settings:
+            print(f"grid candidates: {label}", flush=True)
+            root = [f"data.root={args.mnist_root}"] if "data.name=mnist" in over else []
+            cells, accs = [], {}
+            for i, (cand, extra) in enumerate(GRID_CANDIDATES):
+                run, nas, default = grid_candidate(key, over + root, out, args.np, base, i, extra, round_s[i])
+                accs[cand] = float(run.final["discrete_acc"])
+                cells.append(f"{_pct(accs[cand])} ({run.rounds}, {run.total_s:.0f})")
+            accs["shipped default"] = float(default.final["discrete_acc"])
+            best = max(accs, key=accs.get)
+            wins[best] += 1
+            results["grid_candidates"][label] = accs
+            lines.append(f"| {label} | {_pct(float(nas.final['discrete_acc']))} ({0.5 * nas.total_s:.0f}) | "
+                         f"{_pct(accs['shipped default'])} ({default.rounds}, {default.total_s:.0f}) | " +
+                         " | ".join(cells) + f" | {best} |")
+        sections["grid_candidates"] = (
+            "### Defaults on the grid: the shipped default vs one-change candidates, each within 0.5× FedNAS's time\n\n"
+            + "\n".join(lines) + "\n\nSettings won (highest final accuracy within the budget): " +
+            ", ".join(f"{k} {v}" for k, v in wins.items()) + ".\n")
     for part, table_rows, base_over, title in (
             ("ablations", ABLATIONS, ABLATION_BASE, "one change from the old default"),
             ("candidates", CANDIDATES, CANDIDATE_BASE, "one change from soft top-2, hard after 50%")):
@@ -656,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     for part, text in sections.items():
         saved[part] = {"text": text, "by": stamp}
     store.write_text(json.dumps(saved, indent=1))
-    order = ["grid", "ablations", "candidates", "main", "sweep", "mnist", "attempts", "peer"]
+    order = ["grid", "grid_candidates", "ablations", "candidates", "main", "sweep", "mnist", "attempts", "peer"]
     generated = ("Measured on this 2-core CPU machine (one thread per rank) by `benchmarks/compare.py`; each "
                  "section says which command measured it.\n\n" +
                  "\n".join(f"{saved[k]['text']}\n*Measured by {saved[k]['by']}.*\n" for k in order if k in saved))

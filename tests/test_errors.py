@@ -206,6 +206,7 @@ CASES: dict[str, tuple[Prepare, str]] = {
     "soft-topk-negative": (lambda t, r: _base(t, r, "search.soft_topk=-1"), "search.soft_topk"),
     "warmup-the-whole-search": (lambda t, r: _base(t, r, "search.warmup_fraction=1"), "search.warmup_fraction"),
     "prune-patience-zero": (lambda t, r: _base(t, r, "search.prune_patience=0"), "search.prune_patience"),
+    "client-batch-zero": (lambda t, r: _base(t, r, "runtime.client_batch=0"), "runtime.client_batch"),
 }
 
 # Rows of docs/errors.md tested elsewhere: case -> (docs section, "test file::test function").

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 
 from torch import nn
 
+from fedmetanas.algorithms.batched import StackedUpdate
 from fedmetanas.algorithms.common import Forward, LocalContext, LocalResult
 from fedmetanas.config import Config
 from fedmetanas.data.datasets import TensorSplit
@@ -114,6 +115,16 @@ class Phase:
 
     def local_update(self, model: nn.Module, task: nn.Module | None, ctx: LocalContext) -> LocalResult:
         """One client's local work: `model` holds the global parameters on entry, the client's after."""
+        raise NotImplementedError
+
+    def batches_clients(self, plan: RoundPlan) -> bool:  # noqa: ARG002
+        """Whether this round's clients can be stepped together by `local_update_batch`
+        (`runtime.client_batch`). Default: no."""
+        return False
+
+    def local_update_batch(self, model: nn.Module, ctxs: list[LocalContext]) -> StackedUpdate:
+        """Several clients' local work as one batched computation, all from `model`'s parameters (which stay
+        as they are); results equal `local_update`'s client by client to float rounding."""
         raise NotImplementedError
 
     def server_update(self, model: nn.Module, plan: RoundPlan) -> None:

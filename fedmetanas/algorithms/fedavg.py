@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from fedmetanas.algorithms.base import Algorithm, Phase, Span
+from fedmetanas.algorithms.batched import ClientStack, StackedUpdate, steps_stacked
 from fedmetanas.algorithms.common import Forward, LocalContext, LocalResult, sgd_steps
 from fedmetanas.algorithms.phases import TrainPhase, check_fixed_net
 from fedmetanas.config import Config, PersonalizeConfig, check_architecture
@@ -52,6 +53,15 @@ class FedAvgLocal:
         losses = sgd_steps(model, ctx, c.local_steps, c.batch_size, c.lr * ctx.lr_scale, c.momentum,
                            c.weight_decay, c.grad_clip)
         return LocalResult(loss=float(torch.stack(losses).mean()), steps=c.local_steps)
+
+    def local_update_batch(self, model: FixedNet, ctxs: list[LocalContext]) -> StackedUpdate:
+        """`local_update` for several clients at once (`runtime.client_batch`), from `model`'s weights."""
+        c, lr_scale = self.cfg, ctxs[0].lr_scale
+        stack = ClientStack(model, len(ctxs))
+        opt = torch.optim.SGD(stack.params, lr=c.lr * lr_scale, momentum=c.momentum, weight_decay=c.weight_decay,
+                              foreach=True)
+        losses = steps_stacked(stack, ctxs, [opt], c.local_steps, c.batch_size, c.grad_clip)
+        return stack.update(losses, c.local_steps)
 
     def personalize(self, model: FixedNet, task: FixedNet | None, ctx: LocalContext, steps: int) -> Forward:  # noqa: ARG002
         """Fine-tune the weights of (a client's copy of) the global model for `steps` SGD steps at

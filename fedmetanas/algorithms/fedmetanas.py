@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch import nn
 
 from fedmetanas.algorithms.common import (  # noqa: F401 - re-exported: the local-update interface
     Forward,
@@ -24,6 +25,7 @@ from fedmetanas.algorithms.common import (  # noqa: F401 - re-exported: the loca
     supervised_step,
 )
 from fedmetanas.algorithms.base import Algorithm, Phase, Span
+from fedmetanas.algorithms.batched import ClientStack, StackedUpdate, clip_stacked, stacked_grads, steps_stacked
 from fedmetanas.algorithms.phases import SearchPhase, SearchSchedule
 from fedmetanas.config import AlgorithmConfig
 from fedmetanas.search.relax import lr_factor, temperature
@@ -37,11 +39,12 @@ class FedMetaNAS:
     def __init__(self, cfg: AlgorithmConfig) -> None:
         self.cfg = cfg
 
-    def _meta_optimizer(self, model: SuperNet, ctx: LocalContext) -> torch.optim.Optimizer:
-        groups = [{"params": model.weights(), "lr": self.cfg.meta_lr_w * ctx.lr_scale,
-                   "weight_decay": self.cfg.weight_decay}]
-        if model.alphas() and ctx.train_arch:  # a fixed architecture has none; a warm-up freezes them
-            groups.append({"params": model.alphas(), "lr": self.cfg.meta_lr_alpha, "weight_decay": 0.0})
+    def _meta_optimizer(self, weights: list[torch.Tensor], alphas: list[torch.Tensor],
+                        ctx: LocalContext) -> torch.optim.Optimizer:
+        """The meta learner's optimizer over a client's weights and logits (or K clients' stacked ones)."""
+        groups = [{"params": weights, "lr": self.cfg.meta_lr_w * ctx.lr_scale, "weight_decay": self.cfg.weight_decay}]
+        if alphas and ctx.train_arch:  # a fixed architecture has none; a warm-up freezes them
+            groups.append({"params": alphas, "lr": self.cfg.meta_lr_alpha, "weight_decay": 0.0})
         if self.cfg.meta_optimizer == "adam":
             return torch.optim.Adam(groups, foreach=True)
         return torch.optim.SGD(groups, momentum=self.cfg.meta_momentum, foreach=True)
@@ -66,7 +69,8 @@ class FedMetaNAS:
     def local_update(self, model: SuperNet, task: SuperNet, ctx: LocalContext) -> LocalResult:
         """Run the client's meta-steps; `model` holds the global parameters on entry, the client's after."""
         cfg = self.cfg
-        meta_opt = self._meta_optimizer(model, ctx) if cfg.meta_update == "fomaml" else None
+        meta_opt = (self._meta_optimizer(model.weights(), model.alphas(), ctx) if cfg.meta_update == "fomaml"
+                    else None)
         losses: list[torch.Tensor] = []
         for _ in range(cfg.local_steps):
             copy_state(task, model)
@@ -90,6 +94,40 @@ class FedMetaNAS:
                     torch._foreach_copy_(model.buffer_list(), task.buffer_list())
         mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
         return LocalResult(loss=mean_loss, steps=cfg.local_steps * (cfg.inner_steps + (meta_opt is not None)))
+
+    def local_update_batch(self, model: nn.Module, ctxs: list[LocalContext]) -> StackedUpdate:
+        """`local_update` for several clients at once (`runtime.client_batch`), on a fixed network
+        (Per-FedAvg) or on a supernet under a dense relaxation (`batched.batchable_sample`): the same
+        meta-steps, with the task learners and the meta optimizer over the clients' stacked tensors."""
+        cfg, ctx = self.cfg, ctxs[0]
+        stack = ClientStack(model, len(ctxs))
+        meta_opt = self._meta_optimizer(stack.weights, stack.alphas, ctx) if cfg.meta_update == "fomaml" else None
+        losses: list[torch.Tensor] = []
+        for _ in range(cfg.local_steps):
+            task = stack.clone()
+            betas = cfg.inner_betas
+            opts = [torch.optim.Adam(task.weights, lr=cfg.inner_lr_w * ctx.lr_scale, betas=betas,
+                                     weight_decay=cfg.weight_decay, foreach=True)]
+            if task.alphas and ctx.train_arch:
+                opts.append(torch.optim.Adam(task.alphas, lr=cfg.inner_lr_alpha, betas=betas, foreach=True))
+            inner = steps_stacked(task, ctxs, opts, cfg.inner_steps, cfg.batch_size, cfg.grad_clip)
+            if meta_opt is not None:
+                losses.append(stacked_grads(task, ctxs, cfg.query_batch_size))
+                for p_meta, p_task in zip(stack.params, task.params):
+                    p_meta.grad = p_task.grad
+                clip_stacked(stack.weights, cfg.grad_clip)
+                meta_opt.step()
+            else:
+                losses.extend(inner)
+                with torch.no_grad():
+                    for p_meta, p_task in zip(stack.weights, task.weights):
+                        p_meta.add_(p_task - p_meta, alpha=cfg.reptile_lr_w)
+                    for p_meta, p_task in zip(stack.alphas if ctx.train_arch else [], task.alphas):
+                        p_meta.add_(p_task - p_meta, alpha=cfg.reptile_lr_alpha)
+            with torch.no_grad():  # BN statistics follow what the task learners saw
+                for b_meta, b_task in zip(stack.buffers, task.buffers):
+                    b_meta.copy_(b_task)
+        return stack.update(torch.stack(losses), cfg.local_steps * (cfg.inner_steps + (meta_opt is not None)))
 
     def personalize(self, model: SuperNet, task: SuperNet, ctx: LocalContext, steps: int) -> Forward:
         """The task learner adapts a copy of the global model (weights at `inner_lr_w * ctx.lr_scale`,

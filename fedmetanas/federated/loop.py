@@ -128,6 +128,7 @@ class Loop:
         # Per lane a worker (and a task replica if the phase's rule needs one): O(lanes x model) memory.
         self.executors = make_executors(self.cfg.runtime.streams_per_rank, build, self.layout.size, device,
                                         with_task=phase.needs_task)
+        self.batching: bool | None = None  # whether the last round batched its clients (logged on change)
 
     @property
     def phase(self) -> Phase:
@@ -329,26 +330,54 @@ class Loop:
                             plan.soft_topk, plan.soft_eps)
 
     def _local_work(self, rnd: int, plan: RoundPlan) -> torch.Tensor:
-        """Run this rank's clients of the round (concurrently on GPU streams); return their summed buffer."""
+        """Run this rank's clients of the round (concurrently on GPU streams, in batches of
+        `runtime.client_batch` where the phase can); return their summed buffer."""
         fed, lay = self.cfg.federated, self.layout
-        selected = sample_clients(fed.num_clients, self.setup.per_round, fed.seed, rnd)
+        selected = [int(c) for c in sample_clients(fed.num_clients, self.setup.per_round, fed.seed, rnd)]
+        k = self.cfg.runtime.client_batch
+        batching = k > 1 and self.phase.batches_clients(plan)
+        if k > 1 and batching != self.batching:
+            log.info("round %d: %s", rnd + 1, f"clients in batches of {k} (runtime.client_batch)" if batching else
+                     "clients one after another (this round has no batched form: a hard or sparse sample gives each "
+                     "client its own op set, or the rule has none)")
+        self.batching = batching
+        if batching:
+            return self._batched_work(rnd, plan, selected, k)
         ranks = assign_to_ranks(selected, [1.0] * fed.num_clients, self.ctx.world_size)
 
         def client(ex: ClientExecutor, cid: int) -> None:
             copy_state(ex.worker, self.net)
             result = self.phase.local_update(ex.worker, ex.task, self._context(cid, plan, rnd))
-            tensors = aggregated_tensors(ex.worker)
-            seg = lay.split(ex.buffer)
-            seg["flag"][cid] = 1.0
-            n = self.setup.clients[cid].num_train
-            if not (math.isfinite(result.loss) and add_weighted_if_finite(seg["params"], tensors, float(n))):
-                seg["excluded"][cid] = 1.0  # excluded: contributes nothing to the average
-                return
-            seg["n"] += n
-            seg["loss"][cid] = result.loss
+            self._add_client(lay.split(ex.buffer), cid, result.loss, aggregated_tensors(ex.worker))
 
         return run_clients(self.executors, ranks[self.ctx.rank], client,
                            deterministic=self.cfg.runtime.deterministic)
+
+    def _batched_work(self, rnd: int, plan: RoundPlan, selected: list[int], k: int) -> torch.Tensor:
+        """The round's clients in batches of k consecutive participants, whole batches to a rank: a batch is
+        the same computation whatever the rank count, so results stay rank-invariant."""
+        batches = [tuple(selected[i:i + k]) for i in range(0, len(selected), k)]
+        ranks = assign_to_ranks(range(len(batches)), [float(len(b)) for b in batches], self.ctx.world_size)
+
+        def work(ex: ClientExecutor, batch: tuple[int, ...]) -> None:
+            copy_state(ex.worker, self.net)
+            update = self.phase.local_update_batch(ex.worker, [self._context(cid, plan, rnd) for cid in batch])
+            seg = self.layout.split(ex.buffer)
+            for j, cid in enumerate(batch):
+                self._add_client(seg, cid, update.losses[j], update.client(j))
+
+        return run_clients(self.executors, [batches[i] for i in ranks[self.ctx.rank]], work,
+                           deterministic=self.cfg.runtime.deterministic)
+
+    def _add_client(self, seg: dict[str, torch.Tensor], cid: int, loss: float, tensors: list[torch.Tensor]) -> None:
+        """Client `cid`'s sample-weighted update into a lane's buffer, or its exclusion if not finite."""
+        seg["flag"][cid] = 1.0
+        n = self.setup.clients[cid].num_train
+        if not (math.isfinite(loss) and add_weighted_if_finite(seg["params"], tensors, float(n))):
+            seg["excluded"][cid] = 1.0  # excluded: contributes nothing to the average
+            return
+        seg["n"] += n
+        seg["loss"][cid] = loss
 
     def run_round(self, rnd: int, plan: RoundPlan, t_start: float) -> tuple[dict[str, Any], bool]:
         """One round: local work, one all-reduce, server update, evaluation, log row.
