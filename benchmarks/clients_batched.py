@@ -7,8 +7,10 @@ the ratio to sequential. The data are real Fashion-MNIST (`--data-root`, as `mak
 client draws its batches from its own 300 images.
 
 Workloads: the FedAvg paper's CNN with 5 SGD steps of batch 32 (benchmarks/peers.py's), FedAvg on
-DARTS_V2 as configs/fedavg.yaml trains it (8 channels, 3 cells, stem stride 2, 15 steps of 32), and
-Per-FedAvg on DARTS_V2 (the `algorithm` section's dual learner, as configs/default.yaml sets it).
+DARTS_V2 as configs/fedavg.yaml trains it (8 channels, 3 cells, stem stride 2, 15 steps of 32),
+Per-FedAvg on DARTS_V2 (the `algorithm` section's dual learner, as configs/default.yaml sets it), and
+FedMetaNAS's dual learner on configs/default.yaml's supernet under the dense soft relaxation (every op,
+each client its own Gumbel weights, tau 1; the batchable relaxation), with `--local-steps` meta-steps.
 
     .venv/bin/python benchmarks/clients_batched.py [--clients 10] [--batches 5 10] [--repeats 3] [--device cpu]
 """
@@ -16,6 +18,7 @@ Per-FedAvg on DARTS_V2 (the `algorithm` section's dual learner, as configs/defau
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -26,6 +29,7 @@ import torch
 from fedmetanas.algorithms.common import LocalContext, copy_state
 from fedmetanas.algorithms.fedavg import FedAvgConfig, FedAvgLocal
 from fedmetanas.algorithms.fedmetanas import FedMetaNAS
+from fedmetanas.algorithms.phases import build_supernet
 from fedmetanas.config import load_config
 from fedmetanas.data.datasets import load_dataset
 from fedmetanas.search.discrete import CNN, DiscreteNet
@@ -54,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data-root", default=str(REPO / "data"))
-    p.add_argument("--workloads", nargs="+", default=["fedavg_cnn", "fedavg_darts_v2", "perfedavg_darts_v2"])
+    p.add_argument("--workloads", nargs="+",
+                   default=["fedavg_cnn", "fedavg_darts_v2", "perfedavg_darts_v2", "fedmetanas_soft"])
+    p.add_argument("--local-steps", type=int, default=3, help="meta-steps of the soft-supernet workload")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -68,11 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         return DiscreteNet.from_genotype(DARTS_V2, 1, 10, m.channels, m.layers, m.stem_multiplier, None,
                                          m.stem_stride).to(device)
 
+    def supernet() -> torch.nn.Module:
+        return build_supernet(default_cfg, 1, 10).to(device)
+
+    soft_rule = FedMetaNAS(dataclasses.replace(default_cfg.algorithm, local_steps=args.local_steps))
     workloads: dict[str, tuple[Callable[[], torch.nn.Module], object]] = {
         "fedavg_cnn": (lambda: CNN(1, 10, 28).to(device),
                        FedAvgLocal(FedAvgConfig(local_steps=5, batch_size=32, lr=fedavg_cfg.fedavg.lr))),
         "fedavg_darts_v2": (darts, FedAvgLocal(fedavg_cfg.fedavg)),
         "perfedavg_darts_v2": (darts, FedMetaNAS(default_cfg.algorithm)),
+        "fedmetanas_soft": (supernet, soft_rule),
     }
     print(f"clients/s of one lane: {args.clients} clients, {args.device}, {args.threads} thread(s), "
           f"median of {args.repeats} (real Fashion-MNIST, {PER_CLIENT} images per client)")
@@ -80,15 +91,21 @@ def main(argv: list[str] | None = None) -> int:
         build, rule = workloads[name]
         torch.manual_seed(0)
         glob, worker, task = build(), build(), build()
+        masks = glob.initial_masks() if hasattr(glob, "initial_masks") else None
+
+        def contexts_of() -> list[LocalContext]:
+            ctxs = contexts(train, args.clients, device)
+            return ctxs if masks is None else [dataclasses.replace(c, masks=masks, tau=1.0, relax_mode="soft")
+                                               for c in ctxs]
 
         def sequential() -> None:
-            for ctx in contexts(train, args.clients, device):
+            for ctx in contexts_of():
                 copy_state(worker, glob)
                 rule.local_update(worker, task, ctx)
 
         def batched(k: int) -> Callable[[], None]:
             def run() -> None:
-                ctxs = contexts(train, args.clients, device)
+                ctxs = contexts_of()
                 for i in range(0, len(ctxs), k):
                     rule.local_update_batch(glob, ctxs[i:i + k])
             return run
