@@ -40,7 +40,7 @@ from fedmetanas.federated.callbacks import (ArtifactsCallback, Callback, Checkpo
 from fedmetanas.federated.evaluation import evaluate_forwards
 from fedmetanas.federated.executor import ClientExecutor, close_executors, make_executors, run_clients
 from fedmetanas.federated.layout import round_layout
-from fedmetanas.federated.personalization import personalize_clients, summarize
+from fedmetanas.federated.personalization import personalization_sample, personalize_clients, summarize
 from fedmetanas.federated.scheduling import assign_to_ranks, sample_clients
 from fedmetanas.federated.server import ServerOptimizer
 from fedmetanas.federated.setup import Setup, prepare
@@ -437,12 +437,15 @@ class Loop:
         elif p.steps > 0:
             base = phase.personalize_base_lr()
             lr_scale = p.lr / base if p.lr > 0 and base > 0 else plan.lr_scale
+            chosen = personalization_sample(np.array([c.test_idx.numel() for c in s.clients]), p.max_clients,
+                                            cfg.federated.seed)
             personal = personalize_clients(
                 self.ctx, s, phase, self.net, self.executors, dataclasses.replace(plan, lr_scale=lr_scale),
                 lambda cid, pl: self._context(cid, pl, end, 1), p.steps, cfg.eval.batch_size,
-                cfg.model.channels_last)
+                cfg.model.channels_last, chosen)
             summary = {**summarize(personal["personalization/acc_before"], "personal_before"),
-                       **summarize(personal["personalization/acc_after"], "personal_after")}
+                       **summarize(personal["personalization/acc_after"], "personal_after"),
+                       "personal_clients": len(chosen)}
         seconds = time.perf_counter() - t_start
         arch_text = phase.arch_text(self.net, plan)
         record = {"genotype": arch_text, "algorithm": cfg.algorithm.name, "seconds": seconds,
