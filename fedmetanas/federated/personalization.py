@@ -101,7 +101,6 @@ def personalize_clients(ctx: DistContext, setup: Setup, phase: Phase, net: nn.Mo
         acc[:, chosen], loss[:, chosen] = s[:, :, 1] / s[:, :, 2], s[:, :, 0] / s[:, :, 2]
     measured = np.zeros(k, dtype=bool)
     measured[chosen] = True
-    test_sizes = np.array([c.test_idx.numel() for c in setup.clients], dtype=np.int64)
     return {"personalization/acc_before": acc[0], "personalization/acc_after": acc[1],
             "personalization/loss_before": loss[0], "personalization/loss_after": loss[1],
-            "personalization/test_sizes": test_sizes, "personalization/measured": measured}
+            "personalization/test_sizes": setup.clients.test_sizes, "personalization/measured": measured}
