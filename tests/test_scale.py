@@ -8,7 +8,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
+from fedmetanas import cli
+from fedmetanas.federated.scheduling import sample_clients
 from tests.helpers import launch, tiny_overrides
 
 # FedAvg on the FedAvg paper's CNN: the cheapest whole run; 8 clients, 3 of them personalized.
@@ -35,3 +38,22 @@ def test_a_bounded_personalization_measures_the_same_clients_alike_on_one_and_tw
         assert np.array_equal(one[name], two[name], equal_nan=True), name
     assert final1["personal_after_mean"] == final2["personal_after_mean"]
     assert final1["personal_after_mean"] == pytest.approx(float(np.nanmean(one["acc_after"])))
+
+
+def test_the_log_and_checkpoints_keep_per_round_entries_only_for_the_rounds_participants(data_root: Path,
+                                                                                           tmp_path: Path) -> None:
+    # 60 clients, 3 a round: a round's client columns hold 3 entries (ids, losses, exclusions), not 60.
+    args = tiny_overrides(data_root, tmp_path) + SMALL + ["federated.num_clients=60", "federated.clients_per_round=3",
+                                                         "federated.rounds=2", "data.min_samples=5"]
+    assert cli.main(args) == 0
+
+    with h5py.File(tmp_path / "tiny" / "trajectory.h5", "r") as f:
+        rounds = {k: f["rounds"][k][()] for k in ("clients", "client_loss", "excluded")}
+        assert "participants" not in f["rounds"] and f.attrs["format_version"] == 2
+    expected = [sample_clients(60, 3, 3, r).tolist() for r in range(2)]  # tiny_overrides: federated.seed=3
+    assert rounds["clients"].tolist() == expected
+    assert rounds["client_loss"].shape == rounds["excluded"].shape == (2, 3)
+    assert np.isfinite(rounds["client_loss"]).all() and not rounds["excluded"].any()
+    saved = torch.load(sorted((tmp_path / "tiny" / "checkpoints").glob("round-*.pt"))[-1], weights_only=False)
+    assert [row["clients"].tolist() for _, row in saved["rows"]] == expected
+    assert all(row["client_loss"].shape == (3,) for _, row in saved["rows"])

@@ -39,7 +39,7 @@ from fedmetanas.federated.callbacks import (ArtifactsCallback, Callback, Checkpo
                                             TrajectoryCallback)
 from fedmetanas.federated.evaluation import evaluate_forwards
 from fedmetanas.federated.executor import ClientExecutor, close_executors, make_executors, run_clients
-from fedmetanas.federated.layout import round_layout
+from fedmetanas.federated.layout import client_columns, round_layout
 from fedmetanas.federated.personalization import personalization_sample, personalize_clients, summarize
 from fedmetanas.federated.scheduling import assign_to_ranks, sample_clients
 from fedmetanas.federated.server import ServerOptimizer
@@ -395,8 +395,8 @@ class Loop:
 
         rank_seconds = out["rank_seconds"]
         row: dict[str, Any] = {
-            "round": rnd, **metrics, "client_loss": np.where(flags & ~excluded, out["loss"], np.nan),
-            "participants": flags, "excluded": excluded, "time_local_rank": rank_seconds,
+            "round": rnd, **metrics, **client_columns(out["flag"], out["excluded"], out["loss"]),
+            "time_local_rank": rank_seconds,
             "time_local": float(rank_seconds.max()), "memory_rank_mib": out["rank_mib"],
             "memory_gpu_rank_mib": out["rank_gpu_mib"], "time_allreduce": t_comm,
             "time_eval": t_eval, "time_round": time.perf_counter() - t_round,
