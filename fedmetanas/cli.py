@@ -121,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line)
         if result.personalization:
             p = result.personalization
-            print(f"personalized accuracy, mean / worst 10%: {p['personal_before_mean']:.4f} / "
+            print(f"personalized accuracy ({p['personal_clients']} clients), mean / worst 10%: "
+                  f"{p['personal_before_mean']:.4f} / "
                   f"{p['personal_before_worst10']:.4f} before, {p['personal_after_mean']:.4f} / "
                   f"{p['personal_after_worst10']:.4f} after adaptation")
         print(f"total time: {result.seconds:.1f} s; run directory: {result.run_dir}")

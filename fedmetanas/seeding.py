@@ -21,6 +21,7 @@ class Purpose(enum.IntEnum):
     BATCHES = 3
     GUMBEL = 4
     EVAL = 5
+    PERSONALIZE = 6  # which clients personalization measures (personalize.max_clients)
 
 
 def derive_seed(seed: int, *coords: int) -> int:

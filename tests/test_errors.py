@@ -148,7 +148,12 @@ CASES: dict[str, tuple[Prepare, str]] = {
     "override-bad-yaml": (lambda t, r: _base(t, r, "model.primitives=[a"), "not valid YAML"),
     "missing-data-no-download": (lambda t, r: _base(t, t / "empty"), "data.root"),
     "truncated-data-file": (lambda t, r: _base(t, _truncated_root(t, r)), "t10k-images-idx3-ubyte"),
-    "impossible-min-samples": (lambda t, r: _base(t, r, "data.min_samples=20000"), "min_samples"),
+    "impossible-min-samples": (lambda t, r: _base(t, r, "data.min_samples=20000"),
+                               "the largest data.min_samples that works for this data, federated.num_clients and "
+                               "federated.seed is 14662"),
+    "min-samples-for-many-clients": (lambda t, r: _base(t, r, "federated.num_clients=1000"),
+                                     "the largest data.min_samples that works for this data, federated.num_clients "
+                                     "and federated.seed is 18: set data.min_samples <= 18"),
     "existing-run": (lambda t, r: _finished_run(t, r), "--overwrite"),
     "unwritable-output": (lambda t, r: tiny_overrides(r, _a_file(t) / "runs"), "output.dir"),
     "cuda-without-gpu": (lambda t, r: _base(t, r, "runtime.device=cuda"), "runtime.device"),

@@ -124,6 +124,6 @@ class ConsoleCallback(Callback):
 
     def on_finish(self, final: dict[str, Any], datasets: dict[str, np.ndarray] | None) -> None:
         if "personal_after_mean" in final:
-            log.info("personalization (%d steps): mean accuracy %.4f -> %.4f, worst 10%% %.4f -> %.4f",
-                     self.steps, final["personal_before_mean"], final["personal_after_mean"],
+            log.info("personalization (%d steps, %d clients): mean accuracy %.4f -> %.4f, worst 10%% %.4f -> %.4f",
+                     self.steps, final["personal_clients"], final["personal_before_mean"], final["personal_after_mean"],
                      final["personal_before_worst10"], final["personal_after_worst10"])

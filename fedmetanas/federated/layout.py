@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -70,6 +71,19 @@ def round_layout(n_params: int, num_clients: int, world_size: int) -> FlatLayout
     return FlatLayout.of(("params", n_params), ("n", 1), ("stop", 1), ("loss", num_clients),
                          ("flag", num_clients), ("excluded", num_clients), ("rank_seconds", world_size),
                          ("rank_mib", world_size), ("rank_gpu_mib", world_size))
+
+
+def client_columns(flag: np.ndarray, excluded: np.ndarray, loss: np.ndarray) -> dict[str, np.ndarray]:
+    """The round's per-client log columns from the decoded buffer, one entry per participant (ascending id):
+    `clients` (ids), `client_loss` (NaN where excluded) and `excluded`.
+
+    The clients that sat the round out are left out: at 10,000 clients and 20 per round their entries were
+    nearly all of a round's log row (~100 KB) and of every checkpoint (which keeps each round's row), so a
+    long run's log and checkpoints grew with rounds x total clients.
+    """
+    ids = np.flatnonzero(flag > 0)
+    out = excluded[ids] > 0
+    return {"clients": ids.astype(np.int64), "client_loss": np.where(out, np.nan, loss[ids]), "excluded": out}
 
 
 def metrics_layout(names: tuple[str, ...] | list[str], per: int = 3) -> FlatLayout:

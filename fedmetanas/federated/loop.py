@@ -39,8 +39,8 @@ from fedmetanas.federated.callbacks import (ArtifactsCallback, Callback, Checkpo
                                             TrajectoryCallback)
 from fedmetanas.federated.evaluation import evaluate_forwards
 from fedmetanas.federated.executor import ClientExecutor, close_executors, make_executors, run_clients
-from fedmetanas.federated.layout import round_layout
-from fedmetanas.federated.personalization import personalize_clients, summarize
+from fedmetanas.federated.layout import client_columns, round_layout
+from fedmetanas.federated.personalization import personalization_sample, personalize_clients, summarize
 from fedmetanas.federated.scheduling import assign_to_ranks, sample_clients
 from fedmetanas.federated.server import ServerOptimizer
 from fedmetanas.federated.setup import Setup, prepare
@@ -86,7 +86,7 @@ class Loop:
         self.setup: Setup = prepare(cfg, ctx)
         algorithm = get_algorithm(cfg.algorithm.name)(cfg)
         # Every rank checks the same clients: all fail alike, none waits for another.
-        check_batch_sizes(algorithm.batch_sizes(), [c.num_train for c in self.setup.clients])
+        check_batch_sizes(algorithm.batch_sizes(), self.setup.clients.train_sizes.tolist())
         self.phases: list[Phase] = algorithm.phases()
         self.phase_ends: list[int] = []  # the round each ended phase ended at (in the checkpoint)
         self.previous: PhaseOutcome | None = None  # the outcome the current phase started from
@@ -232,8 +232,7 @@ class Loop:
                  "stages": json.dumps([dataclasses.asdict(p.span) for p in self.phases]),
                  "partition_hash": s.partition_hash}
         static = {"partition/class_counts": s.counts,
-                  "partition/train_sizes": np.array([c.num_train for c in s.clients]),
-                  "partition/test_sizes": np.array([c.test_idx.numel() for c in s.clients])}
+                  "partition/train_sizes": s.clients.train_sizes, "partition/test_sizes": s.clients.test_sizes}
         self.callbacks = [ArtifactsCallback(cfg, out_dir), TrajectoryCallback(out_dir, attrs, static,
                                                                                lambda: json.dumps(self._stages())),
                           CheckpointCallback(cfg, s.run_path / "checkpoints", self._snapshot),
@@ -425,8 +424,8 @@ class Loop:
 
         rank_seconds = out["rank_seconds"]
         row: dict[str, Any] = {
-            "round": rnd, **metrics, "client_loss": np.where(flags & ~excluded, out["loss"], np.nan),
-            "participants": flags, "excluded": excluded, "time_local_rank": rank_seconds,
+            "round": rnd, **metrics, **client_columns(out["flag"], out["excluded"], out["loss"]),
+            "time_local_rank": rank_seconds,
             "time_local": float(rank_seconds.max()), "memory_rank_mib": out["rank_mib"],
             "memory_gpu_rank_mib": out["rank_gpu_mib"], "time_allreduce": t_comm,
             "time_eval": t_eval, "time_round": time.perf_counter() - t_round,
@@ -460,18 +459,20 @@ class Loop:
         final = phase.final_record(metrics, self.previous, time.perf_counter() - t_start)
         personal, summary = None, {}
         p = cfg.personalize
-        if p.steps > 0 and not any(c.test_idx.numel() for c in s.clients):
+        if p.steps > 0 and not s.clients.test_sizes.any():
             log.warning("personalization skipped: no client has a local test sample (data.local_test_fraction "
                         "%g); raise it to measure personalization", cfg.data.local_test_fraction)
         elif p.steps > 0:
             base = phase.personalize_base_lr()
             lr_scale = p.lr / base if p.lr > 0 and base > 0 else plan.lr_scale
+            chosen = personalization_sample(s.clients.test_sizes, p.max_clients, cfg.federated.seed)
             personal = personalize_clients(
                 self.ctx, s, phase, self.net, self.executors, dataclasses.replace(plan, lr_scale=lr_scale),
                 lambda cid, pl: self._context(cid, pl, end, 1), p.steps, cfg.eval.batch_size,
-                cfg.model.channels_last)
+                cfg.model.channels_last, chosen)
             summary = {**summarize(personal["personalization/acc_before"], "personal_before"),
-                       **summarize(personal["personalization/acc_after"], "personal_after")}
+                       **summarize(personal["personalization/acc_after"], "personal_after"),
+                       "personal_clients": len(chosen)}
         seconds = time.perf_counter() - t_start
         arch_text = phase.arch_text(self.net, plan)
         record = {"genotype": arch_text, "algorithm": cfg.algorithm.name, "seconds": seconds,

@@ -1,5 +1,6 @@
 """Personalization after training: each client adapts the final model (the phase's rule) and is tested
-on its local test split; and summaries of the per-client accuracies (pure functions)."""
+on its local test split; which clients do (all, or a seeded sample of `personalize.max_clients`); and
+summaries of the per-client accuracies (pure functions)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from fedmetanas.federated.evaluation import evaluate
 from fedmetanas.federated.executor import ClientExecutor, map_clients
 from fedmetanas.federated.layout import FlatLayout
 from fedmetanas.federated.scheduling import assign_to_ranks
+from fedmetanas.seeding import Purpose, numpy_generator
 
 if TYPE_CHECKING:
     from fedmetanas.federated.setup import Setup
@@ -40,23 +42,40 @@ def summarize(acc: np.ndarray, prefix: str) -> dict[str, float]:
             f"{prefix}_worst10": worst_fraction_mean(finite)}
 
 
+def personalization_sample(test_sizes: np.ndarray, max_clients: int, seed: int) -> np.ndarray:
+    """The clients personalization measures, sorted: every client with a local test split, or, when there are
+    more than `max_clients` (> 0) of them, a uniform sample of that many drawn from (seed, PERSONALIZE).
+
+    Adapting a client costs as much as a few rounds of its training, so at 10,000 clients measuring each
+    would take hours; a uniform sample estimates the same mean. A pure function of its arguments: every
+    rank, whatever their number, measures the same clients.
+    """
+    eligible = np.flatnonzero(np.asarray(test_sizes) > 0)
+    if max_clients <= 0 or max_clients >= eligible.size:
+        return eligible
+    rng = numpy_generator(seed, Purpose.PERSONALIZE)
+    return np.sort(rng.choice(eligible, size=max_clients, replace=False))
+
+
 def personalize_clients(ctx: DistContext, setup: Setup, phase: Phase, net: nn.Module,
                         lanes: Sequence[ClientExecutor], plan: RoundPlan,
                         context: Callable[[int, RoundPlan], LocalContext], steps: int, batch_size: int,
-                        channels_last: bool) -> dict[str, np.ndarray]:
-    """Every client adapts the final global model on its local train split (the phase's rule) and is
-    tested on its local test split, before and after; clients spread over ranks and, within a rank,
-    over its lanes (client i on lane i % lanes); one all-reduce.
+                        channels_last: bool, chosen: Sequence[int]) -> dict[str, np.ndarray]:
+    """Each client of `chosen` (`personalization_sample`) adapts the final global model on its local train
+    split (the phase's rule) and is tested on its local test split, before and after; the clients spread
+    over ranks and, within a rank, over its lanes (client i on lane i % lanes); one all-reduce of
+    6 values a chosen client (not a client of the run).
 
-    Returns the per-client arrays the log keeps under /personalization (NaN where a client has no
-    local test split)."""
-    k = len(setup.clients)
-    layout = FlatLayout.of(("before", 3 * k), ("after", 3 * k))
+    Returns the per-client arrays the log keeps under /personalization, one entry per client of the run
+    (NaN where a client has no local test split or was not chosen; `measured` says which were)."""
+    chosen = np.asarray(chosen, dtype=np.int64)
+    k, m = len(setup.clients), len(chosen)
+    layout = FlatLayout.of(("before", 3 * m), ("after", 3 * m))
     sums = layout.zeros(ctx.device)
     before_sums, after_sums = layout.view(sums, "before"), layout.view(sums, "after")
     before = phase.final_forward(net, plan)
-    mine = assign_to_ranks(list(range(k)), [1.0] * k, ctx.world_size)[ctx.rank]
-    todo = [cid for cid in mine if setup.clients[cid].test_idx.numel() > 0]
+    slots = assign_to_ranks(range(m), [1.0] * m, ctx.world_size)[ctx.rank]  # positions in `chosen`
+    todo = [int(chosen[j]) for j in slots]
 
     def one(lane: ClientExecutor, cid: int) -> torch.Tensor:
         test_idx = setup.clients[cid].test_idx.to(ctx.device)
@@ -72,13 +91,16 @@ def personalize_clients(ctx: DistContext, setup: Setup, phase: Phase, net: nn.Mo
         return torch.cat([sums_before, sums_after])
 
     net.eval()  # the global model is only read: evaluated before adaptation, copied into the lanes
-    for cid, both in zip(todo, map_clients(lanes, todo, one)):
-        before_sums[3 * cid : 3 * cid + 3], after_sums[3 * cid : 3 * cid + 3] = both[:3], both[3:]
+    for j, both in zip(slots, map_clients(lanes, todo, one)):
+        before_sums[3 * j : 3 * j + 3], after_sums[3 * j : 3 * j + 3] = both[:3], both[3:]
     net.train()
     ctx.all_reduce_sum(sums)
-    s = sums.cpu().numpy().reshape(2, k, 3)
+    s = sums.cpu().numpy().reshape(2, m, 3)
+    acc, loss = np.full((2, k), np.nan), np.full((2, k), np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
-        acc, loss = s[:, :, 1] / s[:, :, 2], s[:, :, 0] / s[:, :, 2]
+        acc[:, chosen], loss[:, chosen] = s[:, :, 1] / s[:, :, 2], s[:, :, 0] / s[:, :, 2]
+    measured = np.zeros(k, dtype=bool)
+    measured[chosen] = True
     return {"personalization/acc_before": acc[0], "personalization/acc_after": acc[1],
             "personalization/loss_before": loss[0], "personalization/loss_after": loss[1],
-            "personalization/test_sizes": s[0, :, 2].astype(np.int64)}
+            "personalization/test_sizes": setup.clients.test_sizes, "personalization/measured": measured}

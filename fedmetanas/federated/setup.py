@@ -14,7 +14,7 @@ import torch
 
 from fedmetanas.algorithms.base import ModelInputs
 from fedmetanas.config import Config, ConfigError
-from fedmetanas.data.client_data import ClientData, build_clients
+from fedmetanas.data.client_data import ClientIndex, Rows, build_clients
 from fedmetanas.data.datasets import TensorSplit, load_dataset
 from fedmetanas.data.partition import class_counts, make_partition, partition_hash, split_local
 from fedmetanas.dist import DistContext
@@ -30,8 +30,8 @@ class Setup:
     run_path: Path
     train: TensorSplit  # on the rank's device
     test: TensorSplit
-    clients: list[ClientData]
-    train_idx: list[torch.Tensor]  # each client's local train rows, on the device
+    clients: ClientIndex  # clients[i]: client i's ClientData (views made on demand; sizes as arrays)
+    train_idx: Rows  # train_idx[i]: client i's local train rows, on the device
     counts: np.ndarray  # clients x classes
     partition_hash: str
     eval_idx: torch.Tensor  # the per-round evaluation subset of the test set
@@ -42,7 +42,7 @@ class Setup:
         return ModelInputs.of(self.train)
 
 
-def make_clients(cfg: Config, train: TensorSplit) -> tuple[list[ClientData], np.ndarray, str]:
+def make_clients(cfg: Config, train: TensorSplit) -> tuple[ClientIndex, np.ndarray, str]:
     """Partition the training set over clients and split each into local train / local test."""
     d, f = cfg.data, cfg.federated
     labels = train.labels.cpu().numpy()
@@ -75,6 +75,6 @@ def prepare(cfg: Config, ctx: DistContext) -> Setup:
     train, test = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download)
     clients, counts, phash = make_clients(cfg, train)
     train, test = train.to(ctx.device), test.to(ctx.device)
-    return Setup(run_path, train, test, clients, [c.train_idx.to(ctx.device) for c in clients], counts, phash,
+    return Setup(run_path, train, test, clients, clients.train.to(ctx.device), counts, phash,
                  eval_indices(cfg, len(test)), clients_per_round(fed.num_clients, fed.clients_per_round,
                                                                  fed.participation))

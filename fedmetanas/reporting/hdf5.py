@@ -23,7 +23,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-round client columns per participant (/rounds/clients); 1: one entry per client
 _STR = h5py.string_dtype(encoding="utf-8")
 
 

@@ -488,8 +488,25 @@ def cost(runs: Mapping[str, Series]) -> Figure:
     return _finish_counts(fig, (ax_t, ax_b))
 
 
-def client_loss(rounds: np.ndarray, loss: np.ndarray, excluded: np.ndarray | None, title: str) -> Figure:
-    """Each client's training loss per round (grey: did not take part; x: update excluded as non-finite)."""
+def by_client(clients: np.ndarray, values: np.ndarray, fill: float) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, matrix): per-participant columns (`clients[r, j]` is the client of `values[r, j]`, as the log
+    keeps them) spread over one column per client that ever took part (ascending id), `fill` elsewhere."""
+    ids = np.unique(clients)
+    out = np.full((values.shape[0], ids.size), fill, dtype=float)
+    np.put_along_axis(out, np.searchsorted(ids, clients), values.astype(float), axis=1)
+    return ids, out
+
+
+def client_loss(rounds: np.ndarray, loss: np.ndarray, excluded: np.ndarray | None, title: str,
+                clients: np.ndarray | None = None) -> Figure:
+    """Each client's training loss per round (grey: did not take part; x: update excluded as non-finite).
+
+    `loss` and `excluded` are (rounds, clients) or, with `clients` (the log's /rounds/clients, format 2),
+    (rounds, participants): then one row per client that ever took part, labelled with its id."""
+    ids = None
+    if clients is not None:
+        ids, loss = by_client(clients, loss, np.nan)
+        excluded = None if excluded is None else by_client(clients, excluded, 0.0)[1] > 0
     k = loss.shape[1]
     fig, ax = _subplots(figsize=(9, min(12.0, 1.8 + 0.28 * k)))
     image = ax.imshow(np.ma.masked_invalid(loss.T), aspect="auto", cmap=_grey_cmap(), interpolation="nearest",
@@ -499,10 +516,11 @@ def client_loss(rounds: np.ndarray, loss: np.ndarray, excluded: np.ndarray | Non
         ax.scatter(rounds[r_idx], c_idx, marker="x", color="red", s=30, label="excluded (NaN/Inf)")
         ax.legend(fontsize=7, loc="upper right")
     if k <= 40:
-        ax.set_yticks(range(k))
+        ax.set_yticks(range(k), labels=None if ids is None else [str(i) for i in ids])
     ax.tick_params(labelsize=7)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, nbins=8))
-    ax.set(xlabel="round", ylabel="client", title=f"{title}: client training loss (grey: did not take part)")
+    ax.set(xlabel="round", ylabel="client" if ids is None else "client (those that took part)",
+           title=f"{title}: client training loss (grey: did not take part)")
     fig.colorbar(image, ax=ax, label="mean training loss")
     fig.tight_layout()
     return fig

@@ -193,8 +193,8 @@ def load_run(path: str | Path, label: str | None = None, read_timeout_s: float =
     except (OSError, RuntimeError) as err:
         raise ReportError(f"{p}: unreadable HDF5 file ({str(err).splitlines()[0][:120]}); pass a run's "
                           "trajectory log") from None
-    if str(attrs["format_version"]) != "1":
-        notes.append(f"The log has format_version {attrs['format_version']}; this report reads version 1.")
+    if str(attrs["format_version"]) not in ("1", "2"):
+        notes.append(f"The log has format_version {attrs['format_version']}; this report reads versions 1 and 2.")
     if "round" not in rounds and rounds:
         rounds["round"] = np.arange(n)
     try:
@@ -363,7 +363,7 @@ def _run_section(run: RunData, prefix: str) -> Section:
     if run.num_rounds and "client_loss" in r:
         section.planned.append(Planned(
             f"{prefix}client_loss.png", "Each client's mean training loss per round (grey: it did not take part).",
-            lambda: plots.client_loss(x, r["client_loss"], r.get("excluded"), run.label)))
+            lambda: plots.client_loss(x, r["client_loss"], r.get("excluded"), run.label, r.get("clients"))))
     return section
 
 

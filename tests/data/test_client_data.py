@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedmetanas.data.client_data import ClientData, build_clients, iterate_batches, sample_batch
+from fedmetanas.data.client_data import ClientData, ClientIndex, build_clients, iterate_batches, sample_batch
 from fedmetanas.data.datasets import TensorSplit
 
 
@@ -22,6 +22,29 @@ def test_build_clients_keeps_order_dtype_and_sizes():
     assert [c.num_train for c in clients] == [2, 3]
     assert all(c.train_idx.dtype == torch.int64 and c.test_idx.dtype == torch.int64 for c in clients)
     assert isinstance(clients[0], ClientData) and clients[0].train_idx.tolist() == [3, 1]
+
+
+def test_the_clients_rows_are_views_of_two_flat_tensors_whatever_their_number():
+    # 10,000 clients are two tensors and offsets, not 20,000 tensors: a client is made when asked for.
+    splits = [(np.arange(5 * i, 5 * i + 4), np.array([5 * i + 4])) for i in range(10_000)]
+
+    clients = ClientIndex.from_splits(splits)
+
+    assert len(clients) == 10_000
+    assert clients.train_sizes.tolist() == [4] * 10_000 and clients.test_sizes.tolist() == [1] * 10_000
+    assert clients[9_999].train_idx.tolist() == [49_995, 49_996, 49_997, 49_998]
+    assert clients[9_999].test_idx.tolist() == [49_999] and clients[9_999].client_id == 9_999
+    storage = clients.train.flat.untyped_storage().data_ptr()
+    assert all(clients[i].train_idx.untyped_storage().data_ptr() == storage for i in (0, 1, 9_999))
+    assert clients.train.to("cpu")[3].tolist() == clients[3].train_idx.tolist()
+
+
+def test_a_client_index_reads_like_the_list_it_replaces():
+    clients = build_clients([(np.array([7]), np.array([], dtype=np.int64)), (np.array([1, 2]), np.array([3]))])
+
+    assert [(c.client_id, c.num_train, c.test_idx.numel()) for c in clients] == [(0, 1, 0), (1, 2, 1)]
+    with pytest.raises(IndexError):
+        clients[2]
 
 
 def test_sample_batch_draws_distinct_rows_from_the_clients_indices():

@@ -7,6 +7,7 @@ from fedmetanas.data.partition import (
     class_counts,
     dirichlet,
     iid,
+    largest_min_samples,
     make_partition,
     partition_hash,
     shards,
@@ -77,6 +78,50 @@ def test_dirichlet_gives_every_client_at_least_min_samples():
 def test_dirichlet_with_impossible_min_samples_names_the_field():
     with pytest.raises(ValueError, match=r"data\.min_samples"):
         dirichlet(_labels(100), 10, alpha=0.5, min_samples=11, rng=np.random.default_rng(0))
+
+
+def test_dirichlet_with_impossible_min_samples_suggests_the_largest_value_that_works():
+    labels = _labels(100)
+    best = largest_min_samples(labels, 10, 0.5, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"exceeds the 100 samples") as info:
+        dirichlet(labels, 10, alpha=0.5, min_samples=11, rng=np.random.default_rng(0))
+    assert 1 <= best <= 10 and f"data.min_samples <= {best}" in str(info.value)
+
+
+@pytest.mark.parametrize(("n", "clients", "alpha", "seed"), [(2000, 20, 0.1, 0), (2000, 50, 0.5, 3), (500, 10, 5.0, 1)])
+def test_largest_min_samples_is_exactly_the_largest_value_dirichlet_accepts(n, clients, alpha, seed):
+    labels = _labels(n)
+    best = largest_min_samples(labels, clients, alpha, np.random.default_rng(seed), max_tries=30)
+
+    parts = dirichlet(labels, clients, alpha, best, np.random.default_rng(seed), max_tries=30)
+    with pytest.raises(ValueError) as info:
+        dirichlet(labels, clients, alpha, best + 1, np.random.default_rng(seed), max_tries=30)
+
+    assert best >= 1 and min(len(p) for p in parts) >= best
+    assert f"the largest data.min_samples that works for this data, federated.num_clients and federated.seed is {best}" \
+        in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_no_min_samples_works_when_every_draw_leaves_a_client_empty():
+    # 60 clients sharing 100 samples with a very skewed Dirichlet: some client always gets nothing.
+    labels = _labels(100)
+    assert largest_min_samples(labels, 60, 0.1, np.random.default_rng(0), max_tries=50) == 0
+    with pytest.raises(ValueError, match=r"no data\.min_samples works.*federated\.num_clients.*data\.partition: iid"):
+        dirichlet(labels, 60, alpha=0.1, min_samples=1, rng=np.random.default_rng(0), max_tries=50)
+
+
+def test_dirichlet_partitions_are_unchanged_by_the_size_only_draws():
+    # Hashes of partitions made by the loop that cut every draw into per-client arrays (before 10,000-client
+    # runs): the size-only draws must give the same partitions (same random stream, same cuts), or resuming
+    # an older run's checkpoint would be refused as a different partition.
+    labels = _labels(2000)
+    expected = {0: "729f8090c64ce95ef9aeef0fe39583aabe7cf5ac60b6b280608014ed8b9eeef2",
+                3: "9f01e2b96db9e2d20411b874b03893b7fa2ef411d9c11440c4e2659033bfa3ee"}
+    for seed, digest in expected.items():
+        assert partition_hash(make_partition(labels, "dirichlet", 20, seed, alpha=0.1, min_samples=30)) == digest
+    many = make_partition(labels, "dirichlet", 200, 7, alpha=0.5, min_samples=3)
+    assert partition_hash(many) == "fae908a516084fb46bf1042be61601ffd8c037abcd002ec13506fbbf85086287"
 
 
 def test_dirichlet_that_never_reaches_min_samples_suggests_raising_alpha():

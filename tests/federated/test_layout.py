@@ -1,10 +1,11 @@
 """The flat buffer's named layout: segments end to end in declaration order, views that encode,
 `split` that decodes; no process group needed."""
 
+import numpy as np
 import pytest
 import torch
 
-from fedmetanas.federated.layout import FlatLayout, metrics_layout, round_layout
+from fedmetanas.federated.layout import FlatLayout, client_columns, metrics_layout, round_layout
 
 
 def test_segments_lie_end_to_end_in_declaration_order():
@@ -68,3 +69,15 @@ def test_split_refuses_a_buffer_of_another_size_and_offset_names_an_unknown_segm
         layout.split(torch.zeros(3, dtype=torch.float64))
     with pytest.raises(KeyError, match="no segment 'b'"):
         layout.offset("b")
+
+
+def test_the_logged_client_columns_hold_only_the_rounds_participants():
+    # 5 clients, 3 took part; client 3's update was excluded as non-finite.
+    flag, excluded = np.array([0.0, 1, 0, 1, 1]), np.array([0.0, 0, 0, 1, 0])
+    loss = np.array([0.0, 0.5, 0.0, 0.0, 0.25])
+
+    columns = client_columns(flag, excluded, loss)
+
+    assert columns["clients"].tolist() == [1, 3, 4] and columns["clients"].dtype == np.int64
+    assert np.array_equal(columns["client_loss"], [0.5, np.nan, 0.25], equal_nan=True)
+    assert columns["excluded"].tolist() == [False, True, False]
