@@ -115,6 +115,12 @@ def run_measured(cmd: list[str], env: dict[str, str], timeout: float) -> Measure
     return Measured(rc, lines, t0, wall, sampler, leftovers)
 
 
+def save_output(m: Measured, path: Path) -> None:
+    """The run's output, each line stamped with its arrival in seconds after the process started."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{t - m.t0:9.3f} {line}" for t, line in m.lines))
+
+
 def end_leftovers(sampler: TreeSampler, grace: float = 5.0) -> int:
     """Stop the run's processes still alive after it exited (TERM, then KILL); returns how many there were."""
     alive = sampler.alive()
@@ -137,7 +143,9 @@ def base_record(system: str, clients: int, rep: int, m: Measured) -> RunRecord:
     r = RunRecord(system, clients, rep, ok=m.rc == 0, wall_s=m.wall, peak_rss_mib=m.sampler.peak_rss_mib,
                   peak_pss_mib=m.sampler.peak_pss_mib, peak_procs=m.sampler.peak_procs)
     r.notes.update(samples=m.sampler.samples, pss_samples=m.sampler.pss_samples,
-                   sampler_cpu_s=round(m.sampler.cpu_seconds, 3), leftovers=m.leftovers)
+                   sampler_cpu_s=round(m.sampler.cpu_seconds, 3), leftovers=m.leftovers,
+                   peak_pss_mib_by_process={k: round(v / 1024, 1) for k, v in
+                                            sorted(m.sampler.peak_pss_by_name.items(), key=lambda kv: -kv[1])})
     if m.rc != 0:
         r.error = m.error()
     return r
@@ -152,6 +160,7 @@ def run_ours(w: Workload, np_: int, extra: list[str], out: Path, system: str, re
            "--config", str(REPO / "configs" / "fedavg.yaml"), *ours_overrides(w), f"output.dir={out}",
            f"output.name={name}", "--overwrite", *extra]
     m = run_measured(cmd, _env(REPO), timeout)
+    save_output(m, out / f"{name}.log")
     r = base_record(system, w.clients, rep, m)
     r.notes["command"] = " ".join(cmd)
     if not r.ok:
@@ -173,7 +182,7 @@ def run_ours(w: Workload, np_: int, extra: list[str], out: Path, system: str, re
     return r
 
 
-def run_peer(kind: str, w: Workload, venv: Path, workers: int, rep: int, timeout: float) -> RunRecord:
+def run_peer(kind: str, w: Workload, venv: Path, workers: int, rep: int, timeout: float, out: Path) -> RunRecord:
     """Flower (`peers_flower.py`, Ray with `workers` one-CPU actors) or pfl (`peers_pfl.py`, `workers`
     processes under torchrun), run by the peers venv's python."""
     py = venv / "bin" / "python"
@@ -186,6 +195,7 @@ def run_peer(kind: str, w: Workload, venv: Path, workers: int, rep: int, timeout
     if not py.exists():
         return RunRecord(kind, w.clients, rep, ok=False, error=f"no peers venv at {venv} (run with --setup-venv)")
     m = run_measured(cmd, _env(REPO, REPO / "benchmarks"), timeout)
+    save_output(m, out / f"{kind}-c{w.clients}-r{rep}.log")
     r = base_record(kind, w.clients, rep, m)
     r.notes["command"] = " ".join(cmd[:-1]) + f" '{spec}'"
     found = next((line for _, line in m.lines if line.startswith(RESULT_PREFIX)), None)
@@ -243,7 +253,7 @@ def run_one(system: str, w: Workload, args: argparse.Namespace, out: Path, rep: 
         np_ = int(system.split()[0].removeprefix("ours-np"))
         extra = system.split()[1:]
         return run_ours(w, np_, extra, out, system, rep, args.timeout)
-    return run_peer(system, w, args.venv, args.workers, rep, args.timeout)
+    return run_peer(system, w, args.venv, args.workers, rep, args.timeout, out)
 
 
 def describe(r: RunRecord) -> str:

@@ -108,6 +108,7 @@ class Sample:
     rss_kib: int
     pss_kib: int
     procs: int
+    pss_by_name: dict[str, int] = field(default_factory=dict)  # PSS KiB per `short_name` (when read)
 
 
 def sample_tree(root: int, known: dict[int, str], proc: Path = Path("/proc"), session: int | None = None,
@@ -117,13 +118,30 @@ def sample_tree(root: int, known: dict[int, str], proc: Path = Path("/proc"), se
     procs = list_procs(proc)
     live_known = {pid for pid, cmd in known.items() if pid in procs and procs[pid].cmdline == cmd}
     members = tree_members(procs, root, live_known, session, marker)
-    rss, pss = 0, 0 if with_pss else -1
+    rss, pss, by_name = 0, 0 if with_pss else -1, {}
     for pid in members:
         known[pid] = procs[pid].cmdline  # the latest: a process may exec after it was first seen
         rss += rss_kib(pid, proc)
         if with_pss:
-            pss += pss_kib(pid, proc)
-    return Sample(rss, pss, len(members))
+            one = pss_kib(pid, proc)
+            pss += one
+            name = short_name(procs[pid].cmdline)
+            by_name[name] = by_name.get(name, 0) + one
+    return Sample(rss, pss, len(members), by_name)
+
+
+def short_name(cmdline: str) -> str:
+    """A process's name for a memory breakdown: Ray's `ray::Role`, a Python script's file name, or the
+    program's name."""
+    words = cmdline.split()
+    if not words:
+        return "?"
+    if words[0].startswith("ray::"):
+        return words[0]
+    script = next((w for w in words[1:] if w.endswith(".py")), None)
+    if "python" in Path(words[0]).name and script:
+        return Path(script).name
+    return Path(words[0]).name
 
 
 @dataclass
@@ -147,6 +165,7 @@ class TreeSampler:
     peak_rss_kib: int = 0
     peak_pss_kib: int = 0
     peak_procs: int = 0
+    peak_pss_by_name: dict[str, int] = field(default_factory=dict)  # the breakdown at the PSS peak
     samples: int = 0
     pss_samples: int = 0
     cpu_seconds: float = 0.0  # the sampler's own CPU time (its thread), so its cost is known
@@ -163,7 +182,8 @@ class TreeSampler:
             s = sample_tree(self.root, self.known, self.proc, self.session, self.marker, with_pss=True)
             self._last_pss = time.monotonic()
             self.pss_samples += 1
-            self.peak_pss_kib = max(self.peak_pss_kib, s.pss_kib)
+            if s.pss_kib > self.peak_pss_kib:
+                self.peak_pss_kib, self.peak_pss_by_name = s.pss_kib, s.pss_by_name
         self.peak_rss_kib = max(self.peak_rss_kib, rss.rss_kib, s.rss_kib)
         self.peak_procs = max(self.peak_procs, rss.procs, s.procs)
         self.samples += 1

@@ -195,8 +195,9 @@ def main(argv: list[str]) -> int:
         _, final_acc = evaluate(task, net.net, full=True)
         print(RESULT_PREFIX + json.dumps({
             "round_start": algorithm.round_start, "round_end": algorithm.round_end, "eval_s": central_eval.seconds,
-            "round_acc": central_eval.accuracy, "round_loss": central_eval.loss, "final_acc": final_acc, "final_eval_s": time.time() - t,
-            "workers": get_ops().distributed.world_size, "pid": os.getpid()}), flush=True)
+            "round_acc": central_eval.accuracy, "round_loss": central_eval.loss, "final_acc": final_acc,
+            "final_eval_s": time.time() - t, "workers": get_ops().distributed.world_size, "pid": os.getpid()}),
+            flush=True)
     return 0
 
 

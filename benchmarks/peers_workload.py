@@ -164,18 +164,6 @@ def evaluate(task: Task, model: nn.Module, full: bool = False) -> tuple[float, f
     return loss_sum / n, correct / n
 
 
-def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    """The sample-weighted average of state dicts, accumulated in float64 (what our all-reduce does)."""
-    total = float(sum(weights))
-    out = {}
-    for key, ref in states[0].items():
-        acc = torch.zeros(ref.shape, dtype=torch.float64)
-        for state, wgt in zip(states, weights):
-            acc += state[key].double() * wgt
-        out[key] = (acc / total).to(ref.dtype)
-    return out
-
-
 def _memory_format(task: Task) -> torch.memory_format:
     return torch.channels_last if task.cfg.model.channels_last else torch.contiguous_format
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.peers_memory import TreeSampler, parse_stat, sample_tree, tree_members, list_procs
+from benchmarks.peers_memory import TreeSampler, list_procs, parse_stat, sample_tree, short_name, tree_members
 from benchmarks.peers_stats import RunRecord, markdown_table, periods, steady, summarize
 
 
@@ -51,6 +51,14 @@ def test_sample_tree_sums_rss_and_pss_over_the_run_only(tmp_path: Path) -> None:
     assert set(known) == {100, 101, 102, 103}
     assert (with_marker.rss_kib, with_marker.procs) == (3700 + 50, 5)
     assert sample_tree(100, {}, proc, session=100, with_pss=False).pss_kib == -1
+    assert sum(s.pss_by_name.values()) == s.pss_kib
+
+
+def test_short_names_group_a_breakdown_by_role() -> None:
+    assert short_name("ray::ClientAppActor") == "ray::ClientAppActor"
+    assert short_name("/venv/bin/python -u /x/ray/_private/log_monitor.py --a") == "log_monitor.py"
+    assert short_name("/venv/lib/ray/core/src/ray/raylet/raylet --x") == "raylet"
+    assert short_name("") == "?"
 
 
 def test_a_seen_process_stays_counted_after_reparenting_but_not_after_pid_reuse(tmp_path: Path) -> None:
