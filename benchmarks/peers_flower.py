@@ -35,7 +35,8 @@ from peers_workload import Task, Workload, evaluate, initial_model, local_train,
 RESULT_PREFIX = "PEERS_RESULT "
 
 # ---------------------------------------------------------------------------------------------
-# Client side (in each Ray worker process): the data, the partition and a model, made once per process.
+# Client side (in each Ray worker process): the data, the partition and a model, made once per process
+# (the module must be imported, not __main__, for this cache to outlive a message: see the end).
 _WORKER: dict[str, Any] = {}
 
 
@@ -151,4 +152,11 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Run from the imported module, not from __main__: Ray pickles the ClientApp with every message it
+    # sends to an actor, and an app defined in __main__ travels by value, so each message would bring a
+    # fresh copy of this module's state and the worker's data cache would never hit (every client would
+    # reload and repartition the data). Imported, it is pickled by reference, as `flwr run` loads an app
+    # (module:attribute), and the cache lives as long as the actor.
+    import peers_flower
+
+    sys.exit(peers_flower.main(sys.argv[1:]))
