@@ -36,6 +36,16 @@ def _as_array(value: Any) -> np.ndarray:
     return arr
 
 
+def _written_once(arr: np.ndarray) -> dict[str, Any]:
+    """Storage options of a dataset written whole (static facts, personalization): gzip for large numeric
+    arrays. Those are the per-client arrays, written once but O(clients): at 10,000 clients they were ~1.3 MB
+    of small integer counts and NaN (clients not personalized), most of the log; compressed, ~20x smaller.
+    Small arrays and text stay plain; h5py and h5dump read both alike."""
+    if arr.dtype == object or arr.nbytes < 2**16:
+        return {}
+    return {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+
+
 _OPEN: weakref.WeakSet[TrajectoryLog] = weakref.WeakSet()  # logs not closed yet, for close_open_logs
 _EXIT_HOOK = False  # close_open_logs registered with atexit (on the first log, not at import)
 
@@ -72,7 +82,8 @@ class TrajectoryLog:
             self._file.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
         for name, value in static.items():
             arr = _as_array(value)
-            self._file.create_dataset(name, data=arr, dtype=_STR if arr.dtype == object else arr.dtype)
+            self._file.create_dataset(name, data=arr, dtype=_STR if arr.dtype == object else arr.dtype,
+                                      **_written_once(arr))
         self._rows: dict[str, int] = {}
         self._names: dict[str, tuple[str, ...]] = {}
         self._file.flush()
@@ -144,7 +155,8 @@ class TrajectoryLog:
                     group.attrs[key] = value
                 for name, value in (datasets or {}).items():
                     arr = _as_array(value)
-                    f.create_dataset(name, data=arr, dtype=_STR if arr.dtype == object else arr.dtype)
+                    f.create_dataset(name, data=arr, dtype=_STR if arr.dtype == object else arr.dtype,
+                                     **_written_once(arr))
 
 
 class NullLog:

@@ -52,6 +52,23 @@ def test_creation_writes_attributes_and_static_datasets(tmp_path):
         assert "rounds" not in f
 
 
+def test_per_client_arrays_written_once_are_stored_compressed_and_read_back_exactly(tmp_path):
+    # What a 10,000-client run writes once: class counts per client, and personalization of 100 of them.
+    rng = np.random.default_rng(0)
+    counts = rng.multinomial(6, [0.1] * 10, size=10_000)
+    personal = np.full(10_000, np.nan)
+    personal[rng.choice(10_000, 100, replace=False)] = rng.random(100)
+    path = tmp_path / "run.h5"
+
+    log = TrajectoryLog(path, {}, {"partition/class_counts": counts, "partition/names": "iid"})
+    log.close(datasets={"personalization/acc_after": personal})
+
+    with h5py.File(path, "r") as f:
+        assert np.array_equal(f["partition/class_counts"][()], counts)
+        assert np.array_equal(f["personalization/acc_after"][()], personal, equal_nan=True)
+    assert path.stat().st_size < (counts.nbytes + personal.nbytes) / 5
+
+
 def test_creation_refuses_to_overwrite_an_existing_file(tmp_path):
     path = tmp_path / "run.h5"
     path.write_bytes(b"already here")
