@@ -5,10 +5,10 @@ FedAvg on the FedAvg paper's CNN (configs/fedavg.yaml, fedavg.architecture=cnn) 
 `federated.num_clients`. Every run uses the same data settings at every size: IID clients (Dirichlet(0.5),
 the configs' partition, has no working data.min_samples at 10,000 clients: every seeded draw leaves a client
 empty; the largest value per size is printed), batches of 5 so that every client fills every batch at every
-size (10,000 IID clients hold 6 samples: 5 to train, 1 to test), 5 rounds (FedAvg) or 3 (FedMetaNAS) of small
-local work, personalization on (2 steps; at most `personalize.max_clients`, default 100, clients). Each
-setting runs `--reps` times, interleaved with the others (sizes in turn forwards and backwards); the table
-gives the medians. Per setting:
+size (10,000 IID clients hold 6 samples: 5 to train, 1 to test), 8 rounds (FedAvg, 5 steps a client) or 5
+(FedMetaNAS, 3 meta-steps, its soft top-2 relaxation throughout), personalization on (2 steps; at most
+`personalize.max_clients`, default 100, clients). Each setting runs `--reps` times, interleaved with the
+others (sizes in turn forwards and backwards); the table gives the medians. Per setting:
 
 - set-up: process start -> first round starts (launcher, imports, data, partition, model, lanes; from the
   time rank 0 prints its first round line, less that round's `time_round`), and on its own, timed in this
@@ -16,7 +16,7 @@ gives the medians. Per setting:
 - round: median over the rounds after the first of `time_round - time_eval` (local work of the slowest rank,
   the all-reduce, averaging, the server step; not the evaluation), and of the wall time between consecutive
   rounds less `time_eval` (the same plus writing the round's log row and checkpoint);
-- memory: per-rank peak RSS from the log (`memory_rank_mib`, last round) and from sampling /proc every 0.1 s
+- memory: per-rank peak RSS from the log (`memory_rank_mib`, last round) and from sampling /proc every 0.2 s
   over the whole run (also set-up and personalization), the largest rank process;
 - the log's and the last checkpoint's size; and the ratios 1,000/100 and 10,000/100 of each.
 
@@ -52,10 +52,12 @@ PER_ROUND = 20
 COMMON = ["data.partition=iid", f"federated.clients_per_round={PER_ROUND}", "eval.subset=500",
           "eval.final_full=false", "personalize.steps=2", "checkpoint.every=1"]
 ALGORITHMS = {
-    "fedavg-cnn": ("fedavg.yaml", 5, ["fedavg.architecture=cnn", "fedavg.local_steps=5", "fedavg.batch_size=5",
+    "fedavg-cnn": ("fedavg.yaml", 8, ["fedavg.architecture=cnn", "fedavg.local_steps=5", "fedavg.batch_size=5",
                                       "personalize.batch_size=5"]),
-    "fedmetanas": ("default.yaml", 3, ["algorithm.local_steps=3", "algorithm.batch_size=5",
-                                       "algorithm.query_batch_size=5"]),
+    # Every round of the default's kind before its switch to hard sampling (soft, top-2 ops per edge), so
+    # that the rounds after the first are alike.
+    "fedmetanas": ("default.yaml", 5, ["algorithm.local_steps=3", "algorithm.batch_size=5",
+                                       "algorithm.query_batch_size=5", "search.hard_after_fraction=1.0"]),
 }
 
 
@@ -105,21 +107,26 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
-def _rank_rss_mib(pids: list[int]) -> list[float]:
-    """Resident memory of each python process among `pids` (the ranks), MiB."""
+def _ranks(pids: list[int]) -> list[int]:
+    """The python processes among `pids` that run launch/main.py (the ranks, not mpirun or its proxies)."""
     out = []
     for pid in pids:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as fh:
                 argv = fh.read().split(b"\0")
-            if b"python" not in os.path.basename(argv[0]) or not any(a.endswith(b"launch/main.py") for a in argv):
-                continue  # the launcher (mpirun, its proxies), not a rank
-            with open(f"/proc/{pid}/status") as fh:
-                rss = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
-        except (OSError, StopIteration, ValueError):
+        except OSError:
             continue
-        out.append(rss / 1024.0)
+        if b"python" in os.path.basename(argv[0]) and any(a.endswith(b"launch/main.py") for a in argv):
+            out.append(pid)
     return out
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 1024.0
+    except (OSError, StopIteration, ValueError):
+        return 0.0
 
 
 def run_setting(algo: str, clients: int, np_: int, out: Path) -> dict[str, float]:
@@ -139,10 +146,12 @@ def run_setting(algo: str, clients: int, np_: int, out: Path) -> dict[str, float
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    peak = 0.0
-    while proc.poll() is None:
-        peak = max([peak, *_rank_rss_mib(_descendants(proc.pid))])
-        time.sleep(0.1)
+    peak, ranks = 0.0, []
+    while proc.poll() is None:  # light sampling: the ranks share the cores with this process
+        if len(ranks) < np_:
+            ranks = _ranks(_descendants(proc.pid))
+        peak = max([peak, *(_rss_mib(pid) for pid in ranks)])
+        time.sleep(0.2)
     reader.join()
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -168,7 +177,8 @@ def run_setting(algo: str, clients: int, np_: int, out: Path) -> dict[str, float
 COLUMNS = [("setup_s", "set-up s", "{:.2f}"), ("setup_data_s", "partition+splits s", "{:.3f}"),
            ("round_s", "round s", "{:.3f}"), ("round_with_io_s", "round+log+ckpt s", "{:.3f}"),
            ("allreduce_s", "all-reduce s", "{:.4f}"), ("allreduce_mib", "all-reduce MiB", "{:.2f}"),
-           ("log_rss_mib", "peak RSS/rank (log) MiB", "{:.0f}"), ("proc_rss_mib", "peak RSS/rank (/proc) MiB", "{:.0f}"),
+           ("log_rss_mib", "peak RSS/rank (log) MiB", "{:.0f}"),
+           ("proc_rss_mib", "peak RSS/rank (/proc) MiB", "{:.0f}"),
            ("log_kib", "log KiB", "{:.0f}"), ("checkpoint_kib", "checkpoint KiB", "{:.0f}"),
            ("personal_clients", "personalized", "{:.0f}"), ("wall_s", "whole run s", "{:.1f}")]
 RATIOS = ("setup_s", "setup_data_s", "round_s", "round_with_io_s", "log_rss_mib", "proc_rss_mib", "log_kib",
@@ -203,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--np", type=int, default=2, help="MPI ranks per run")
     p.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000], help="total clients (first: base)")
     p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
-    p.add_argument("--reps", type=int, default=2, help="runs per setting, interleaved; figures are their medians")
+    p.add_argument("--reps", type=int, default=3, help="runs per setting, interleaved; figures are their medians")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "clients_scale")
     args = p.parse_args(argv)
     train, _ = load_dataset("fashion_mnist", str(REPO / "data"), False)

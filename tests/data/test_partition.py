@@ -98,8 +98,8 @@ def test_largest_min_samples_is_exactly_the_largest_value_dirichlet_accepts(n, c
         dirichlet(labels, clients, alpha, best + 1, np.random.default_rng(seed), max_tries=30)
 
     assert best >= 1 and min(len(p) for p in parts) >= best
-    assert f"the largest data.min_samples that works for this data, federated.num_clients and federated.seed is {best}" \
-        in str(info.value)
+    works = "the largest data.min_samples that works for this data, federated.num_clients and federated.seed"
+    assert f"{works} is {best}" in str(info.value)
     assert "\n" not in str(info.value)
 
 
