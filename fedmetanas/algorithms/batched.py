@@ -131,12 +131,13 @@ def _rebuild(tensors: tuple[Any, ...], static: tuple[Any, ...]) -> ArchSample:
 
 
 def sample_stacked(model: nn.Module, stack: ClientStack, ctxs: list[LocalContext], masks: ArchMasks,
-                   tau: float, mode: RelaxMode) -> StackedArch:
+                   tau: float, mode: RelaxMode, topk: int = 0, eps: float = 0.0) -> StackedArch:
     """Each client's relaxed architecture from its own slice of the stacked logits and its own Gumbel
     generator — `sample_arch` as the sequential step calls it —, stacked. The gradient flows back into
     the stacked logits."""
-    if not batchable_sample(mode, 0, 0.0):
-        raise ValueError(f"a {mode!r} sample computes different ops per client: it cannot be batched")
+    if not batchable_sample(mode, topk, eps):
+        raise ValueError(f"a {mode!r} sample (top-k {topk}, eps {eps:g}) computes different ops per client: "
+                         "it cannot be batched")
     names = [stack.param_names[i] for i in stack.alpha_at]
     samples = []
     for k, ctx in enumerate(ctxs):
@@ -172,7 +173,7 @@ def stacked_grads(stack: ClientStack, ctxs: list[LocalContext], batch_size: int)
     x, y = draw_stacked(ctxs, batch_size)
     ctx = ctxs[0]
     arch = None if ctx.masks is None else sample_stacked(stack.model, stack, ctxs, ctx.masks, ctx.tau,
-                                                         ctx.relax_mode)
+                                                         ctx.relax_mode, ctx.soft_topk, ctx.soft_eps)
     logits = stack(x, arch)
     per_sample = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
     losses = per_sample.view(stack.k, -1).mean(1)

@@ -250,5 +250,8 @@ def test_a_hard_or_sparse_sample_is_refused_by_the_batched_path() -> None:
     ctxs = _search_contexts(_split(2), 2, net.initial_masks(), "hard")
     with pytest.raises(ValueError, match="cannot be batched"):
         FedMetaNAS(AlgorithmConfig(local_steps=1, inner_steps=1, batch_size=8)).local_update_batch(net, ctxs)
+    sparse = [dataclasses.replace(c, relax_mode="soft", soft_topk=2) for c in ctxs]
+    with pytest.raises(ValueError, match="cannot be batched"):
+        FedMetaNAS(AlgorithmConfig(local_steps=1, inner_steps=1, batch_size=8)).local_update_batch(net, sparse)
     assert not batchable_sample("soft", 2, 0.0) and not batchable_sample("soft", 0, 0.01)
     assert batchable_sample("soft", 0, 0.0) and batchable_sample("expected", 0, 0.0)
