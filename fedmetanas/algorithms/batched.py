@@ -1,48 +1,54 @@
 """Several clients stepped together as one batched computation (`runtime.client_batch`).
 
 The sequential path trains a lane's clients one after another on one model replica. Here K clients'
-copies of the parameters (weights and, on a supernet, architecture logits) and BN statistics are stacked
-along a new leading dimension and the network runs on all of them at once through
-`torch.func.functional_call` under `torch.func.vmap`: a convolution with per-client weights becomes one
-grouped convolution, a linear layer one batched matmul. What a client computes is unchanged — its own
-batches and Gumbel noise from its own generators, its own loss and gradient — so the result equals the
-sequential one to float rounding (the kernels differ, so not to the bit):
+copies of the parameters and BN statistics are stacked along a new leading dimension and computed at once.
+What a client computes is unchanged — its own batches and Gumbel noise from its own generators, its own
+loss and gradient — so the result equals the sequential one to float rounding (the kernels differ, so not
+to the bit). Two forms:
 
-- the K losses are independent, so the gradient of their *sum* with respect to the stacked tensors is
-  each client's own gradient in its slice;
-- SGD (momentum, weight decay) and Adam act elementwise, so one optimizer over the stacked tensors is K
-  optimizers, one per client, each with fresh state as in the sequential rules;
-- gradient clipping is per client (`clip_stacked`): each client's norm over its own slices;
-- a tensor no client's forward used (a masked op) gets no gradient at all, as in the sequential step.
+- **Fixed networks** (`ClientStack`): the network runs on all K through `torch.func.functional_call` under
+  `torch.func.vmap` (a convolution with per-client weights becomes one grouped convolution). SGD and Adam
+  act elementwise, so one `torch.optim` optimizer over the stacked tensors is K optimizers; clipping is per
+  client (`clip_stacked`).
+- **Supernets** (`stacked_step` over `search.stacked.StackedSuperNet`), under every relaxation — dense
+  soft, sparse soft (top-k / eps), hard, a warm-up's frozen logits: the union of the clients' ops is
+  computed, each client's weight exactly 0 on the ops it did not sample, and the masked optimizers of
+  `flat_optim` step only what each client's sequential step gave a gradient (None is not zero for Adam).
 
-What can be batched: fixed networks, and a supernet whose clients all compute the same op set — the
-dense relaxations (`soft` with every unmasked op, `expected`). Each client keeps its own Gumbel weights;
-the op set is the masks', shared by all. A `hard` or sparse soft (top-k / eps) sample makes each client
-compute different ops: stacking them would compute the union, and an op a client did not compute must
-get no optimizer step (its gradient is None, not 0: Adam's weight decay and moments would still move
-it), so those samples run one client after another (docs/batched.md).
+Either way the loss is the rule's own function, mapped over the clients with `vmap`, so a rule that
+overrides its loss changes its sequential and its batched step alike.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
 from fedmetanas.algorithms.common import LocalContext, draw_batch
-from fedmetanas.search.relax import RelaxMode
-from fedmetanas.search.supernet import ArchMasks, ArchSample, CellArch, sample_arch
+from fedmetanas.data.client_data import sample_rows
+from fedmetanas.search.stacked import StackedSuperNet, sample_stacked, step_use
 
-BATCHED_MODES: tuple[RelaxMode, ...] = ("soft", "expected")  # every client computes the masks' op set
+def batched_form(rule: object) -> str | None:
+    """None where `rule`'s batched form is its own; else why the rule cannot be batched: it has none, or a
+    subclass changed the sequential step (`local_update`) and would silently inherit a batched step that
+    computes something else (e.g. FedProx over FedAvg's SGD: the proximal term would be dropped). A rule
+    that changes only its `loss` keeps both forms: both call it."""
+    cls = type(rule)
+    batch_owner = next((c for c in cls.__mro__ if "local_update_batch" in c.__dict__), None)
+    if batch_owner is None:
+        return f"{cls.__name__} has no batched form (local_update_batch)"
+    seq_owner = next((c for c in cls.__mro__ if "local_update" in c.__dict__), None)
+    if seq_owner is not None and seq_owner is not batch_owner and issubclass(seq_owner, batch_owner):
+        return (f"{seq_owner.__name__} overrides local_update but inherits local_update_batch from "
+                f"{batch_owner.__name__}, which would compute the parent's step")
+    return None
 
 
-def batchable_sample(mode: RelaxMode, topk: int, eps: float) -> bool:
-    """Whether a supernet's clients all compute the same op set under this relaxation (see the module)."""
-    return mode in BATCHED_MODES and topk == 0 and eps == 0
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> the batch's scalar loss
 
 
 @dataclass
@@ -73,8 +79,7 @@ class ClientStack:
         self.alpha_at = [i for i, (n, _) in enumerate(named) if is_alpha(n)]
         self.params = [stack_copies(p, k).requires_grad_() for _, p in named]
         self.buffers = [stack_copies(b, k) for b in model.buffers()]
-        self._static: Any = None  # a supernet step's op / input index lists (the same for every client)
-        self._forward = vmap(self._one, in_dims=(0, 0, 0, 0), randomness="error")
+        self._forward = vmap(self._one, in_dims=(0, 0, 0), randomness="error")
 
     @property
     def weights(self) -> list[torch.Tensor]:
@@ -86,18 +91,14 @@ class ClientStack:
         """The stacked architecture logits, in `named_parameters` order (none on a fixed network)."""
         return [self.params[i] for i in self.alpha_at]
 
-    def _one(self, params: list[torch.Tensor], buffers: list[torch.Tensor], x: torch.Tensor,
-             arch: tuple[Any, ...]) -> torch.Tensor:
+    def _one(self, params: list[torch.Tensor], buffers: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         state = dict(zip(self.param_names, params)) | dict(zip(self.buffer_names, buffers))
-        args = (x,) if self._static is None else (x, _rebuild(arch, self._static))
-        return functional_call(self.model, state, args, tie_weights=False, strict=True)
+        return functional_call(self.model, state, (x,), tie_weights=False, strict=True)
 
-    def __call__(self, x: torch.Tensor, arch: "StackedArch | None" = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (K, batch, classes) of inputs (K, batch, ...): client k's input through client k's
-        parameters (and, on a supernet, its relaxed architecture). In training mode BN statistics are
-        updated in place, per client."""
-        self._static = None if arch is None else arch.static
-        return self._forward(self.params, self.buffers, x, () if arch is None else arch.tensors)
+        parameters. In training mode BN statistics are updated in place, per client."""
+        return self._forward(self.params, self.buffers, x)
 
     def clone(self) -> "ClientStack":
         """A copy with its own tensors (a task learner's starting point)."""
@@ -105,7 +106,7 @@ class ClientStack:
         other.__dict__.update(self.__dict__)
         other.params = [p.detach().clone().requires_grad_() for p in self.params]
         other.buffers = [b.clone() for b in self.buffers]
-        other._forward = vmap(other._one, in_dims=(0, 0, 0, 0), randomness="error")
+        other._forward = vmap(other._one, in_dims=(0, 0, 0), randomness="error")
         return other
 
     def update(self, losses: torch.Tensor, steps: int) -> StackedUpdate:
@@ -114,44 +115,26 @@ class ClientStack:
         return StackedUpdate([p.detach() for p in self.params] + floating, losses.mean(0).tolist(), steps)
 
 
-@dataclass
-class StackedArch:
-    """K clients' relaxed architectures of one step: the per-client tensors of each cell kind's `CellArch`
-    stacked (op weights, and per-node input coefficients with pairwise inputs), and the index lists of
-    what is computed, which a dense relaxation shares across clients."""
+def in_equal_batches(ctxs: list[LocalContext], batch_sizes: tuple[int, ...],
+                     run: Callable[[list[LocalContext]], StackedUpdate]) -> StackedUpdate:
+    """`run` on groups of clients whose batches have the same shapes (a client with fewer rows than a batch
+    draws all of them, as sequentially), the updates put back in the clients' order."""
+    def shape(c: LocalContext) -> tuple[int, ...]:
+        return tuple(min(int(c.train_idx.numel()), b) for b in batch_sizes)
 
-    tensors: tuple[Any, ...]  # per cell kind: (op_weights (K, edges, ops), coefficients (K, inputs) per node or ())
-    static: tuple[tuple[list[list[int]], list[list[int]]], ...]  # per cell kind: (op_index, input_index)
-
-
-def _rebuild(tensors: tuple[Any, ...], static: tuple[Any, ...]) -> ArchSample:
-    cells = [CellArch(w, op_index, list(coeff) if coeff else None, input_index)
-             for (w, coeff), (op_index, input_index) in zip(tensors, static)]
-    return ArchSample(*cells)
-
-
-def sample_stacked(model: nn.Module, stack: ClientStack, ctxs: list[LocalContext], masks: ArchMasks,
-                   tau: float, mode: RelaxMode, topk: int = 0, eps: float = 0.0) -> StackedArch:
-    """Each client's relaxed architecture from its own slice of the stacked logits and its own Gumbel
-    generator — `sample_arch` as the sequential step calls it —, stacked. The gradient flows back into
-    the stacked logits."""
-    if not batchable_sample(mode, topk, eps):
-        raise ValueError(f"a {mode!r} sample (top-k {topk}, eps {eps:g}) computes different ops per client: "
-                         "it cannot be batched")
-    names = [stack.param_names[i] for i in stack.alpha_at]
-    samples = []
-    for k, ctx in enumerate(ctxs):
-        view = SimpleNamespace(nodes=model.nodes, pair_incidence=model.pair_incidence,
-                               **{n: a[k] for n, a in zip(names, stack.alphas)})
-        samples.append(sample_arch(view, masks, tau, mode, ctx.gumbel_gen))
-    tensors, static = [], []
-    for kind in ("normal", "reduce"):
-        cells: list[CellArch] = [getattr(s, kind) for s in samples]
-        coeff = () if cells[0].input_coeff is None else tuple(  # () not None: vmap maps over tensors only
-            torch.stack([c.input_coeff[j] for c in cells]) for j in range(len(cells[0].input_coeff)))
-        tensors.append((torch.stack([c.op_weights for c in cells]), coeff))
-        static.append((cells[0].op_index, cells[0].input_index))
-    return StackedArch(tuple(tensors), tuple(static))
+    shapes = [shape(c) for c in ctxs]
+    if len(set(shapes)) == 1:
+        return run(ctxs)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, sh in enumerate(shapes):
+        groups.setdefault(sh, []).append(i)
+    parts = {tuple(at): run([ctxs[i] for i in at]) for at in groups.values()}
+    order = [(at, j) for at in parts for j in range(len(at))]
+    where = {at[j]: (at, j) for at, j in order}
+    rows = [where[i] for i in range(len(ctxs))]
+    first = next(iter(parts.values()))
+    tensors = [torch.stack([parts[at].tensors[t][j] for at, j in rows]) for t in range(len(first.tensors))]
+    return StackedUpdate(tensors, [parts[at].losses[j] for at, j in rows], first.steps)
 
 
 def stack_copies(t: torch.Tensor, k: int) -> torch.Tensor:
@@ -161,22 +144,24 @@ def stack_copies(t: torch.Tensor, k: int) -> torch.Tensor:
 
 def draw_stacked(ctxs: list[LocalContext], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch per client, each from the client's own generator exactly as the sequential rule draws
-    it, stacked to (K, batch, ...)."""
-    xs, ys = zip(*(draw_batch(ctx, ctx.train_idx, batch_size) for ctx in ctxs))
-    return torch.stack(xs), torch.stack(ys)
+    it, stacked to (K, batch, ...). Without augmentation the rows are drawn per client and gathered and
+    normalized in one call (the same values: `TensorSplit.batch` works row by row)."""
+    split = ctxs[0].train
+    if any(c.augment for c in ctxs) and split.in_channels == 3:  # augmentation draws per client, after its rows
+        xs, ys = zip(*(draw_batch(ctx, ctx.train_idx, batch_size) for ctx in ctxs))
+        return torch.stack(xs), torch.stack(ys)
+    rows = [sample_rows(ctx.train_idx, batch_size, ctx.batch_gen) for ctx in ctxs]
+    x, y = split.batch(torch.cat(rows))
+    return x.view(len(ctxs), -1, *x.shape[1:]), y.view(len(ctxs), -1)
 
 
-def stacked_grads(stack: ClientStack, ctxs: list[LocalContext], batch_size: int) -> torch.Tensor:
-    """`common.supervised_step` for K clients: a batch each (and, on a supernet, a relaxed sample each
-    under `ctxs[0]`'s masks, temperature and mode), then every stacked parameter's `.grad` set to the
-    clients' own gradients (None where no client's forward used it). Returns the K losses."""
+def stacked_grads(stack: ClientStack, ctxs: list[LocalContext], batch_size: int,
+                  loss: LossFn | None = None) -> torch.Tensor:
+    """`common.supervised_step` for K clients of a fixed network: a batch each, then every stacked
+    parameter's `.grad` set to the clients' own gradients (None where no client's forward used it);
+    `loss` (the rule's own; default cross-entropy) mapped over the clients. Returns the K losses."""
     x, y = draw_stacked(ctxs, batch_size)
-    ctx = ctxs[0]
-    arch = None if ctx.masks is None else sample_stacked(stack.model, stack, ctxs, ctx.masks, ctx.tau,
-                                                         ctx.relax_mode, ctx.soft_topk, ctx.soft_eps)
-    logits = stack(x, arch)
-    per_sample = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-    losses = per_sample.view(stack.k, -1).mean(1)
+    losses = vmap(loss or nn.functional.cross_entropy)(stack(x), y)
     grads = torch.autograd.grad(losses.sum(), stack.params, allow_unused=True)
     for p, g in zip(stack.params, grads):
         p.grad = g
@@ -197,14 +182,35 @@ def clip_stacked(params: list[torch.Tensor], max_norm: float) -> None:
 
 
 def steps_stacked(stack: ClientStack, ctxs: list[LocalContext], optimizers: list[torch.optim.Optimizer],
-                  steps: int, batch_size: int, grad_clip: float) -> torch.Tensor:
+                  steps: int, batch_size: int, grad_clip: float, loss: LossFn | None = None) -> torch.Tensor:
     """`steps` supervised steps of K clients at once, each stepping `optimizers` after clipping the
     weights' gradients (FedAvg's SGD: as `common.sgd_steps`; the task learner's Adam on weights and
     logits: as `FedMetaNAS.adapt`); returns the losses, shape (steps, K)."""
     losses = []
     for _ in range(steps):
-        losses.append(stacked_grads(stack, ctxs, batch_size))
+        losses.append(stacked_grads(stack, ctxs, batch_size, loss))
         clip_stacked(stack.weights, grad_clip)
         for opt in optimizers:
             opt.step()
     return torch.stack(losses)
+
+
+
+def stacked_step(net: StackedSuperNet, ctxs: list[LocalContext], batch_size: int,
+                 loss: LossFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`common.supervised_step` for K clients' supernets at once (`search.stacked`): a batch and a relaxed
+    sample each, from the client's own generators under `ctxs[0]`'s masks, temperature and mode; `loss`
+    is the rule's own (logits, labels) -> scalar, mapped over the clients with `torch.func.vmap`.
+
+    Returns the K losses, the gradient (K, P) in the flat buffer's columns, and which entries each client's
+    sequential step would have given a gradient at all (K, P) bool (the others are zero)."""
+    x, y = draw_stacked(ctxs, batch_size)
+    c = ctxs[0]
+    sample = sample_stacked(net.template, net.logits, c.masks, c.tau, c.relax_mode, [x.gumbel_gen for x in ctxs],
+                            c.soft_topk, c.soft_eps)
+    use = step_use(net.plan, sample, net.k)
+    logits = net(x, sample, use)
+    losses = vmap(loss)(logits, y)
+    grads = torch.autograd.grad(losses.sum(), net.views, allow_unused=True, materialize_grads=True)
+    grad = torch.cat([g.reshape(net.k, -1) for g in grads], 1)
+    return losses.detach(), grad, net.use_columns(use.params)

@@ -58,16 +58,17 @@ def draw_batch(ctx: LocalContext, idx: torch.Tensor, batch_size: int) -> tuple[t
     return x, y
 
 
-def supervised_step(model: nn.Module, ctx: LocalContext, batch_size: int) -> torch.Tensor:
-    """Forward + backward of the cross-entropy on one sampled batch under one relaxed sample (a supernet)
-    or through the network itself (a fixed architecture, `ctx.masks` None)."""
+def supervised_step(model: nn.Module, ctx: LocalContext, batch_size: int,
+                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Forward + backward of `loss_fn` (the rule's; default cross-entropy) on one sampled batch under one
+    relaxed sample (a supernet) or through the network itself (a fixed architecture, `ctx.masks` None)."""
     x, y = draw_batch(ctx, ctx.train_idx, batch_size)
     if ctx.masks is None:  # a fixed architecture: nothing to sample
         logits = model(x)
     else:
         logits = model(x, sample_arch(model, ctx.masks, ctx.tau, ctx.relax_mode, ctx.gumbel_gen,
                                       topk=ctx.soft_topk, eps=ctx.soft_eps))
-    loss = nn.functional.cross_entropy(logits, y)
+    loss = (loss_fn or nn.functional.cross_entropy)(logits, y)
     model.zero_grad(set_to_none=True)
     loss.backward()
     return loss.detach()
@@ -83,13 +84,15 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
 def sgd_steps(model: nn.Module, ctx: LocalContext, steps: int, batch_size: int, lr: float, momentum: float,
-              weight_decay: float, grad_clip: float) -> list[torch.Tensor]:
-    """Plain supervised SGD on a fixed-architecture net (`model(x)`); returns the batch losses."""
+              weight_decay: float, grad_clip: float,
+              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Supervised SGD of `loss_fn` (default cross-entropy) on a fixed-architecture net (`model(x)`);
+    returns the batch losses."""
     opt = torch.optim.SGD(model.weights(), lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
     losses = []
     for _ in range(steps):
         x, y = draw_batch(ctx, ctx.train_idx, batch_size)
-        loss = nn.functional.cross_entropy(model(x), y)
+        loss = (loss_fn or nn.functional.cross_entropy)(model(x), y)
         model.zero_grad(set_to_none=True)
         loss.backward()
         clip_weight_grads(model, grad_clip)

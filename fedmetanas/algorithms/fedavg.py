@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from fedmetanas.algorithms.base import Algorithm, Phase, Span
-from fedmetanas.algorithms.batched import ClientStack, StackedUpdate, steps_stacked
+from fedmetanas.algorithms.batched import ClientStack, StackedUpdate, in_equal_batches, steps_stacked
 from fedmetanas.algorithms.common import Forward, LocalContext, LocalResult, sgd_steps
 from fedmetanas.algorithms.phases import TrainPhase, check_fixed_net
 from fedmetanas.config import Config, PersonalizeConfig, check_architecture
@@ -47,20 +47,27 @@ class FedAvgLocal:
         self.cfg = cfg
         self.personalize_cfg = personalize or PersonalizeConfig()
 
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss of a batch, for the sequential and the batched step alike (override it and both change)."""
+        return torch.nn.functional.cross_entropy(logits, y)
+
     def local_update(self, model: FixedNet, task: FixedNet | None, ctx: LocalContext) -> LocalResult:  # noqa: ARG002
         """`local_steps` SGD steps from the global weights (fresh momentum every round)."""
         c = self.cfg
         losses = sgd_steps(model, ctx, c.local_steps, c.batch_size, c.lr * ctx.lr_scale, c.momentum,
-                           c.weight_decay, c.grad_clip)
+                           c.weight_decay, c.grad_clip, self.loss)
         return LocalResult(loss=float(torch.stack(losses).mean()), steps=c.local_steps)
 
     def local_update_batch(self, model: FixedNet, ctxs: list[LocalContext]) -> StackedUpdate:
         """`local_update` for several clients at once (`runtime.client_batch`), from `model`'s weights."""
+        return in_equal_batches(ctxs, (self.cfg.batch_size,), lambda part: self._stacked(model, part))
+
+    def _stacked(self, model: FixedNet, ctxs: list[LocalContext]) -> StackedUpdate:
         c, lr_scale = self.cfg, ctxs[0].lr_scale
         stack = ClientStack(model, len(ctxs))
         opt = torch.optim.SGD(stack.params, lr=c.lr * lr_scale, momentum=c.momentum, weight_decay=c.weight_decay,
                               foreach=True)
-        losses = steps_stacked(stack, ctxs, [opt], c.local_steps, c.batch_size, c.grad_clip)
+        losses = steps_stacked(stack, ctxs, [opt], c.local_steps, c.batch_size, c.grad_clip, self.loss)
         return stack.update(losses, c.local_steps)
 
     def personalize(self, model: FixedNet, task: FixedNet | None, ctx: LocalContext, steps: int) -> Forward:  # noqa: ARG002
@@ -68,7 +75,7 @@ class FedAvgLocal:
         `fedavg.lr * ctx.lr_scale`."""
         c = self.cfg
         sgd_steps(model, ctx, steps, self.personalize_cfg.batch_size, c.lr * ctx.lr_scale, 0.9, c.weight_decay,
-                  c.grad_clip)
+                  c.grad_clip, self.loss)
         return model
 
 

@@ -25,10 +25,13 @@ from fedmetanas.algorithms.common import (  # noqa: F401 - re-exported: the loca
     supervised_step,
 )
 from fedmetanas.algorithms.base import Algorithm, Phase, Span
-from fedmetanas.algorithms.batched import ClientStack, StackedUpdate, clip_stacked, stacked_grads, steps_stacked
+from fedmetanas.algorithms.batched import (ClientStack, StackedUpdate, clip_stacked, in_equal_batches, stacked_grads,
+                                            stacked_step, steps_stacked)
+from fedmetanas.algorithms.flat_optim import MaskedAdam, MaskedSGD, clip_rows
 from fedmetanas.algorithms.phases import SearchPhase, SearchSchedule
 from fedmetanas.config import AlgorithmConfig
 from fedmetanas.search.relax import lr_factor, temperature
+from fedmetanas.search.stacked import StackedSuperNet
 from fedmetanas.search.supernet import SuperNet, arch_from_genotype, derive_genotype
 
 
@@ -59,7 +62,7 @@ class FedMetaNAS:
                                  foreach=True) if task.alphas() and ctx.train_arch else None
         losses = []
         for _ in range(steps):
-            losses.append(supervised_step(task, ctx, self.cfg.batch_size))
+            losses.append(supervised_step(task, ctx, self.cfg.batch_size, self.loss))
             clip_weight_grads(task, self.cfg.grad_clip)
             opt_w.step()
             if opt_a is not None:
@@ -76,7 +79,7 @@ class FedMetaNAS:
             copy_state(task, model)
             inner = self.adapt(task, ctx, cfg.inner_steps)
             if meta_opt is not None:
-                losses.append(supervised_step(task, ctx, cfg.query_batch_size))
+                losses.append(supervised_step(task, ctx, cfg.query_batch_size, self.loss))
                 for p_meta, p_task in zip(model.param_list(), task.param_list()):
                     p_meta.grad = p_task.grad
                 clip_weight_grads(model, cfg.grad_clip)
@@ -95,10 +98,22 @@ class FedMetaNAS:
         mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
         return LocalResult(loss=mean_loss, steps=cfg.local_steps * (cfg.inner_steps + (meta_opt is not None)))
 
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss both learners minimize on a batch (the sequential step and, mapped over clients, the
+        stacked one: override it and both change)."""
+        return nn.functional.cross_entropy(logits, y)
+
     def local_update_batch(self, model: nn.Module, ctxs: list[LocalContext]) -> StackedUpdate:
-        """`local_update` for several clients at once (`runtime.client_batch`), on a fixed network
-        (Per-FedAvg) or on a supernet under a dense relaxation (`batched.batchable_sample`): the same
-        meta-steps, with the task learners and the meta optimizer over the clients' stacked tensors."""
+        """`local_update` for several clients at once (`runtime.client_batch`): on a supernet under any
+        relaxation (`search.stacked`: dense soft, sparse soft, hard, warm-up), or on a fixed network
+        (Per-FedAvg, through torch.func): the same meta-steps over the clients' stacked tensors."""
+        sizes = (self.cfg.batch_size, self.cfg.query_batch_size)
+        if ctxs[0].masks is not None:
+            return in_equal_batches(ctxs, sizes, lambda part: self._local_update_stacked(model, part))
+        return in_equal_batches(ctxs, sizes, lambda part: self._local_update_fixed(model, part))
+
+    def _local_update_fixed(self, model: nn.Module, ctxs: list[LocalContext]) -> StackedUpdate:
+        """Per-FedAvg's meta-steps on a fixed network for K clients through torch.func (`ClientStack`)."""
         cfg, ctx = self.cfg, ctxs[0]
         stack = ClientStack(model, len(ctxs))
         meta_opt = self._meta_optimizer(stack.weights, stack.alphas, ctx) if cfg.meta_update == "fomaml" else None
@@ -108,11 +123,9 @@ class FedMetaNAS:
             betas = cfg.inner_betas
             opts = [torch.optim.Adam(task.weights, lr=cfg.inner_lr_w * ctx.lr_scale, betas=betas,
                                      weight_decay=cfg.weight_decay, foreach=True)]
-            if task.alphas and ctx.train_arch:
-                opts.append(torch.optim.Adam(task.alphas, lr=cfg.inner_lr_alpha, betas=betas, foreach=True))
-            inner = steps_stacked(task, ctxs, opts, cfg.inner_steps, cfg.batch_size, cfg.grad_clip)
+            inner = steps_stacked(task, ctxs, opts, cfg.inner_steps, cfg.batch_size, cfg.grad_clip, self.loss)
             if meta_opt is not None:
-                losses.append(stacked_grads(task, ctxs, cfg.query_batch_size))
+                losses.append(stacked_grads(task, ctxs, cfg.query_batch_size, self.loss))
                 for p_meta, p_task in zip(stack.params, task.params):
                     p_meta.grad = p_task.grad
                 clip_stacked(stack.weights, cfg.grad_clip)
@@ -122,12 +135,54 @@ class FedMetaNAS:
                 with torch.no_grad():
                     for p_meta, p_task in zip(stack.weights, task.weights):
                         p_meta.add_(p_task - p_meta, alpha=cfg.reptile_lr_w)
-                    for p_meta, p_task in zip(stack.alphas if ctx.train_arch else [], task.alphas):
-                        p_meta.add_(p_task - p_meta, alpha=cfg.reptile_lr_alpha)
             with torch.no_grad():  # BN statistics follow what the task learners saw
                 for b_meta, b_task in zip(stack.buffers, task.buffers):
                     b_meta.copy_(b_task)
         return stack.update(torch.stack(losses), cfg.local_steps * (cfg.inner_steps + (meta_opt is not None)))
+
+    def _local_update_stacked(self, model: SuperNet, ctxs: list[LocalContext]) -> StackedUpdate:
+        """The dual learner on K clients' supernets as one computation (`search.stacked`); the optimizers
+        are `torch.optim`'s rules over the flat (K, P) buffer, stepping only what each client used."""
+        cfg, ctx = self.cfg, ctxs[0]
+        meta, task = StackedSuperNet(model, len(ctxs)), StackedSuperNet(model, len(ctxs))
+        meta.load(model)
+        n_w, n_p = meta.plan.n_weight_cols, meta.plan.n_param_cols
+        is_w = torch.arange(n_p, device=meta.device) < n_w
+        member = is_w | ctx.train_arch  # a warm-up's frozen logits are in no optimizer
+
+        def cols(w: float, a: float) -> torch.Tensor:
+            return torch.where(is_w, torch.tensor(w, device=meta.device), torch.tensor(a, device=meta.device))
+
+        wd = cols(cfg.weight_decay, 0.0)
+        meta_opt: MaskedAdam | MaskedSGD | None = None
+        if cfg.meta_update == "fomaml":
+            lr = cols(cfg.meta_lr_w * ctx.lr_scale, cfg.meta_lr_alpha)
+            meta_opt = (MaskedAdam(meta.flat, lr, wd, member) if cfg.meta_optimizer == "adam"
+                        else MaskedSGD(meta.flat, lr, wd, member, cfg.meta_momentum))
+        inner_lr = cols(cfg.inner_lr_w * ctx.lr_scale, cfg.inner_lr_alpha)
+        losses: list[torch.Tensor] = []
+        for _ in range(cfg.local_steps):
+            task.copy_(meta)
+            inner_opt = MaskedAdam(task.flat, inner_lr, wd, member, betas=cfg.inner_betas)
+            inner = []
+            for _ in range(cfg.inner_steps):
+                loss, grad, used = stacked_step(task, ctxs, cfg.batch_size, self.loss)
+                clip_rows(grad, n_w, cfg.grad_clip)
+                inner_opt.step(task.flat, grad, used)
+                inner.append(loss)
+            if meta_opt is not None:
+                loss, grad, used = stacked_step(task, ctxs, cfg.query_batch_size, self.loss)
+                clip_rows(grad, n_w, cfg.grad_clip)
+                meta_opt.step(meta.flat, grad, used)
+                losses.append(loss)
+            else:
+                losses.extend(inner)
+                with torch.no_grad():
+                    rate = cols(cfg.reptile_lr_w, cfg.reptile_lr_alpha if ctx.train_arch else 0.0)
+                    meta.flat.addcmul_(task.flat - meta.flat, rate)
+            meta.bflat.copy_(task.bflat)  # BN statistics follow what the task learners saw
+        steps = cfg.local_steps * (cfg.inner_steps + (meta_opt is not None))
+        return StackedUpdate(meta.member_views(), torch.stack(losses).mean(0).tolist(), steps)
 
     def personalize(self, model: SuperNet, task: SuperNet, ctx: LocalContext, steps: int) -> Forward:
         """The task learner adapts a copy of the global model (weights at `inner_lr_w * ctx.lr_scale`,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fedmetanas.algorithms.base import Artifact, ModelInputs, Phase, PhaseOutcome, RoundPlan, Span
-from fedmetanas.algorithms.batched import StackedUpdate, batchable_sample
+from fedmetanas.algorithms.batched import StackedUpdate, batched_form
 from fedmetanas.algorithms.common import Forward, LocalContext, LocalResult
 from fedmetanas.config import Config, SearchConfig, check_architecture_cells, to_dict
 from fedmetanas.search.discrete import CNN, DiscreteNet, FixedNet
@@ -155,11 +155,9 @@ class SearchPhase(Phase):
     def local_update(self, model: nn.Module, task: nn.Module | None, ctx: LocalContext) -> LocalResult:
         return self.rule.local_update(model, task, ctx)
 
-    def batches_clients(self, plan: RoundPlan) -> bool:
-        """Clients step together where the rule has a batched form and the round's relaxation makes every
-        client compute the same op set (dense soft or expected; not hard, not a sparse soft sample)."""
-        return hasattr(self.rule, "local_update_batch") and batchable_sample(plan.relax_mode, plan.soft_topk,
-                                                                             plan.soft_eps)
+    def batches_clients(self, plan: RoundPlan) -> bool:  # noqa: ARG002
+        """Clients step together where the rule has a batched form of its own (any relaxation)."""
+        return batched_form(self.rule) is None
 
     def local_update_batch(self, model: nn.Module, ctxs: list[LocalContext]) -> StackedUpdate:
         return self.rule.local_update_batch(model, ctxs)
@@ -311,8 +309,8 @@ class TrainPhase(Phase):
         return self.rule.local_update(model, task, ctx)
 
     def batches_clients(self, plan: RoundPlan) -> bool:  # noqa: ARG002
-        """A fixed network can step its clients together when its rule has a batched form."""
-        return hasattr(self.rule, "local_update_batch")
+        """A fixed network can step its clients together when its rule has a batched form of its own."""
+        return batched_form(self.rule) is None
 
     def local_update_batch(self, model: nn.Module, ctxs: list[LocalContext]) -> StackedUpdate:
         return self.rule.local_update_batch(model, ctxs)

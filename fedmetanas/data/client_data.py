@@ -44,14 +44,19 @@ def sample_batch(split: TensorSplit, idx: torch.Tensor, batch_size: int, generat
     Returns:
         (x, y) on the split's device, as from `TensorSplit.batch`.
     """
+    return split.batch(sample_rows(idx, batch_size, generator), augment=augment, generator=generator)
+
+
+def sample_rows(idx: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """The rows of `idx` a batch of `sample_batch` holds (its one draw from `generator`): `batch_size`
+    distinct ones, or all of them shuffled if fewer. Several clients' rows can then be gathered at once."""
     n = int(idx.numel())
     if n == 0:
         raise ValueError("sample_batch needs a non-empty index set")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     perm = torch.randperm(n, generator=generator, device=generator.device)[:batch_size]
-    chosen = idx.index_select(0, to_device(perm, idx.device))  # non-blocking: no host sync per batch
-    return split.batch(chosen, augment=augment, generator=generator)
+    return idx.index_select(0, to_device(perm, idx.device))  # non-blocking: no host sync per batch
 
 
 class Rows(Sequence[torch.Tensor]):
