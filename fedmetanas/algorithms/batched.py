@@ -202,8 +202,8 @@ def stacked_step(net: StackedSuperNet, ctxs: list[LocalContext], batch_size: int
     sample each, from the client's own generators under `ctxs[0]`'s masks, temperature and mode; `loss`
     is the rule's own (logits, labels) -> scalar, mapped over the clients with `torch.func.vmap`.
 
-    Returns the K losses, the gradient (K, P) in the flat buffer's columns, and which entries each client's
-    sequential step would have given a gradient at all (K, P) bool (the others are zero)."""
+    Returns the K losses, the gradient in the flat buffer's layout, and which of its entries each client's
+    sequential step would have given a gradient at all (bool; the others are zero)."""
     x, y = draw_stacked(ctxs, batch_size)
     c = ctxs[0]
     sample = sample_stacked(net.template, net.logits, c.masks, c.tau, c.relax_mode, [x.gumbel_gen for x in ctxs],
@@ -212,5 +212,5 @@ def stacked_step(net: StackedSuperNet, ctxs: list[LocalContext], batch_size: int
     logits = net(x, sample, use)
     losses = vmap(loss)(logits, y)
     grads = torch.autograd.grad(losses.sum(), net.views, allow_unused=True, materialize_grads=True)
-    grad = torch.cat([g.reshape(net.k, -1) for g in grads], 1)
+    grad = torch.cat([g.view(-1) for g in grads])
     return losses.detach(), grad, net.use_columns(use.params)

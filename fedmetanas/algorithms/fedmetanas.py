@@ -27,7 +27,7 @@ from fedmetanas.algorithms.common import (  # noqa: F401 - re-exported: the loca
 from fedmetanas.algorithms.base import Algorithm, Phase, Span
 from fedmetanas.algorithms.batched import (ClientStack, StackedUpdate, clip_stacked, in_equal_batches, stacked_grads,
                                             stacked_step, steps_stacked)
-from fedmetanas.algorithms.flat_optim import MaskedAdam, MaskedSGD, clip_rows
+from fedmetanas.algorithms.flat_optim import MaskedAdam, MaskedSGD
 from fedmetanas.algorithms.phases import SearchPhase, SearchSchedule
 from fedmetanas.config import AlgorithmConfig
 from fedmetanas.search.relax import lr_factor, temperature
@@ -142,24 +142,20 @@ class FedMetaNAS:
 
     def _local_update_stacked(self, model: SuperNet, ctxs: list[LocalContext]) -> StackedUpdate:
         """The dual learner on K clients' supernets as one computation (`search.stacked`); the optimizers
-        are `torch.optim`'s rules over the flat (K, P) buffer, stepping only what each client used."""
+        are `torch.optim`'s rules over the flat buffer of every client's parameters, stepping only what each
+        client used."""
         cfg, ctx = self.cfg, ctxs[0]
         meta, task = StackedSuperNet(model, len(ctxs)), StackedSuperNet(model, len(ctxs))
         meta.load(model)
-        n_w, n_p = meta.plan.n_weight_cols, meta.plan.n_param_cols
-        is_w = torch.arange(n_p, device=meta.device) < n_w
-        member = is_w | ctx.train_arch  # a warm-up's frozen logits are in no optimizer
-
-        def cols(w: float, a: float) -> torch.Tensor:
-            return torch.where(is_w, torch.tensor(w, device=meta.device), torch.tensor(a, device=meta.device))
-
-        wd = cols(cfg.weight_decay, 0.0)
+        member = meta.columns(1.0, 1.0 if ctx.train_arch else 0.0) > 0  # a warm-up's frozen logits: in no optimizer
+        wd = meta.columns(cfg.weight_decay, 0.0)
         meta_opt: MaskedAdam | MaskedSGD | None = None
         if cfg.meta_update == "fomaml":
-            lr = cols(cfg.meta_lr_w * ctx.lr_scale, cfg.meta_lr_alpha)
+            lr = meta.columns(cfg.meta_lr_w * ctx.lr_scale, cfg.meta_lr_alpha)
             meta_opt = (MaskedAdam(meta.flat, lr, wd, member) if cfg.meta_optimizer == "adam"
                         else MaskedSGD(meta.flat, lr, wd, member, cfg.meta_momentum))
-        inner_lr = cols(cfg.inner_lr_w * ctx.lr_scale, cfg.inner_lr_alpha)
+        inner_lr = meta.columns(cfg.inner_lr_w * ctx.lr_scale, cfg.inner_lr_alpha)
+        reptile = meta.columns(cfg.reptile_lr_w, cfg.reptile_lr_alpha if ctx.train_arch else 0.0)
         losses: list[torch.Tensor] = []
         for _ in range(cfg.local_steps):
             task.copy_(meta)
@@ -167,20 +163,20 @@ class FedMetaNAS:
             inner = []
             for _ in range(cfg.inner_steps):
                 loss, grad, used = stacked_step(task, ctxs, cfg.batch_size, self.loss)
-                clip_rows(grad, n_w, cfg.grad_clip)
+                task.clip_weights(grad, cfg.grad_clip)
                 inner_opt.step(task.flat, grad, used)
                 inner.append(loss)
             if meta_opt is not None:
                 loss, grad, used = stacked_step(task, ctxs, cfg.query_batch_size, self.loss)
-                clip_rows(grad, n_w, cfg.grad_clip)
+                task.clip_weights(grad, cfg.grad_clip)
                 meta_opt.step(meta.flat, grad, used)
                 losses.append(loss)
             else:
                 losses.extend(inner)
                 with torch.no_grad():
-                    rate = cols(cfg.reptile_lr_w, cfg.reptile_lr_alpha if ctx.train_arch else 0.0)
-                    meta.flat.addcmul_(task.flat - meta.flat, rate)
-            meta.bflat.copy_(task.bflat)  # BN statistics follow what the task learners saw
+                    meta.flat.addcmul_(task.flat - meta.flat, reptile)
+            with torch.no_grad():
+                meta.bflat.copy_(task.bflat)  # BN statistics follow what the task learners saw
         steps = cfg.local_steps * (cfg.inner_steps + (meta_opt is not None))
         return StackedUpdate(meta.member_views(), torch.stack(losses).mean(0).tolist(), steps)
 

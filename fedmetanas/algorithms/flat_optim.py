@@ -1,14 +1,14 @@
-"""Optimizers over K clients' parameters held as one flat (K, P) tensor, stepping only what each client used.
+"""Optimizers over K clients' parameters held as one flat tensor, stepping only what each client used.
 
 `torch.optim.Adam` / `SGD` skip a parameter whose `.grad` is None: no weight decay, no moment update, no
 step count. In a stacked step a client's unused tensor (an op it did not compute) has a zero gradient
 instead, and a zero gradient *does* move Adam's moments and SGD's momentum. These optimizers take a
-`used` mask (K, P) and leave every unused entry — parameter, moments, step count — exactly as it was, so
+`used` mask (the parameter's shape) and leave every unused entry — parameter, moments, step count — exactly as it was, so
 each row follows what `torch.optim` does for that client alone (to float rounding: the same formulas,
 evaluated over the whole buffer). A handful of ops per step, whatever the number of parameter tensors.
 
-Per-column learning rates and weight decays stand for the param groups (weights vs architecture logits);
-`member` says which columns the optimizer holds at all (a frozen logit: not in any group).
+Per-entry learning rates and weight decays stand for the param groups (weights vs architecture logits);
+`member` says which entries the optimizer holds at all (a frozen logit: not in any group).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import torch
 
 
 class MaskedAdam:
-    """`torch.optim.Adam` (no amsgrad) for every row of a (K, P) parameter tensor at once."""
+    """`torch.optim.Adam` (no amsgrad) for every client's entries of a flat parameter tensor at once."""
 
     def __init__(self, like: torch.Tensor, lr: torch.Tensor, weight_decay: torch.Tensor, member: torch.Tensor,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        self.lr, self.wd, self.member = lr, weight_decay, member  # (P,) each
+        self.lr, self.wd, self.member = lr, weight_decay, member  # the parameter's shape each
         self.b1, self.b2, self.eps = float(betas[0]), float(betas[1]), eps
         self.m = torch.zeros_like(like)
         self.v = torch.zeros_like(like)
@@ -42,7 +42,7 @@ class MaskedAdam:
 
 
 class MaskedSGD:
-    """`torch.optim.SGD` (momentum, no dampening, no Nesterov) for every row of a (K, P) parameter tensor."""
+    """`torch.optim.SGD` (momentum, no dampening, no Nesterov) for every client's entries at once."""
 
     def __init__(self, like: torch.Tensor, lr: torch.Tensor, weight_decay: torch.Tensor, member: torch.Tensor,
                  momentum: float = 0.0) -> None:
@@ -60,14 +60,3 @@ class MaskedSGD:
             self.has_buf |= u
             g = self.buf
         param.sub_(torch.where(u, self.lr * g, torch.zeros((), device=param.device)))
-
-
-def clip_rows(grad: torch.Tensor, cols: int, max_norm: float) -> None:
-    """`clip_grad_norm_` on each row's first `cols` columns (a client's weights) on its own: scale them to
-    `max_norm` where their norm is larger (the same formula, with its 1e-6). Unused entries are zero, as
-    a None gradient adds nothing to the sequential norm."""
-    if max_norm <= 0 or cols == 0:
-        return
-    head = grad[:, :cols]
-    total = torch.linalg.vector_norm(head, dim=1, keepdim=True)
-    head.mul_((max_norm / (total + 1e-6)).clamp(max=1.0))

@@ -16,9 +16,10 @@ client computes is the sequential step's, client by client:
   statistics move; the others' are kept by a masked update) and which parameters reached the loss (the
   sequential step's `.grad` is not None): the masked optimizers (`flat_optim`) step only those, so
   Adam's None-vs-zero and SGD momentum behave as sequentially.
-- **One flat buffer per replica.** Every client's parameters are rows of one (K, P) tensor; the tensors
-  the forward reads are views of it (grouped per state and op), so copying a replica, an optimizer step,
-  clipping and the update's mask are a few ops over (K, P), not a few per parameter tensor.
+- **One flat buffer per replica.** Every client's parameters live in one 1-D tensor, group-major (each
+  group's (K, members, *shape) block contiguous); the tensors the forward reads are views of it (a
+  grouped convolution's weight is a view, not a copy), so copying a replica, an optimizer step, clipping
+  and the update's mask are a few ops over the buffer, not a few per parameter tensor.
 
 The template (`SuperNet`) is only read: its modules say what each op is; its tensors are copied in by
 `StackedSuperNet.load` and the clients' results read back by `member_views`.
@@ -46,8 +47,8 @@ from fedmetanas.search.supernet import ArchMasks, SuperNet, edge_offsets, input_
 
 @dataclass
 class Group:
-    """Template tensors of one shape stacked as (K, members, *shape) at columns [offset, offset + numel)
-    of the flat (K, P) buffer: the same parameter of one op on every edge leaving one state (or a single
+    """Template tensors of one shape stacked as (K, members, *shape), the block [K * offset, K * (offset +
+    numel)) of the flat buffer: the same parameter of one op on every edge leaving one state (or a single
     tensor: the stem's, a preprocessing conv's, the logits)."""
 
     names: list[str]
@@ -105,7 +106,6 @@ class StackPlan:
     float_buffer_names: list[str]  # its floating-point buffers, in buffers() order
     member_of: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (group, member)
     buffer_member_of: dict[str, tuple[int, int]] = field(default_factory=dict)
-    member_cols: np.ndarray | None = None  # (P,) member index (over all groups' members) of each column
     buffer_members: int = 0
 
 
@@ -174,8 +174,6 @@ def build_plan(model: SuperNet) -> StackPlan:
     if missing:  # a supernet with modules this plan does not know: refuse rather than drop them
         raise ValueError(f"stacked supernet: parameters outside the plan: {sorted(missing)[:3]}")
     plan.buffer_members = sum(len(g.names) for g in buffers)
-    plan.member_cols = np.repeat(np.arange(sum(len(g.names) for g in params)),
-                                 [math.prod(g.shape) for g in params for _ in g.names])
     return plan
 
 
@@ -363,8 +361,26 @@ class StackedSuperNet:
         self.plan = plan_of(template)
         device = device or template.alpha_normal.device
         self.device = device
-        self.flat = torch.zeros(k, self.plan.n_param_cols, device=device)
-        self.views = [self._view(self.flat, g).requires_grad_() for g in self.plan.params]
+        # Parameters: one 1-D buffer, group-major — group g's (K, members, *shape) block contiguous at
+        # [K * offset, K * (offset + numel)) — so a grouped convolution's weight is a view, never a copy;
+        # the weights' blocks lead, the logits' follow (`n_weight`).
+        self.flat = torch.zeros(k * self.plan.n_param_cols, device=device)
+        self.n_weight = k * self.plan.n_weight_cols
+        self.views = [self._bview(self.flat, g).requires_grad_() for g in self.plan.params]
+        # Runs of the buffer, in order: (group, client, member), each one member tensor long. A (K, members)
+        # mask becomes a mask of the buffer by one gather and one repeat_interleave.
+        n_members = [len(g.names) for g in self.plan.params]
+        first = np.concatenate([[0], np.cumsum(n_members)])
+        total = int(first[-1])
+        self._runs = torch.as_tensor(np.concatenate(
+            [np.full(k * n, math.prod(g.shape)) for g, n in zip(self.plan.params, n_members)]), device=device)
+        self._run_member = torch.as_tensor(np.concatenate(
+            [(np.arange(k)[:, None] * total + first[i] + np.arange(n)[None, :]).reshape(-1)
+             for i, n in enumerate(n_members)]))
+        weight_groups = len(self.plan.params) - len(self.plan.alphas)
+        self._client_runs = torch.as_tensor([math.prod(g.shape) * len(g.names)
+                                             for g in self.plan.params[:weight_groups] for _ in range(k)],
+                                            device=device)
         # BN statistics: group-major (each group's (K, members, C) block contiguous, so a block is the 1-D
         # running-stat tensor of one native batch_norm over K*members*C channels); the forward writes a
         # scratch copy and the clients' used entries are taken from it after the pass.
@@ -385,8 +401,6 @@ class StackedSuperNet:
         return flat[:, g.offset:g.offset + g.numel].view(self.k, len(g.names), *g.shape)
 
     def _bview(self, flat: torch.Tensor, g: Group) -> torch.Tensor:
-        if len(g.shape) != 1:
-            raise ValueError("stacked supernet: BN statistics must be vectors")
         start = self.k * g.offset
         return flat[start:start + self.k * g.numel].view(self.k, len(g.names), *g.shape)
 
@@ -432,9 +446,26 @@ class StackedSuperNet:
         return out
 
     def use_columns(self, use: np.ndarray) -> torch.Tensor:
-        """(K, P) bool: `StepUse.params` (K, members) spread over the flat buffer's columns."""
-        cols = torch.from_numpy(self.plan.member_cols)
-        return torch.from_numpy(use)[:, cols].to(self.device, non_blocking=True)
+        """`StepUse.params` (K, members) spread over the flat buffer: True where the client used the tensor."""
+        runs = torch.from_numpy(use.reshape(-1))[self._run_member].to(self.device, non_blocking=True)
+        return runs.repeat_interleave(self._runs, output_size=self.flat.numel())
+
+    def columns(self, weights: float, logits: float) -> torch.Tensor:
+        """A value per entry of the flat buffer: `weights` on the weights, `logits` on the logits."""
+        out = torch.full_like(self.flat, logits)
+        out[: self.n_weight] = weights
+        return out
+
+    def clip_weights(self, grad: torch.Tensor, max_norm: float) -> None:
+        """`clip_grad_norm_` on each client's weight gradient on its own (the same formula, with its 1e-6);
+        unused entries are zero, as a None gradient adds nothing to the sequential norm."""
+        if max_norm <= 0 or self.n_weight == 0:
+            return
+        head = grad[: self.n_weight]
+        sq = torch.segment_reduce(head * head, "sum", lengths=self._client_runs).view(-1, self.k).sum(0)
+        coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        head.mul_(coef.repeat(len(self._client_runs) // self.k).repeat_interleave(self._client_runs,
+                                                                                   output_size=self.n_weight))
 
     @property
     def logits(self) -> dict[str, torch.Tensor]:
@@ -512,9 +543,8 @@ class StackedSuperNet:
             y, g = self._run(mod, inp, 1, e, op, "", skip_first_relu=_starts_with_relu(mod))
             bsz, _, hh, ww = y.shape
             outs.append(y.view(bsz, k, g, -1, hh, ww).expand(bsz, k, e, y.shape[1] // (k * g), hh, ww))
-        prims = sorted(computed)
-        w = self._state_weights[id(st)]  # (K, E, computed ops)
-        return torch.einsum("bkeochw,keo->bkechw", torch.stack(outs, 3), w)
+        w = self._state_weights[id(st)]  # (K, E, computed ops, 1, 1, 1)
+        return (torch.stack(outs, 3) * w).sum(3)
 
     def _state_ops(self, st: StateSlot) -> set[int]:
         return self._computed_ops.get(id(st), set())
@@ -616,7 +646,7 @@ class StackedSuperNet:
                     same = cell.states[i]
                     self._computed_ops[id(same)] = set(prims)
                     if width:
-                        self._state_weights[id(same)] = picked[:, at:at + width].view(self.k, len(st.edges), n)
+                        self._state_weights[id(same)] = picked[:, at:at + width].view(self.k, len(st.edges), n, 1, 1, 1)
                 at += width
 
 
