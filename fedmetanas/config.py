@@ -182,11 +182,10 @@ class RuntimeConfig:
     threads_per_rank: int = 1
     collective_timeout_s: float = 600.0
     streams_per_rank: int = 1  # concurrent clients per rank on a GPU (one CUDA stream each); 1 on a CPU
-    # Clients stepped together as one batched computation (torch.func.vmap over their stacked tensors): fixed
-    # networks (FedAvg, Per-FedAvg, FedNAS's retraining) and FedMetaNAS rounds under a dense relaxation
-    # (soft with every op, expected); hard and sparse soft rounds run clients one after another
-    # (docs/batched.md). 1: always one after another.
-    client_batch: int = 1
+    # Clients stepped together as one batched computation (docs/batched.md): every relaxation of a FedMetaNAS
+    # search (search/stacked.py) and fixed networks (torch.func). auto: on a GPU as many as memory holds, on
+    # a CPU one after another (measured faster there); 1: always one after another; K: batches of K.
+    client_batch: int | Literal["auto"] = "auto"
     # GPU id for each local rank (index into the visible GPUs); None: local rank % visible GPUs
     devices: tuple[int, ...] | None = None
     # Bit-identical results on a GPU whatever the number of lanes: deterministic cuDNN/cuBLAS kernels, no
@@ -306,7 +305,8 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("checkpoint", "keep"): (lambda v: v >= 1, "an integer >= 1"),
     ("runtime", "threads_per_rank"): (lambda v: v >= 1, "an integer >= 1"),
     ("runtime", "streams_per_rank"): (lambda v: v >= 1, "an integer >= 1"),
-    ("runtime", "client_batch"): (lambda v: v >= 1, "an integer >= 1 (1: clients one after another)"),
+    ("runtime", "client_batch"): (lambda v: v == "auto" or v >= 1,
+                                  "auto or an integer >= 1 (1: clients one after another)"),
     ("runtime", "collective_timeout_s"): (lambda v: v >= MIN_COLLECTIVE_TIMEOUT_S,
                                           f"a number of seconds >= {MIN_COLLECTIVE_TIMEOUT_S:g} (the start-up "
                                           "rendezvous and every round's wait for the slowest rank need it)"),

@@ -117,10 +117,14 @@ class Phase:
         """One client's local work: `model` holds the global parameters on entry, the client's after."""
         raise NotImplementedError
 
+    def batch_refusal(self) -> str | None:
+        """None where this phase's clients can be stepped together by `local_update_batch`
+        (`runtime.client_batch`); else why not. Default: it has no batched form."""
+        return f"{type(self).__name__} has no batched form"
+
     def batches_clients(self, plan: RoundPlan) -> bool:  # noqa: ARG002
-        """Whether this round's clients can be stepped together by `local_update_batch`
-        (`runtime.client_batch`). Default: no."""
-        return False
+        """Whether this round's clients can be stepped together (every relaxation can: `search.stacked`)."""
+        return self.batch_refusal() is None
 
     def local_update_batch(self, model: nn.Module, ctxs: list[LocalContext]) -> StackedUpdate:
         """Several clients' local work as one batched computation, all from `model`'s parameters (which stay

@@ -30,6 +30,7 @@ from torch.func import functional_call, vmap
 
 from fedmetanas.algorithms.common import LocalContext, draw_batch
 from fedmetanas.data.client_data import sample_rows
+from fedmetanas.search.relax import RelaxMode
 from fedmetanas.search.stacked import StackedSuperNet, sample_stacked, step_use
 
 def batched_form(rule: object) -> str | None:
@@ -116,11 +117,14 @@ class ClientStack:
 
 
 def in_equal_batches(ctxs: list[LocalContext], batch_sizes: tuple[int, ...],
-                     run: Callable[[list[LocalContext]], StackedUpdate]) -> StackedUpdate:
+                     run: Callable[[list[LocalContext]], StackedUpdate],
+                     rows: Callable[[LocalContext], tuple[int, ...]] | None = None) -> StackedUpdate:
     """`run` on groups of clients whose batches have the same shapes (a client with fewer rows than a batch
-    draws all of them, as sequentially), the updates put back in the clients' order."""
+    draws all of them, as sequentially), the updates put back in the clients' order. `rows(ctx)`: the rows
+    each batch draws from (default: the client's train split for every batch)."""
     def shape(c: LocalContext) -> tuple[int, ...]:
-        return tuple(min(int(c.train_idx.numel()), b) for b in batch_sizes)
+        have = rows(c) if rows is not None else (int(c.train_idx.numel()),) * len(batch_sizes)
+        return tuple(min(n, b) for n, b in zip(have, batch_sizes))
 
     shapes = [shape(c) for c in ctxs]
     if len(set(shapes)) == 1:
@@ -206,11 +210,27 @@ def stacked_step(net: StackedSuperNet, ctxs: list[LocalContext], batch_size: int
     sequential step would have given a gradient at all (bool; the others are zero)."""
     x, y = draw_stacked(ctxs, batch_size)
     c = ctxs[0]
-    sample = sample_stacked(net.template, net.logits, c.masks, c.tau, c.relax_mode, [x.gumbel_gen for x in ctxs],
+    return stacked_loss_grad(net, ctxs, x, y, c.tau, c.relax_mode, loss)
+
+
+def stacked_loss_grad(net: StackedSuperNet, ctxs: list[LocalContext], x: torch.Tensor, y: torch.Tensor,
+                      tau: float, mode: RelaxMode, loss: LossFn,
+                      wrt: str = "all") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The K clients' losses on their batches `x`, `y` ((K, batch, ...)) under a relaxed sample each
+    (`ctxs[0]`'s masks and sparsity, each client's own Gumbel generator), and the gradient of the summed
+    losses in the flat buffer's layout — of every tensor, or only of the architecture logits (`wrt`
+    "alphas": the weights' part is zero) — with what each client's step used (see `stacked_step`)."""
+    c = ctxs[0]
+    sample = sample_stacked(net.template, net.logits, c.masks, tau, mode, [x.gumbel_gen for x in ctxs],
                             c.soft_topk, c.soft_eps)
     use = step_use(net.plan, sample, net.k)
-    logits = net(x, sample, use)
-    losses = vmap(loss)(logits, y)
-    grads = torch.autograd.grad(losses.sum(), net.views, allow_unused=True, materialize_grads=True)
-    grad = torch.cat([g.view(-1) for g in grads])
+    losses = vmap(loss)(net(x, sample, use), y)
+    if wrt == "alphas":
+        alphas = [net.views[g] for g in net.plan.alphas.values()]
+        got = torch.autograd.grad(losses.sum(), alphas, allow_unused=True, materialize_grads=True)
+        grad = torch.zeros_like(net.flat)
+        grad[net.n_weight:] = torch.cat([g.view(-1) for g in got])
+    else:
+        grads = torch.autograd.grad(losses.sum(), net.views, allow_unused=True, materialize_grads=True)
+        grad = torch.cat([g.view(-1) for g in grads])
     return losses.detach(), grad, net.use_columns(use.params)

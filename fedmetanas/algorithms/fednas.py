@@ -11,18 +11,23 @@ every op of every edge is computed: that is FedNAS's cost.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from fedmetanas.algorithms.base import Algorithm, Phase, Span
+from fedmetanas.algorithms.batched import StackedUpdate, draw_stacked, in_equal_batches, stacked_loss_grad
 from fedmetanas.algorithms.common import LocalContext, LocalResult, clip_weight_grads, draw_batch
+from fedmetanas.algorithms.flat_optim import MaskedAdam, MaskedSGD
 from fedmetanas.algorithms.fedavg import FedAvgConfig, fedavg_batches, fedavg_phase
 from fedmetanas.algorithms.phases import SearchPhase
 from fedmetanas.config import Config, ConfigError, check_betas
 from fedmetanas.search.genotypes import cell_kinds
 from fedmetanas.search.relax import lr_factor
+from fedmetanas.search.stacked import StackedSuperNet
 from fedmetanas.search.supernet import SuperNet, sample_arch
 
 
@@ -60,18 +65,23 @@ def split_train_val(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx[0::2], idx[1::2]
 
 
-def softmax_loss(model: SuperNet, ctx: LocalContext, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy under the softmax relaxation (temperature 1, the run's masks: none pruned)."""
-    return nn.functional.cross_entropy(model(x, sample_arch(model, ctx.masks, 1.0, "expected")), y)
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def softmax_loss(model: SuperNet, ctx: LocalContext, x: torch.Tensor, y: torch.Tensor,
+                 loss: LossFn = nn.functional.cross_entropy) -> torch.Tensor:
+    """`loss` (the rule's; cross-entropy) under the softmax relaxation (temperature 1, the run's masks)."""
+    return loss(model(x, sample_arch(model, ctx.masks, 1.0, "expected")), y)
 
 
 def milenas_alpha_grads(model: SuperNet, ctx: LocalContext, train: tuple[torch.Tensor, torch.Tensor],
-                        val: tuple[torch.Tensor, torch.Tensor], lambda_train: float) -> list[torch.Tensor]:
+                        val: tuple[torch.Tensor, torch.Tensor], lambda_train: float,
+                        loss: LossFn = nn.functional.cross_entropy) -> list[torch.Tensor]:
     """grad_alpha L_val + lambda_train * grad_alpha L_train, both at the current (w, alpha)."""
     alphas = model.alphas()
     # allow_unused: a net with no normal cell (2 layers, both reductions) never uses alpha_normal.
-    g_train = torch.autograd.grad(softmax_loss(model, ctx, *train), alphas, allow_unused=True)
-    g_val = torch.autograd.grad(softmax_loss(model, ctx, *val), alphas, allow_unused=True)
+    g_train = torch.autograd.grad(softmax_loss(model, ctx, *train, loss), alphas, allow_unused=True)
+    g_val = torch.autograd.grad(softmax_loss(model, ctx, *val, loss), alphas, allow_unused=True)
     return [torch.zeros_like(a) if gv is None else gv + lambda_train * gt
             for a, gv, gt in zip(alphas, g_val, g_train)]
 
@@ -81,6 +91,10 @@ class MiLeNAS:
 
     def __init__(self, cfg: FedNASConfig) -> None:
         self.cfg = cfg
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss of a batch, for the sequential and the batched step alike (override it and both change)."""
+        return nn.functional.cross_entropy(logits, y)
 
     def local_update(self, model: SuperNet, task: SuperNet | None, ctx: LocalContext) -> LocalResult:  # noqa: ARG002
         """`local_steps` MiLeNAS steps; `model` holds the global parameters on entry, the client's after.
@@ -99,11 +113,11 @@ class MiLeNAS:
             train = draw_batch(ctx, train_idx, c.batch_size)
             val = draw_batch(ctx, val_idx, c.batch_size)
             if ctx.train_arch:  # a warm-up freezes the logits
-                grads = milenas_alpha_grads(model, ctx, train, val, c.lambda_train)
+                grads = milenas_alpha_grads(model, ctx, train, val, c.lambda_train, self.loss)
                 for a, g in zip(model.alphas(), grads):
                     a.grad = g
                 opt_a.step()
-            loss = softmax_loss(model, ctx, *train)
+            loss = softmax_loss(model, ctx, *train, self.loss)
             model.zero_grad(set_to_none=True)
             loss.backward()
             for a in model.alphas():
@@ -112,6 +126,44 @@ class MiLeNAS:
             opt_w.step()
             losses.append(loss.detach())
         return LocalResult(loss=float(torch.stack(losses).mean()), steps=c.local_steps)
+
+    def local_update_batch(self, model: SuperNet, ctxs: list[LocalContext]) -> StackedUpdate:
+        """`local_update` for several clients at once (`search.stacked`): the same MiLeNAS steps over the
+        clients' stacked supernets, with `torch.optim`'s Adam and SGD rules over the flat buffer."""
+        c = self.cfg
+
+        def rows(ctx: LocalContext) -> tuple[int, int]:
+            train, val = split_train_val(ctx.train_idx)
+            return int(train.numel()), int(val.numel())
+
+        return in_equal_batches(ctxs, (c.batch_size, c.batch_size), lambda part: self._stacked(model, part), rows)
+
+    def _stacked(self, model: SuperNet, ctxs: list[LocalContext]) -> StackedUpdate:
+        c, ctx = self.cfg, ctxs[0]
+        net = StackedSuperNet(model, len(ctxs))
+        net.load(model)
+        halves = [split_train_val(x.train_idx) for x in ctxs]
+        trains = [dataclasses.replace(x, train_idx=h[0]) for x, h in zip(ctxs, halves)]
+        vals = [dataclasses.replace(x, train_idx=h[1]) for x, h in zip(ctxs, halves)]
+        is_alpha = net.columns(0.0, 1.0) > 0
+        opt_w = MaskedSGD(net.flat, net.columns(c.lr_w * ctx.lr_scale, 0.0), net.columns(c.weight_decay, 0.0),
+                          ~is_alpha, c.momentum)
+        opt_a = MaskedAdam(net.flat, net.columns(0.0, c.lr_alpha), net.columns(0.0, c.alpha_weight_decay),
+                           is_alpha, betas=c.alpha_betas)
+        losses = []
+        for _ in range(c.local_steps):
+            train = draw_stacked(trains, c.batch_size)  # each client: its train batch, then its validation one
+            val = draw_stacked(vals, c.batch_size)
+            if ctx.train_arch:
+                _, g_train, _ = stacked_loss_grad(net, ctxs, *train, 1.0, "expected", self.loss, "alphas")
+                _, g_val, _ = stacked_loss_grad(net, ctxs, *val, 1.0, "expected", self.loss, "alphas")
+                # Every logit steps, as sequentially (an unused one's gradient is zero-filled there too).
+                opt_a.step(net.flat, g_val.add_(g_train, alpha=c.lambda_train), is_alpha)
+            loss, grad, used = stacked_loss_grad(net, ctxs, *train, 1.0, "expected", self.loss)
+            net.clip_weights(grad, c.grad_clip)
+            opt_w.step(net.flat, grad, used)
+            losses.append(loss)
+        return StackedUpdate(net.member_views(), torch.stack(losses).mean(0).tolist(), c.local_steps)
 
 
 class FedNAS(Algorithm):

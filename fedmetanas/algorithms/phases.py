@@ -155,9 +155,9 @@ class SearchPhase(Phase):
     def local_update(self, model: nn.Module, task: nn.Module | None, ctx: LocalContext) -> LocalResult:
         return self.rule.local_update(model, task, ctx)
 
-    def batches_clients(self, plan: RoundPlan) -> bool:  # noqa: ARG002
+    def batch_refusal(self) -> str | None:
         """Clients step together where the rule has a batched form of its own (any relaxation)."""
-        return batched_form(self.rule) is None
+        return batched_form(self.rule)
 
     def local_update_batch(self, model: nn.Module, ctxs: list[LocalContext]) -> StackedUpdate:
         return self.rule.local_update_batch(model, ctxs)
@@ -308,9 +308,9 @@ class TrainPhase(Phase):
     def local_update(self, model: nn.Module, task: nn.Module | None, ctx: LocalContext) -> LocalResult:
         return self.rule.local_update(model, task, ctx)
 
-    def batches_clients(self, plan: RoundPlan) -> bool:  # noqa: ARG002
+    def batch_refusal(self) -> str | None:
         """A fixed network can step its clients together when its rule has a batched form of its own."""
-        return batched_form(self.rule) is None
+        return batched_form(self.rule)
 
     def local_update_batch(self, model: nn.Module, ctxs: list[LocalContext]) -> StackedUpdate:
         return self.rule.local_update_batch(model, ctxs)

@@ -35,6 +35,7 @@ from fedmetanas.config import Config, ConfigError, to_dict
 from fedmetanas.dist import DistContext
 from fedmetanas.federated.aggregation import (add_weighted_if_finite, aggregated_tensors, flatten64, numel,
                                               write_flat)
+from fedmetanas.federated.batching import BatchChoice, choose, refuse_unbatchable
 from fedmetanas.federated.callbacks import (ArtifactsCallback, Callback, CheckpointCallback, ConsoleCallback,
                                             TrajectoryCallback)
 from fedmetanas.federated.evaluation import evaluate_forwards
@@ -88,6 +89,8 @@ class Loop:
         # Every rank checks the same clients: all fail alike, none waits for another.
         check_batch_sizes(algorithm.batch_sizes(), self.setup.clients.train_sizes.tolist())
         self.phases: list[Phase] = algorithm.phases()
+        refuse_unbatchable(cfg.runtime.client_batch, self.phases)
+        self._batch_choices: dict[tuple[int, str], BatchChoice] = {}
         self.phase_ends: list[int] = []  # the round each ended phase ended at (in the checkpoint)
         self.previous: PhaseOutcome | None = None  # the outcome the current phase started from
         self.start_round, self.wall_offset = 0, 0.0
@@ -128,7 +131,7 @@ class Loop:
         # Per lane a worker (and a task replica if the phase's rule needs one): O(lanes x model) memory.
         self.executors = make_executors(self.cfg.runtime.streams_per_rank, build, self.layout.size, device,
                                         with_task=phase.needs_task)
-        self.batching: bool | None = None  # whether the last round batched its clients (logged on change)
+        self.batching: BatchChoice | None = None  # how the last round ran its clients (logged on change)
 
     @property
     def phase(self) -> Phase:
@@ -333,15 +336,13 @@ class Loop:
         `runtime.client_batch` where the phase can); return their summed buffer."""
         fed, lay = self.cfg.federated, self.layout
         selected = [int(c) for c in sample_clients(fed.num_clients, self.setup.per_round, fed.seed, rnd)]
-        k = self.cfg.runtime.client_batch
-        batching = k > 1 and self.phase.batches_clients(plan)
-        if k > 1 and batching != self.batching:
-            log.info("round %d: %s", rnd + 1, f"clients in batches of {k} (runtime.client_batch)" if batching else
-                     "clients one after another (this round has no batched form: a hard or sparse sample gives each "
-                     "client its own op set, or the rule has none)")
-        self.batching = batching
-        if batching:
-            return self._batched_work(rnd, plan, selected, k)
+        choice = self._client_batch(rnd, plan, selected)
+        if choice != self.batching:
+            log.info("round %d: %s (%s)", rnd + 1, f"clients in batches of {choice.k}" if choice.k > 1
+                     else "clients one after another", choice.why)
+        self.batching = choice
+        if choice.k > 1:
+            return self._batched_work(rnd, plan, selected, choice.k)
         ranks = assign_to_ranks(selected, [1.0] * fed.num_clients, self.ctx.world_size)
 
         def client(ex: ClientExecutor, cid: int) -> None:
@@ -351,6 +352,27 @@ class Loop:
 
         return run_clients(self.executors, ranks[self.ctx.rank], client,
                            deterministic=self.cfg.runtime.deterministic)
+
+    def _client_batch(self, rnd: int, plan: RoundPlan, selected: list[int]) -> BatchChoice:
+        """`runtime.client_batch` resolved for this phase and relaxation (`batching.choose`; a GPU's probe
+        runs once per phase and relaxation, on the round's first clients, its results discarded)."""
+        key = (self.phase_index, plan.relax_mode)
+        if key not in self._batch_choices:
+            def probe(k: int) -> int:
+                ex = self.executors[0]
+                torch.cuda.synchronize(self.ctx.device)
+                torch.cuda.reset_peak_memory_stats(self.ctx.device)
+                copy_state(ex.worker, self.net)
+                self.phase.local_update_batch(ex.worker, [self._context(c, plan, rnd) for c in selected[:k]])
+                torch.cuda.synchronize(self.ctx.device)
+                return int(torch.cuda.max_memory_allocated(self.ctx.device))
+
+            def agree(k: int) -> int:
+                return int(min(self.ctx.all_gather_objects(k)))
+
+            self._batch_choices[key] = choose(self.cfg.runtime.client_batch, self.ctx.device,
+                                              self.phase.batches_clients(plan), len(selected), probe, agree)
+        return self._batch_choices[key]
 
     def _batched_work(self, rnd: int, plan: RoundPlan, selected: list[int], k: int) -> torch.Tensor:
         """The round's clients in batches of k consecutive participants, whole batches to a rank: a batch is
@@ -432,6 +454,7 @@ class Loop:
             "wall_time": time.perf_counter() - t_start, "bytes_allreduced": buf.numel() * buf.element_size(),
             # What a real deployment moves: each participant downloads and uploads the model (float32).
             "bytes_clients": int(2 * int(flags.sum()) * lay.length("params") * 4),
+            "client_batch": self.batching.k if self.batching is not None else 1,  # 1: one after another
             **phase.record(self.net, plan)}
         self.rows.append((phase.span.group, row))
         self._emit("on_round", phase.span.group, row)

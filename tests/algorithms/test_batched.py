@@ -18,6 +18,7 @@ from fedmetanas.algorithms.batched import ClientStack, batched_form, clip_stacke
 from fedmetanas.algorithms.common import LocalContext, copy_state
 from fedmetanas.algorithms.fedavg import FedAvgConfig, FedAvgLocal
 from fedmetanas.algorithms.fedmetanas import FedMetaNAS
+from fedmetanas.algorithms.fednas import FedNASConfig, MiLeNAS
 from fedmetanas.config import AlgorithmConfig
 from fedmetanas.data.datasets import TensorSplit
 from fedmetanas.federated.aggregation import aggregated_tensors
@@ -92,7 +93,7 @@ def _assert_within_rounding(got: list[list[torch.Tensor]], want, rule, build, ct
         still = []
         for c in pending:
             size = (_flat(want[c][0]) - start).norm()
-            distance = float((_flat(got[c]) - _flat(want[c][0])).norm() / size)
+            distance = float((_flat(got[c]).detach() - _flat(want[c][0])).norm() / size)
             yardstick = float((_flat(nudged[c][0]) - _flat(want[c][0])).norm() / size)
             if distance > 2 * yardstick + 1e-5:
                 still.append((c, distance, yardstick))
@@ -335,3 +336,28 @@ def test_clients_with_fewer_rows_than_a_batch_are_stepped_in_their_own_group() -
     for c in range(3):
         assert update.losses[c] == pytest.approx(want[c][1], rel=1e-3)
         torch.testing.assert_close(_flat(update.client(c)), _flat(want[c][0]), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("input_mode,train_arch", [("pairs", True), ("all", True), ("pairs", False)])
+def test_a_batch_of_milenas_clients_equals_the_clients_one_after_another(input_mode: str, train_arch: bool) -> None:
+    # Prepare: FedNAS's search rule (softmax relaxation, alpha Adam on val + lambda * train, weight SGD)
+    build = _supernet(input_mode)
+    masks = build().initial_masks()
+    split, k = _split(3), 3
+    rule = MiLeNAS(FedNASConfig(local_steps=3, batch_size=8, lr_alpha=0.05))
+
+    def ctxs() -> list[LocalContext]:
+        return _search_contexts(split, k, masks, "expected", train_arch)
+
+    glob, want = _sequential(rule, build, ctxs())
+    before = [t.clone() for t in aggregated_tensors(glob)]
+
+    # Execute
+    update = rule.local_update_batch(glob, ctxs())
+
+    # Assert
+    _assert_within_rounding([update.client(c) for c in range(k)], want, lambda: rule, build, ctxs, _flat(before))
+    for c in range(k):
+        assert update.losses[c] == pytest.approx(want[c][1], rel=1e-3)
+    alphas = [i for i, (n, _) in enumerate(glob.named_parameters()) if SuperNet._is_alpha(n)]
+    assert all(torch.equal(update.client(0)[i], before[i]) == (not train_arch) for i in alphas)
