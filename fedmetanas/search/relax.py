@@ -36,12 +36,14 @@ def lr_factor(schedule: str, min_factor: float, step: int, total: int) -> float:
 
 
 def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    """Standard Gumbel(0, 1) noise drawn on the CPU from an explicit generator (the same numbers on any device).
+    """Standard Gumbel(0, 1) noise from an explicit generator, returned on the CPU (the host decides which
+    ops a hard or sparse sample computes). Drawn where the generator lives: a CPU generator (the loop's:
+    the same numbers whatever device trains) or a device's own (a user's, or a benchmark's).
 
     Elementwise from one uniform draw, so one call for several tensors' noise gives the numbers of
     consecutive calls: `sample_arch` draws a whole step's noise at once.
     """
-    u = torch.rand(shape, generator=generator, dtype=torch.float32)
+    u = torch.rand(shape, generator=generator, dtype=torch.float32, device=generator.device).cpu()
     return -torch.log(-torch.log(u.clamp_(1e-10, 1.0 - 1e-7)))
 
 

@@ -203,9 +203,11 @@ class StackedSample:
 
 def _gumbel_rows(n: int, generators: Sequence[torch.Generator], device: torch.device) -> torch.Tensor:
     """(K, n) standard Gumbel noise, row k from client k's generator: the numbers `relax.gumbel_noise`
-    gives that generator for n values (elementwise from one uniform draw per row)."""
-    u = torch.stack([torch.rand(n, generator=g, device=g.device, dtype=torch.float32) for g in generators])
-    return (-torch.log(-torch.log(u.clamp_(1e-10, 1.0 - 1e-7)))).to(device)
+    gives that generator for n values (elementwise from one uniform draw per row), drawn where each
+    generator lives (CPU or device) and returned on `device`."""
+    u = torch.stack([torch.rand(n, generator=g, device=g.device, dtype=torch.float32).to(device)
+                     for g in generators])
+    return -torch.log(-torch.log(u.clamp_(1e-10, 1.0 - 1e-7)))
 
 
 def sample_stacked(model: SuperNet, logits: dict[str, torch.Tensor], masks: ArchMasks, tau: float, mode: RelaxMode,

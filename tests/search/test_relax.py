@@ -235,3 +235,23 @@ def test_gumbel_noise_has_the_standard_gumbel_mean():
 
     assert float(x.mean()) == pytest.approx(0.5772, abs=0.02)
     assert float(x.std()) == pytest.approx(math.pi / math.sqrt(6), abs=0.02)
+
+
+def test_gumbel_noise_is_drawn_where_its_generator_lives_and_returned_on_the_host() -> None:
+    # A generator on an explicit CPU device gives the same numbers as the default one; a GPU's own generator
+    # (pytest -m gpu: test_gumbel_noise_from_a_cuda_generator) is drawn on the GPU.
+    a = gumbel_noise((5, 3), torch.Generator().manual_seed(3))
+    b = gumbel_noise((5, 3), torch.Generator(device="cpu").manual_seed(3))
+    assert a.device.type == "cpu" and torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gumbel_noise_from_a_cuda_generator() -> None:
+    from fedmetanas.search.stacked import _gumbel_rows
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    z = gumbel_noise((7,), gen)
+    rows = _gumbel_rows(7, [torch.Generator(device="cuda").manual_seed(3)], torch.device("cuda"))
+    assert z.device.type == "cpu" and rows.device.type == "cuda"
+    assert torch.equal(rows[0].cpu(), z) and torch.isfinite(z).all()

@@ -1,0 +1,220 @@
+"""Ops per client meta-step and client-steps/s: clients one after another vs `runtime.client_batch` K.
+
+For FedMetaNAS's dual learner on a supernet, in each relaxation of the shipped search (configs/default.yaml:
+sparse soft top-2 for the first half of the rounds, hard for the second), measures side by side in one
+process:
+
+- **ops per client meta-step**: aten ops the PyTorch profiler records (every nested call counted), and on a
+  GPU the CUDA kernels launched and their summed run time (GPU busy);
+- **client-steps/s**: client meta-steps (support step + query step) per second of wall time.
+
+A local update pays a set-up once (stacking the clients' tensors, optimizer state) and then `local_steps`
+meta-steps, so each variant is run with 1 and with 2 meta-steps: the difference is the marginal meta-step,
+and a figure is `marginal + set-up / local_steps` with the config's `local_steps` (30), as a round of the
+shipped search pays it. Sequential clients run `FedMetaNAS.local_update` one after another on one replica
+(what a lane does with `client_batch: 1`); batched ones `local_update_batch` on K clients at once.
+
+Nets: `default` (configs/default.yaml's supernet on real Fashion-MNIST, 28x28, batch 32) and `paper`
+(C16, 8 cells, 4 nodes, DARTS's 8 ops, 3x32x32 synthetic images, batch 64: op and kernel counts do not
+depend on the pixels). The ops of a step do not depend on the batch size or the resolution either, so
+`--ops-only` nets (the paper-size one on a CPU, where a batched step of it takes minutes) are counted at
+batch 2 and 8x8 and report no throughput.
+
+    .venv/bin/python benchmarks/kernels.py [--nets default paper] [--batches 10 50] [--device cpu|cuda]
+        [--json out.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fedmetanas.algorithms.common import LocalContext, copy_state
+from fedmetanas.algorithms.fedmetanas import FedMetaNAS
+from fedmetanas.algorithms.phases import build_supernet
+from fedmetanas.config import load_config
+from fedmetanas.data.datasets import TensorSplit, load_dataset
+from fedmetanas.launcher import REPO
+from fedmetanas.search.genotypes import resolve_primitives
+from fedmetanas.search.supernet import SuperNet
+
+PER_CLIENT = 300
+MODES = {"soft_top2": ("soft", 2), "hard": ("hard", 0)}  # the shipped search: soft top-2 then hard (50/50)
+
+
+@dataclasses.dataclass
+class Net:
+    name: str
+    build: Callable[[], SuperNet]
+    split: TensorSplit
+    batch: int
+    ops_only: bool
+
+
+def synthetic(n: int, channels: int, size: int, classes: int = 10) -> TensorSplit:
+    gen = torch.Generator().manual_seed(0)
+    return TensorSplit(torch.randint(0, 256, (n, channels, size, size), generator=gen, dtype=torch.uint8),
+                       torch.randint(0, classes, (n,), generator=gen), (0.5,) * channels, (0.25,) * channels,
+                       num_classes=classes)
+
+
+def contexts(net: Net, clients: int, mode: str, topk: int, device: torch.device, masks) -> list[LocalContext]:  # noqa: ANN001
+    return [LocalContext(net.split, torch.arange(c * PER_CLIENT, (c + 1) * PER_CLIENT, device=device), masks, 1.0,
+                         mode, torch.Generator().manual_seed(c), torch.Generator().manual_seed(1000 + c),
+                         client_id=c, soft_topk=topk) for c in range(clients)]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], None], device: torch.device, count_ops: bool, repeats: int) -> dict[str, float]:
+    """Median wall seconds of `fn` over `repeats` calls (after a warm-up call), and with `count_ops` its
+    aten ops (and CUDA kernels and their busy time) under the profiler, in one more call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t)
+    out = {"s": statistics.median(times)}
+    if count_ops:
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            fn()
+            synchronize(device)
+        events = prof.events()
+        out["ops"] = sum(1 for e in events if e.name.startswith("aten::"))
+        kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+        out["kernels"] = len(kernels)
+        out["busy_s"] = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
+    return out
+
+
+def per_client_step(one: dict[str, float], two: dict[str, float], clients: int, local_steps: int) -> dict[str, float]:
+    """Figures per client meta-step from runs of 1 and 2 meta-steps: marginal + set-up / local_steps."""
+    out = {}
+    for key in one:
+        marginal = max(two[key] - one[key], 0.0)  # timing noise can make a difference negative
+        setup = max(one[key] - marginal, 0.0)
+        out[key] = (marginal + setup / local_steps) / clients
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    cfg = load_config(str(REPO / "configs" / "default.yaml"))
+    local_steps = cfg.algorithm.local_steps
+    clients_max = max(args.batches + [2])
+    nets = []
+    if "default" in args.nets:
+        train, _ = load_dataset("fashion_mnist", args.data_root, False)
+        quick = args.quick
+        nets.append(Net("default", lambda: build_supernet(cfg, 1, 10), train.to(device),
+                        8 if quick else cfg.algorithm.batch_size, False))
+    if "paper" in args.nets:
+        ops_only = args.paper_ops_only if args.paper_ops_only is not None else device.type == "cpu"
+        size, batch = (8, 2) if ops_only or args.quick else (32, 64)
+
+        def paper() -> SuperNet:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                return SuperNet(3, 10, 16, 8, 4, resolve_primitives("darts"),
+                                generator=torch.Generator().manual_seed(1))
+
+        nets.append(Net("paper", paper, synthetic(clients_max * PER_CLIENT, 3, size).to(device), batch, ops_only))
+    results: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads(), "local_steps": local_steps,
+                               "rows": []}
+    for net in nets:
+        glob, worker, task = (net.build().to(device) for _ in range(3))
+        masks = glob.initial_masks()
+        for mode_name, (mode, topk) in MODES.items():
+            def rule(steps: int) -> FedMetaNAS:
+                return FedMetaNAS(dataclasses.replace(cfg.algorithm, local_steps=steps, batch_size=net.batch,
+                                                      query_batch_size=net.batch))
+
+            def sequential(steps: int, n: int = 2) -> Callable[[], None]:
+                def go() -> None:
+                    r = rule(steps)
+                    for ctx in contexts(net, n, mode, topk, device, masks):
+                        copy_state(worker, glob)
+                        r.local_update(worker, task, ctx)
+                return go
+
+            def batched(steps: int, k: int) -> Callable[[], None]:
+                def go() -> None:
+                    rule(steps).local_update_batch(glob, contexts(net, k, mode, topk, device, masks))
+                return go
+
+            variants = {"sequential": (2, sequential)}
+            variants.update({f"batch {k}": (k, lambda s, k=k: batched(s, k)) for k in args.batches})
+            rows = {}
+            for name, (k, make) in variants.items():
+                one = measure(make(1), device, True, args.repeats)
+                two = measure(make(2), device, True, args.repeats)
+                fig = per_client_step(one, two, k, local_steps)
+                rows[name] = fig
+                print(f"{net.name:8s} {mode_name:10s} {name:11s} ops/client-step {fig['ops']:9.0f}"
+                      + (f"  kernels {fig['kernels']:7.0f}  GPU busy {fig['busy_s'] * 1e3:7.2f} ms"
+                         if device.type == "cuda" else "")
+                      + ("" if net.ops_only or fig["s"] <= 0 else f"  client-steps/s {1.0 / fig['s']:8.2f}"),
+                      flush=True)
+            seq = rows["sequential"]
+            for name, fig in rows.items():
+                results["rows"].append({
+                    "net": net.name, "mode": mode_name, "variant": name, "ops": fig["ops"],
+                    "ops_vs_sequential": fig["ops"] / seq["ops"], "kernels": fig.get("kernels", 0.0),
+                    "gpu_busy_ms": fig.get("busy_s", 0.0) * 1e3,
+                    "client_steps_per_s": None if net.ops_only or fig["s"] <= 0 else 1.0 / fig["s"],
+                    "speed_vs_sequential": None if net.ops_only or fig["s"] <= 0 else seq["s"] / fig["s"],
+                    "gpu_busy_share": (fig["busy_s"] / fig["s"]) if device.type == "cuda" else None})
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    """The markdown table docs/batched.md keeps."""
+    lines = ["| net | relaxation | variant | aten ops / client-step | vs sequential | client-steps/s | speed vs sequential |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results["rows"]:
+        cps = "-" if r["client_steps_per_s"] is None else f"{r['client_steps_per_s']:.2f}"
+        speed = "-" if r["speed_vs_sequential"] is None else f"{r['speed_vs_sequential']:.2f}x"
+        lines.append(f"| {r['net']} | {r['mode']} | {r['variant']} | {r['ops']:.0f} | "
+                     f"1/{1 / r['ops_vs_sequential']:.1f} | {cps} | {speed} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nets", nargs="+", default=["default", "paper"], choices=["default", "paper"])
+    p.add_argument("--batches", type=int, nargs="+", default=[10, 50], help="client_batch values")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per variant (median)")
+    p.add_argument("--data-root", default=str(REPO / "data"))
+    p.add_argument("--paper-ops-only", type=lambda v: v == "true", default=None,
+                   help="true/false: count the paper-size net's ops at batch 2, 8x8 only (default: on a CPU)")
+    p.add_argument("--quick", action="store_true", help="small batches (a dry run of the script)")
+    p.add_argument("--json", help="write the figures here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = run(args)
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
