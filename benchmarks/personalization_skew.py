@@ -7,9 +7,16 @@ For each client: the classes it holds (train and local test split), its accuracy
 (the global discrete net) and after each variant of the adaptation, on its local test split and on its own
 train split, and what the adaptation changed (ops flipped in the re-derived genotype, the largest logit
 change, the relative change of the discrete net's weights, the shift of its BN running means). Every
-variant starts from the same global model and draws the same batches (the run's personalization
-generators), so the differences are the rules'. Reads the run's newest checkpoint (the final round's
+variant starts from the same global model and draws from the same generators (the run's personalization
+streams; a hold-out draws its split first), so the differences are the rules'. Reads the run's newest checkpoint (the final round's
 model and masks); writes nothing unless --json is given.
+
+Variants: `shipped` the old rule (task learner on weights and logits, BN in train mode, net re-derived from
+the adapted logits); `shipped_global_genotype` / `shipped_bn_global` the same, evaluated with the global
+genotype / with the global BN statistics put back; `frozen_alphas` the task learner with the logits
+frozen; `discrete[_bn_frozen][_lr1]` Adam on the global discrete net's weights, BN in train mode or frozen,
+at the last round's rate or at the full inner rate; `rule[key=value,...]` FedMetaNAS.personalize under the
+run's `personalize` settings with those keys replaced (e.g. `rule[adapt=discrete,bn=frozen,holdout=0.2]`).
 """
 
 from __future__ import annotations
