@@ -398,3 +398,17 @@ def test_holdout_split_is_a_seeded_partition_of_the_clients_train_indices():
     # too few samples to hold any out, or no fraction: every sample fits
     assert holdout_split(idx[:3], 0.2, torch.Generator())[1].numel() == 0
     assert torch.equal(holdout_split(idx, 0.0, torch.Generator())[0], idx)
+
+
+def test_personalization_is_bit_identical_for_the_same_generator_seeds():
+    # The generators come from (seed, client) alone, so this makes a client's result the same on any rank.
+    split, train_idx, test_idx = _one_class_client(2)
+    rule = FedMetaNAS(dataclasses.replace(BASE, inner_lr_w=0.02, batch_size=8), PersonalizeConfig())
+    x, _ = split.batch(test_idx)
+    outs = []
+    for _ in range(2):
+        model, task = _net(), _net(1)
+        forward = rule.personalize(model, task, _personalize_ctx(model, split, train_idx), steps=3)
+        task.eval()
+        outs.append(forward(x).detach())
+    assert torch.equal(outs[0], outs[1])
