@@ -12,7 +12,7 @@ For each of `local_steps` meta-steps on a client:
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -32,7 +32,10 @@ from fedmetanas.algorithms.phases import SearchPhase, SearchSchedule
 from fedmetanas.config import AlgorithmConfig, PersonalizeConfig
 from fedmetanas.data.client_data import iterate_batches
 from fedmetanas.search.relax import lr_factor, temperature
-from fedmetanas.search.supernet import ArchSample, SuperNet, arch_from_genotype, derive_genotype
+from fedmetanas.search.supernet import SuperNet, arch_from_genotype, derive_genotype
+
+if TYPE_CHECKING:  # only annotations use it
+    from fedmetanas.search.supernet import ArchSample
 
 
 class FedMetaNAS:
