@@ -500,3 +500,14 @@ def test_a_run_name_that_would_leave_output_dir_is_refused(name):
                                                 ("2024", "2024"), ("yes", "yes"), ("x" * 255, "x" * 255)])
 def test_a_run_name_is_taken_as_text(name, expected):
     assert load_config(None, [f"output.name={name}"]).output.name == expected
+
+
+@pytest.mark.parametrize("value", ["1", "1.5", "-0.1"])
+def test_a_personalization_holdout_that_leaves_nothing_to_adapt_on_is_named(value):
+    with pytest.raises(ConfigError, match=r"^personalize\.holdout: .*\[0, 1\)"):
+        load_config(None, [f"personalize.holdout={value}"])
+
+
+def test_personalization_adapts_the_discrete_net_with_frozen_bn_and_a_held_out_check_by_default():
+    p = load_config(None).personalize
+    assert (p.adapt, p.bn, p.holdout) == ("discrete", "frozen", 0.2)

@@ -59,6 +59,8 @@ class RunData:
     personalized: np.ndarray | None = None  # (K,) per-client personalized accuracy, when logged
     retrain: dict[str, np.ndarray] = field(default_factory=dict)  # FedNAS's retraining rows (/retrain)
     notes: list[str] = field(default_factory=list)  # what could not be read
+    # (K,) each client's accuracy before personalization (/personalization/acc_before), when logged
+    personal_before: np.ndarray | None = None
 
     @property
     def num_rounds(self) -> int:
@@ -174,16 +176,19 @@ def load_run(path: str | Path, label: str | None = None, read_timeout_s: float =
         n = min((len(v) for v in raw.values() if v.ndim), default=0)
         rounds = {k: v[:n] for k, v in raw.items() if v.ndim}
         personalized = _personalized(f, rounds)
+        group = f.get("personalization")
+        before = (np.asarray(group["acc_before"][()], dtype=float) if isinstance(group, h5py.Group)
+                  and isinstance(group.get("acc_before"), h5py.Dataset) else None)
         raw_retrain = _read_group(f, "retrain", notes)
         m = min((len(v) for v in raw_retrain.values() if v.ndim), default=0)
         retrain = {k: v[:m] for k, v in raw_retrain.items() if v.ndim}
         if retrain and not {"round", "wall_time", "discrete_acc", "discrete_loss"} <= set(retrain):
             notes.append("The /retrain table lacks round, wall_time or accuracy: the retrained net is not drawn.")
             retrain = {}
-        return attrs, part, final, n, rounds, personalized, retrain
+        return attrs, part, final, n, rounds, personalized, retrain, before
 
     try:
-        attrs, part, final, n, rounds, personalized, retrain = read_log(p, read, read_timeout_s)
+        attrs, part, final, n, rounds, personalized, retrain, before = read_log(p, read, read_timeout_s)
     except BlockingIOError:
         raise ReportError(f"{p}: open for writing and not readable yet (a run becomes readable after its first "
                           "round); try again in a moment") from None
@@ -209,7 +214,7 @@ def load_run(path: str | Path, label: str | None = None, read_timeout_s: float =
         edges = rounds["alpha_normal"].shape[1]
         nodes = next((m for m in range(1, 64) if sum(j + 2 for j in range(m)) == edges), 0)
     return RunData(p, label or p.parent.name or p.stem, attrs, primitives, nodes, rounds, part, final,
-                   personalized, retrain, notes)
+                   personalized, retrain, notes, before)
 
 
 def annealed_probabilities(logits: np.ndarray, mask: np.ndarray, tau: np.ndarray) -> np.ndarray:
@@ -246,6 +251,7 @@ class Section:
     planned: list[Planned] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     texts: dict[str, str] = field(default_factory=dict)  # extra text files to write and link (DOT sources)
+    tables: list[tuple[str, list[dict[str, str]]]] = field(default_factory=list)  # (caption, rows)
     shown: list[Planned] = field(default_factory=list)
 
 
@@ -364,7 +370,52 @@ def _run_section(run: RunData, prefix: str) -> Section:
         section.planned.append(Planned(
             f"{prefix}client_loss.png", "Each client's mean training loss per round (grey: it did not take part).",
             lambda: plots.client_loss(x, r["client_loss"], r.get("excluded"), run.label, r.get("clients"))))
+    if run.personal_before is not None and run.personalized is not None:
+        rows, worst = personalization_table(run.personal_before, run.personalized,
+                                            run.partition.get("class_counts"))
+        if rows:
+            section.tables.append(("Personalization per client: accuracy on its local test split before and "
+                                   f"after adapting the final model on its local train split. {worst}", rows))
     return section
+
+
+def held_classes(counts: np.ndarray, min_share: float = 0.05) -> str:
+    """The classes a client holds, largest share first, as `class:share%` (those under `min_share` left out)."""
+    total = float(counts.sum())
+    if total <= 0:
+        return "\u2013"
+    order = np.argsort(-counts, kind="stable")
+    return " ".join(f"{c}:{100 * counts[c] / total:.0f}%" for c in order if counts[c] / total >= min_share)
+
+
+def personalization_table(before: np.ndarray, after: np.ndarray,
+                          class_counts: np.ndarray | None = None) -> tuple[list[dict[str, str]], str]:
+    """Each measured client's accuracy before and after personalization (and the classes it holds), and a
+    line naming the worst client: the lowest personalized accuracy, and the largest drop if any client lost.
+
+    The mean hides what issue 23 was about: a few clients that personalization made nearly useless.
+    """
+    measured = np.flatnonzero(np.isfinite(before) & np.isfinite(after))
+    rows = []
+    for k in measured:
+        row = {"client": str(k)}
+        if class_counts is not None and k < len(class_counts):
+            row["classes held (train)"] = held_classes(np.asarray(class_counts[k], dtype=float))
+        change = 100 * (after[k] - before[k])
+        rows.append({**row, "before %": f"{100 * before[k]:.2f}", "after %": f"{100 * after[k]:.2f}",
+                     "change (points)": f"{change:+.2f}"})
+    if not measured.size:
+        return rows, ""
+    worst = measured[np.argmin(after[measured])]
+    drop = before[measured] - after[measured]
+    line = f"Worst client: {worst} ({100 * after[worst]:.2f}% after personalization, {100 * before[worst]:.2f}% before)"
+    if drop.max() > 0:
+        k = measured[np.argmax(drop)]
+        line += f"; largest drop: client {k}, {100 * drop.max():.2f} points ({100 * before[k]:.2f}% \u2192 " \
+                f"{100 * after[k]:.2f}%)"
+    else:
+        line += "; no client lost accuracy"
+    return rows, line + "."
 
 
 def _cells_of(run: RunData) -> tuple[str, ...]:
@@ -498,6 +549,10 @@ def render_page(runs: Sequence[RunData], sections: Sequence[Section]) -> str:
         for item in s.shown:
             parts.append(f"<figure><img src='{e(item.file)}' alt='{e(item.file)}'><figcaption>{e(item.caption)} "
                          f"<span class='meta'>({e(item.file)})</span></figcaption></figure>")
+        for caption, rows in s.tables:
+            head = "".join(f"<th>{e(k)}</th>" for k in rows[0])
+            body = "".join("<tr>" + "".join(f"<td>{e(v)}</td>" for v in row.values()) + "</tr>" for row in rows)
+            parts.append(f"<p>{e(caption)}</p><table><tr>{head}</tr>{body}</table>")
         if s.texts:
             parts.append("<p class='meta'>Graphviz sources of the genotype: "
                          + ", ".join(f"<a href='{e(name)}'>{e(name)}</a>" for name in s.texts) + "</p>")

@@ -14,12 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from fedmetanas.algorithms.fedmetanas import FedMetaNAS, LocalContext
-from fedmetanas.config import AlgorithmConfig
+from fedmetanas.algorithms.fedmetanas import FedMetaNAS, LocalContext, holdout_split
+from fedmetanas.config import AlgorithmConfig, PersonalizeConfig
 from fedmetanas.data.client_data import sample_batch
 from fedmetanas.data.datasets import TensorSplit
 from fedmetanas.search.genotypes import METANAS_PRIMITIVES
-from fedmetanas.search.supernet import SuperNet, sample_arch
+from fedmetanas.search.supernet import SuperNet, arch_from_genotype, derive_genotype, sample_arch
 
 N, CLASSES, BATCH, EPS = 24, 3, 4, 1e-8
 
@@ -288,3 +288,127 @@ def test_a_local_step_on_a_gpu_makes_at_most_two_host_syncs(mode, meta_update, m
     with count_syncs(gpu) as syncs:
         result = FedMetaNAS(cfg).local_update(model, task, ctx)
     assert syncs.count <= 2 * result.steps, (syncs.count, result.steps)
+
+
+# -- personalization: the client adapts the weights of the global final net -------------------------------
+def _one_class_client(label: int, n: int = 40) -> tuple[TensorSplit, torch.Tensor, torch.Tensor]:
+    """A split whose class shows in the image (a bright square in a class-dependent corner), and a client
+    holding only `label`: its train and test indices (disjoint)."""
+    gen = torch.Generator().manual_seed(7)
+    labels = torch.full((2 * n,), label)
+    images = torch.randint(0, 60, (2 * n, 1, 8, 8), generator=gen, dtype=torch.uint8)
+    r, c = divmod(label, 2)
+    images[:, :, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] = 250
+    split = TensorSplit(images, labels, (0.5,), (0.25,), num_classes=CLASSES)
+    return split, torch.arange(n), torch.arange(n, 2 * n)
+
+
+def _personalize_ctx(net: SuperNet, split: TensorSplit, train_idx: torch.Tensor) -> LocalContext:
+    return LocalContext(train=split, train_idx=train_idx, masks=net.initial_masks(), tau=0.1, relax_mode="hard",
+                        batch_gen=torch.Generator().manual_seed(11), gumbel_gen=torch.Generator().manual_seed(12))
+
+
+def _accuracy(forward, split: TensorSplit, idx: torch.Tensor) -> float:
+    x, y = split.batch(idx)
+    with torch.no_grad():
+        return float((forward(x).argmax(dim=1) == y).float().mean())
+
+
+def _global_forward(net: SuperNet, ctx: LocalContext):
+    arch = arch_from_genotype(net, derive_genotype(net, ctx.masks, ctx.tau))
+    return lambda x: net(x, arch)
+
+
+@pytest.mark.parametrize("label", [1, 2])
+def test_personalizing_a_client_that_holds_one_class_does_not_lower_its_accuracy(label):
+    # Prepare: a global net that has never seen the client's class; the client holds that class alone.
+    split, train_idx, test_idx = _one_class_client(label)
+    rule = FedMetaNAS(dataclasses.replace(BASE, inner_lr_w=0.02, batch_size=8), PersonalizeConfig())
+    model, task = _net(), _net(1)
+    ctx = _personalize_ctx(model, split, train_idx)
+    model.eval()
+    before = _accuracy(_global_forward(model, ctx), split, test_idx)
+    model.train()
+    # Execute
+    forward = rule.personalize(model, task, ctx, steps=10)
+    model.eval(), task.eval()
+    after = _accuracy(forward, split, test_idx)
+    # Assert: never worse, and the client's own class is learned
+    assert after >= before
+    assert after >= 0.9
+
+
+def test_personalization_keeps_the_global_genotype_logits_and_bn_statistics():
+    # Prepare
+    split, train_idx, test_idx = _one_class_client(1)
+    rule = FedMetaNAS(dataclasses.replace(BASE, inner_lr_w=0.02, batch_size=8), PersonalizeConfig(holdout=0.0))
+    model, task = _net(), _net(1)
+    ctx = _personalize_ctx(model, split, train_idx)
+    # Execute
+    forward = rule.personalize(model, task, ctx, steps=5)
+    # Assert: the logits and the BN running statistics are the global ones, the weights moved, and the client's
+    # model is the global genotype's net with the adapted weights
+    for a_task, a_model in zip(task.alphas(), model.alphas()):
+        assert torch.equal(a_task, a_model)
+    for b_task, b_model in zip(task.buffer_list(), model.buffer_list()):
+        assert torch.equal(b_task, b_model)
+    assert any(not torch.equal(w_task, w_model) for w_task, w_model in zip(task.weights(), model.weights()))
+    task.eval()
+    x, _ = split.batch(test_idx)
+    assert torch.equal(forward(x), _global_forward(task, ctx)(x))
+
+
+def test_the_old_supernet_rule_rederives_the_net_from_the_adapted_logits():
+    split, train_idx, _ = _one_class_client(1)
+    rule = FedMetaNAS(BASE, PersonalizeConfig(adapt="supernet"))
+    model, task = _net(), _net(1)
+    rule.personalize(model, task, _personalize_ctx(model, split, train_idx), steps=3)
+    assert any(not torch.equal(a_task, a_model) for a_task, a_model in zip(task.alphas(), model.alphas()))
+
+
+def test_a_client_keeps_the_global_weights_when_adaptation_does_worse_on_its_held_out_train_samples(monkeypatch):
+    # Prepare: a global net that predicts the client's class, and an "adaptation" that breaks it
+    split, train_idx, test_idx = _one_class_client(1)
+    rule = FedMetaNAS(BASE, PersonalizeConfig(holdout=0.25))
+    model, task = _net(), _net(1)
+    with torch.no_grad():
+        model.classifier.bias[1] = 100.0
+
+    def breaks(net, arch, ctx, steps, frozen_bn):  # noqa: ARG001
+        with torch.no_grad():
+            net.classifier.bias[1] = -100.0
+
+    monkeypatch.setattr(rule, "adapt_weights", breaks)
+    ctx = _personalize_ctx(model, split, train_idx)
+    # Execute
+    forward = rule.personalize(model, task, ctx, steps=5)
+    # Assert: the client's model is the global one
+    model.eval(), task.eval()
+    x, _ = split.batch(test_idx)
+    assert torch.equal(forward(x), _global_forward(model, ctx)(x))
+
+
+def test_holdout_split_is_a_seeded_partition_of_the_clients_train_indices():
+    idx = torch.arange(100, 150)
+    fit, held = holdout_split(idx, 0.2, torch.Generator().manual_seed(3))
+    again, held_again = holdout_split(idx, 0.2, torch.Generator().manual_seed(3))
+    assert held.numel() == 10 and fit.numel() == 40
+    assert sorted(torch.cat([fit, held]).tolist()) == idx.tolist()
+    assert torch.equal(fit, again) and torch.equal(held, held_again)
+    # too few samples to hold any out, or no fraction: every sample fits
+    assert holdout_split(idx[:3], 0.2, torch.Generator())[1].numel() == 0
+    assert torch.equal(holdout_split(idx, 0.0, torch.Generator())[0], idx)
+
+
+def test_personalization_is_bit_identical_for_the_same_generator_seeds():
+    # The generators come from (seed, client) alone, so this makes a client's result the same on any rank.
+    split, train_idx, test_idx = _one_class_client(2)
+    rule = FedMetaNAS(dataclasses.replace(BASE, inner_lr_w=0.02, batch_size=8), PersonalizeConfig())
+    x, _ = split.batch(test_idx)
+    outs = []
+    for _ in range(2):
+        model, task = _net(), _net(1)
+        forward = rule.personalize(model, task, _personalize_ctx(model, split, train_idx), steps=3)
+        task.eval()
+        outs.append(forward(x).detach())
+    assert torch.equal(outs[0], outs[1])

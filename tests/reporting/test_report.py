@@ -18,7 +18,15 @@ import pytest
 
 from fedmetanas.reporting import plots
 from fedmetanas.reporting.hdf5 import TrajectoryLog
-from fedmetanas.reporting.report import PER_RUN, SHARED, annealed_probabilities, load_run, main, write_report
+from fedmetanas.reporting.report import (
+    PER_RUN,
+    SHARED,
+    annealed_probabilities,
+    load_run,
+    main,
+    personalization_table,
+    write_report,
+)
 from tests.helpers import REPO, launch, tiny_overrides
 
 ROUNDS = 3
@@ -201,6 +209,34 @@ def test_personalized_accuracy_is_drawn_when_a_log_carries_it(tiny_logs: list[Pa
     assert write_report([log], tmp_path / "out").name == "index.html"
     assert "personalized.png" in _images(tmp_path / "out" / "index.html")
     assert _is_png(tmp_path / "out" / "personalized.png")
+
+
+def test_the_personalization_table_lists_each_client_before_and_after_and_names_the_worst() -> None:
+    # Prepare: client 1 lost 21 points, client 2 was not measured, client 3 holds one class
+    before = np.array([0.50, 0.987, np.nan, 0.155])
+    after = np.array([0.90, 0.775, np.nan, 0.128])
+    counts = np.array([[5, 5, 0], [0, 9, 1], [3, 3, 3], [0, 0, 10]])
+    # Execute
+    rows, worst = personalization_table(before, after, counts)
+    # Assert
+    assert [r["client"] for r in rows] == ["0", "1", "3"]
+    assert rows[1] == {"client": "1", "classes held (train)": "1:90% 2:10%", "before %": "98.70",
+                       "after %": "77.50", "change (points)": "-21.20"}
+    assert rows[2]["classes held (train)"] == "2:100%"
+    assert worst.startswith("Worst client: 3 (12.80% after personalization, 15.50% before)")
+    assert "largest drop: client 1, 21.20 points" in worst
+    _, fine = personalization_table(np.array([0.5, 0.6]), np.array([0.7, 0.6]))
+    assert fine.endswith("no client lost accuracy.")
+
+
+def test_the_page_shows_the_per_client_personalization_table(tiny_logs: list[Path], tmp_path: Path) -> None:
+    assert main([str(tiny_logs[1]), "--out", str(tmp_path)]) == 0
+    page = (tmp_path / "index.html").read_text()
+    with h5py.File(tiny_logs[1], "r") as f:
+        before, after = f["personalization/acc_before"][()], f["personalization/acc_after"][()]
+    assert "Personalization per client" in page and "Worst client: " in page
+    for k in np.flatnonzero(np.isfinite(before)):
+        assert f"<td>{100 * before[k]:.2f}</td><td>{100 * after[k]:.2f}</td>" in page
 
 
 def _foreign_hdf5(path: Path) -> None:
