@@ -224,7 +224,7 @@ class FedMetaNAS:
         net.train(not frozen_bn)
         for _ in range(steps):
             x, y = draw_batch(ctx, ctx.train_idx, self.cfg.batch_size)
-            loss = nn.functional.cross_entropy(net(x, arch), y)
+            loss = self.loss(net(x, arch), y)
             net.zero_grad(set_to_none=True)
             loss.backward()
             clip_weight_grads(net, self.cfg.grad_clip)
