@@ -212,6 +212,17 @@ CASES: dict[str, tuple[Prepare, str]] = {
     "warmup-the-whole-search": (lambda t, r: _base(t, r, "search.warmup_fraction=1"), "search.warmup_fraction"),
     "prune-patience-zero": (lambda t, r: _base(t, r, "search.prune_patience=0"), "search.prune_patience"),
     "client-batch-zero": (lambda t, r: _base(t, r, "runtime.client_batch=0"), "runtime.client_batch"),
+    # -- issue 21: hostile input, third pass
+    "quoted-boolean": (lambda t, r: _base(t, r, 'data.download="false"'), "write false without quotes"),
+    "multi-document-yaml": (lambda t, r: _base(t, r, "--config", str(_yaml(t, "federated:\n  rounds: 2\n---\nmodel:\n"
+                                                                            "  channels: 4\n"))),
+                            "more than one YAML document"),
+    "python-tag-in-yaml": (lambda t, r: _base(t, r, "--config", str(_yaml(t, "federated: !!python/object:os.system {}\n"))),
+                           "is not allowed"),
+    "name-with-newline": (lambda t, r: _base(t, r, "--name", "demo\nrun"), "control character"),
+    "empty-output-dir": (lambda t, r: _base(t, r, "output.dir="), "output.dir"),
+    "config-is-a-folder": (lambda t, r: _base(t, r, "--config", str(t)), "is a folder, not a file"),
+    "section-override-not-a-mapping": (lambda t, r: _base(t, r, "federated=null"), "federated is a section"),
 }
 
 # Rows of docs/errors.md tested elsewhere: case -> (docs section, "test file::test function").
@@ -228,6 +239,8 @@ ELSEWHERE: dict[str, tuple[str, str]] = {
     "genotype-override-with-commas": ("messages",
                                       "tests/test_config.py::test_a_genotype_override_with_commas_survives_the_command_line"),
     "resume-with-data-elsewhere": ("messages", "tests/test_resume.py::test_resume_finds_the_same_data_by_another_path"),
+    "section-override-keeps-the-file": (
+        "messages", "tests/test_config.py::test_a_section_override_sets_its_keys_and_keeps_the_files_others"),
 }
 # The docs section of each case of CASES (the 32 documented before issue 10 are "messages").
 SECTIONS = {
@@ -236,7 +249,8 @@ SECTIONS = {
     **dict.fromkeys(["collective-timeout-too-small", "batch-larger-than-every-client"], "hangs"),
     **dict.fromkeys(["learning-rate-infinite", "temperature-below-floor", "personalize-without-local-test",
                      "resume-fewer-rounds", "seed-negative", "seed-above-32-bits", "duplicate-yaml-key",
-                     "unknown-log-level", "empty-name"], "accepted bad input"),
+                     "unknown-log-level", "empty-name", "name-with-newline", "empty-output-dir"],
+                    "accepted bad input"),
 }
 
 
