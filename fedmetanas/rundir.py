@@ -85,14 +85,24 @@ def check_run_dir(cfg: OutputConfig) -> Path:
             raise RunDirError(
                 f"output: run directory {str(path)!r} already holds a run; choose another output.name, "
                 "--resume to continue it, or --overwrite (output.overwrite: true) to replace it")
-        if cfg.overwrite and not cfg.resume:
-            _check_overwritable(path)
+        _check_usable(path, cfg)
         parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
     except OSError as err:
         raise _os_error(path, err) from None
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise RunDirError(f"output.dir: {str(parent)!r} is not a writable directory; choose a writable output.dir")
     return path
+
+
+def _check_usable(path: Path, cfg: OutputConfig) -> None:
+    """A run writes only into a new or empty directory or a run's own (marked) one: a folder of the user's
+    that happens to carry the name is never written into (its config.yaml, genotype.txt replaced)."""
+    if cfg.overwrite and not cfg.resume:
+        _check_overwritable(path)
+    elif _has_content(path) and not is_run_dir(path):
+        raise RunDirError(
+            f"output.name: {str(path)!r} holds files but is not a fedmetanas run directory (no {MARKER} marker), "
+            "so a run will not write into it; choose another output.name, or move its files away")
 
 
 def _check_overwritable(path: Path) -> None:
@@ -158,8 +168,8 @@ def _take_over(lock: RunLock, cfg: OutputConfig) -> None:
     """With the lock held: clear an old run when overwriting (only a marked one), then mark the directory."""
     path = lock.path
     try:
+        _check_usable(path, cfg)  # again: the directory may have changed before the lock was ours
         if cfg.overwrite and not cfg.resume:
-            _check_overwritable(path)  # again: the directory may have changed before the lock was ours
             for entry in path.iterdir():
                 if entry.name == LOCK:
                     continue

@@ -90,6 +90,15 @@ def _users_folder_in_runs(tmp: Path, root: Path) -> list[str]:
     return _base(tmp, root, "--name", "notes", "--overwrite")
 
 
+def _users_run_files_in_runs(tmp: Path, root: Path, *flags: str) -> list[str]:
+    """Issue 21: a folder of the user's holding files named like a run's, started into without --overwrite."""
+    notes = tmp / "runs" / "notes"
+    notes.mkdir(parents=True)
+    for name in ("config.yaml", "genotype.txt", "other.txt"):
+        (notes / name).write_text(f"the user's {name}")
+    return _base(tmp, root, "--name", "notes", *flags)
+
+
 _LOCKS: list[RunLock] = []  # run directories held as a running run would hold them; released after each test
 
 
@@ -165,6 +174,9 @@ CASES: dict[str, tuple[Prepare, str]] = {
     "name-absolute-overwrite": (lambda t, r: _base(t, r, "--name", str(_precious(t)), "--overwrite"), "output.name"),
     "overwrite-not-a-run": (_users_folder_in_runs, "not a fedmetanas run directory"),
     "run-in-use": (_running_run, "in use by a running run"),
+    "folder-not-a-run": (_users_run_files_in_runs, "not a fedmetanas run directory"),
+    "resume-in-a-folder-not-a-run": (lambda t, r: _users_run_files_in_runs(t, r, "--resume"),
+                                     "not a fedmetanas run directory"),
     # -- issue 10: hangs
     "collective-timeout-too-small": (lambda t, r: _base(t, r, "runtime.collective_timeout_s=1e-9"),
                                      "runtime.collective_timeout_s"),
@@ -245,7 +257,7 @@ ELSEWHERE: dict[str, tuple[str, str]] = {
 # The docs section of each case of CASES (the 32 documented before issue 10 are "messages").
 SECTIONS = {
     **dict.fromkeys(["name-dot-overwrite", "name-dotdot-overwrite", "name-absolute-overwrite", "overwrite-not-a-run",
-                     "run-in-use"], "data safety"),
+                     "run-in-use", "folder-not-a-run", "resume-in-a-folder-not-a-run"], "data safety"),
     **dict.fromkeys(["collective-timeout-too-small", "batch-larger-than-every-client"], "hangs"),
     **dict.fromkeys(["learning-rate-infinite", "temperature-below-floor", "personalize-without-local-test",
                      "resume-fewer-rounds", "seed-negative", "seed-above-32-bits", "duplicate-yaml-key",
