@@ -43,6 +43,15 @@ def _truncated_root(tmp: Path, root: Path) -> Path:
     return bad
 
 
+def _corrupt_legacy_root(tmp: Path) -> Path:
+    """torchvision's old layout, processed/{training,test}.pt and no raw/, both files damaged."""
+    processed = tmp / "legacy" / "FashionMNIST" / "processed"
+    processed.mkdir(parents=True)
+    for name in ("training.pt", "test.pt"):
+        (processed / name).write_bytes(b"0000")  # pickle POPs on an empty stack (the issue's IndexError)
+    return tmp / "legacy"
+
+
 def _a_file(tmp: Path) -> Path:
     path = tmp / "a-file"
     path.write_text("a file where a directory is expected")
@@ -233,6 +242,7 @@ CASES: dict[str, tuple[Prepare, str]] = {
                            "is not allowed"),
     "name-with-newline": (lambda t, r: _base(t, r, "--name", "demo\nrun"), "control character"),
     "empty-output-dir": (lambda t, r: _base(t, r, "output.dir="), "output.dir"),
+    "corrupt-legacy-data-files": (lambda t, r: _base(t, _corrupt_legacy_root(t)), "processed/training.pt"),
     "config-is-a-folder": (lambda t, r: _base(t, r, "--config", str(t)), "is a folder, not a file"),
     "section-override-not-a-mapping": (lambda t, r: _base(t, r, "federated=null"), "federated is a section"),
 }
@@ -251,6 +261,8 @@ ELSEWHERE: dict[str, tuple[str, str]] = {
     "genotype-override-with-commas": ("messages",
                                       "tests/test_config.py::test_a_genotype_override_with_commas_survives_the_command_line"),
     "resume-with-data-elsewhere": ("messages", "tests/test_resume.py::test_resume_finds_the_same_data_by_another_path"),
+    "fetch-root-not-a-folder": (
+        "messages", "tests/data/test_datasets.py::test_fetch_into_a_root_that_is_not_a_folder_is_one_error_line"),
     "section-override-keeps-the-file": (
         "messages", "tests/test_config.py::test_a_section_override_sets_its_keys_and_keeps_the_files_others"),
 }
