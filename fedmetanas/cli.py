@@ -126,4 +126,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{p['personal_before_worst10']:.4f} before, {p['personal_after_mean']:.4f} / "
                   f"{p['personal_after_worst10']:.4f} after adaptation")
         print(f"total time: {result.seconds:.1f} s; run directory: {result.run_dir}")
-    return 0
+        if result.fault:
+            print(f"error: {result.fault}", file=sys.stderr)
+    return EXIT_NUMERICAL_FAULT if result.fault else 0

@@ -263,6 +263,9 @@ ELSEWHERE: dict[str, tuple[str, str]] = {
     "resume-with-data-elsewhere": ("messages", "tests/test_resume.py::test_resume_finds_the_same_data_by_another_path"),
     "fetch-root-not-a-folder": (
         "messages", "tests/data/test_datasets.py::test_fetch_into_a_root_that_is_not_a_folder_is_one_error_line"),
+    "personalization-diverged": (
+        "accepted bad input",
+        "tests/test_nonfinite.py::test_a_diverged_personalization_is_named_and_not_reported_as_a_result"),
     "section-override-keeps-the-file": (
         "messages", "tests/test_config.py::test_a_section_override_sets_its_keys_and_keeps_the_files_others"),
 }

@@ -40,7 +40,8 @@ from fedmetanas.federated.callbacks import (ArtifactsCallback, Callback, Checkpo
 from fedmetanas.federated.evaluation import evaluate_forwards
 from fedmetanas.federated.executor import ClientExecutor, close_executors, make_executors, run_clients
 from fedmetanas.federated.layout import client_columns, round_layout
-from fedmetanas.federated.personalization import personalization_sample, personalize_clients, summarize
+from fedmetanas.federated.personalization import (divergence_error, personalization_sample, personalize_clients,
+                                                  summarize)
 from fedmetanas.federated.scheduling import assign_to_ranks, sample_clients
 from fedmetanas.federated.server import ServerOptimizer
 from fedmetanas.federated.setup import Setup, prepare
@@ -63,6 +64,7 @@ class RunResult:
     run_dir: Any  # Path on rank 0, None elsewhere
     personalization: dict[str, float] | None = None
     lines: tuple[str, ...] = ()  # what the command line prints about the final model
+    fault: str | None = None  # a part of the result is no result (personalization diverged): exit non-zero
 
 
 class Preempted(RuntimeError):
@@ -457,7 +459,7 @@ class Loop:
             log.info("stopped_by=rounds after round %d", end)
         metrics = self._evaluate(phase.forwards(self.net, plan), final_idx)
         final = phase.final_record(metrics, self.previous, time.perf_counter() - t_start)
-        personal, summary = None, {}
+        personal, summary, fault = None, {}, None
         p = cfg.personalize
         if p.steps > 0 and not s.clients.test_sizes.any():
             log.warning("personalization skipped: no client has a local test sample (data.local_test_fraction "
@@ -470,9 +472,11 @@ class Loop:
                 self.ctx, s, phase, self.net, self.executors, dataclasses.replace(plan, lr_scale=lr_scale),
                 lambda cid, pl: self._context(cid, pl, end, 1), p.steps, cfg.eval.batch_size,
                 cfg.model.channels_last, chosen)
-            summary = {**summarize(personal["personalization/acc_before"], "personal_before"),
-                       **summarize(personal["personalization/acc_after"], "personal_after"),
-                       "personal_clients": len(chosen)}
+            fault = divergence_error(personal, p.steps, p.lr)
+            if fault is None:  # a diverged client's mean would be no result: none is recorded or printed
+                summary = {**summarize(personal["personalization/acc_before"], "personal_before"),
+                           **summarize(personal["personalization/acc_after"], "personal_after"),
+                           "personal_clients": len(chosen)}
         seconds = time.perf_counter() - t_start
         arch_text = phase.arch_text(self.net, plan)
         record = {"genotype": arch_text, "algorithm": cfg.algorithm.name, "seconds": seconds,
@@ -480,7 +484,7 @@ class Loop:
         self._emit("on_phase_end", phase.artifacts(self.net, plan, last=True))
         self._emit("on_finish", record, personal)
         return RunResult(record, seconds, s.run_path if self.ctx.is_main else None, summary or None,
-                         tuple(phase.describe_final(record)))
+                         tuple(phase.describe_final(record)), fault)
 
 
 def run(cfg: Config, ctx: DistContext) -> RunResult:
