@@ -266,6 +266,12 @@ ELSEWHERE: dict[str, tuple[str, str]] = {
     "personalization-diverged": (
         "accepted bad input",
         "tests/test_nonfinite.py::test_a_diverged_personalization_is_named_and_not_reported_as_a_result"),
+    "rendezvous-address-not-this-host": (
+        "hangs", "tests/test_bad_input.py::"
+        "test_a_rendezvous_address_rank_0_cannot_bind_is_named_on_every_rank_without_a_hang"),
+    "rendezvous-port-taken": (
+        "hangs", "tests/test_dist.py::"
+        "test_an_address_rank_0_cannot_bind_names_the_address_and_a_taken_port_names_the_port"),
     "section-override-keeps-the-file": (
         "messages", "tests/test_config.py::test_a_section_override_sets_its_keys_and_keeps_the_files_others"),
 }
