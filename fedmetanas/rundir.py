@@ -41,6 +41,30 @@ def _os_error(path: Path, err: OSError) -> RunDirError:
     return RunDirError(f"output.dir: {str(path)!r} cannot be used ({err.strerror}); choose a writable output.dir")
 
 
+# A write that failed for want of room: a full disk, a quota, a file size limit (`ulimit -f`; Python ignores
+# SIGXFSZ, so the write fails with EFBIG instead of killing the process).
+_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+class OutOfSpaceError(RunDirError):
+    """A write into the run directory failed for want of room; the message names the file and the fix."""
+
+
+def out_of_space(err: BaseException, path: Path) -> OutOfSpaceError | None:
+    """The one-line error for a write into run directory `path` that failed for want of room (None when
+    `err` is something else). HDF5 reports it as a RuntimeError whose text holds the errno."""
+    code = getattr(err, "errno", None)
+    if code not in _FULL:
+        code = next((c for c in _FULL if f"errno = {c}," in str(err)), None)
+    if code is None:
+        return None
+    name = getattr(err, "filename", None)
+    what = f"writing {name}" if name else f"writing into {path}"
+    return OutOfSpaceError(f"output.dir: {what} failed ({os.strerror(code)}: the disk is full, a quota or a file size "
+                       "limit (ulimit -f) is reached); the last checkpoint written is kept: free space, then "
+                       "continue with --resume")
+
+
 def running_holder(path: Path) -> str | None:
     """Who holds the run directory's lock ("pid N on HOST since T"), or None when no run holds it.
 

@@ -272,6 +272,11 @@ ELSEWHERE: dict[str, tuple[str, str]] = {
     "rendezvous-port-taken": (
         "hangs", "tests/test_dist.py::"
         "test_an_address_rank_0_cannot_bind_names_the_address_and_a_taken_port_names_the_port"),
+    "killed-in-round-1": ("data safety", "tests/test_resume.py::test_a_run_killed_in_round_1_is_started_afresh_by_resume"),
+    "disk-full-at-a-checkpoint": (
+        "data safety", "tests/test_resume.py::test_a_full_disk_at_the_first_checkpoint_is_one_line_and_resumable"),
+    "resume-fields-documented": (
+        "messages", "tests/test_checkpoint.py::test_the_reliability_docs_list_exactly_the_fields_a_resume_may_change"),
     "section-override-keeps-the-file": (
         "messages", "tests/test_config.py::test_a_section_override_sets_its_keys_and_keeps_the_files_others"),
 }

@@ -46,7 +46,7 @@ from fedmetanas.federated.scheduling import assign_to_ranks, sample_clients
 from fedmetanas.federated.server import ServerOptimizer
 from fedmetanas.federated.setup import Setup, prepare
 from fedmetanas.data.client_data import check_batch_sizes
-from fedmetanas.rundir import RunDirError, RunLock, acquire_run_dir
+from fedmetanas.rundir import RunDirError, RunLock, acquire_run_dir, out_of_space
 from fedmetanas.runtime import peak_memory_mib, synchronize
 from fedmetanas.search.genotypes import Genotype
 from fedmetanas.seeding import Purpose, torch_generator
@@ -241,18 +241,33 @@ class Loop:
                           ConsoleCallback(lambda: self.total,
                                           lambda row, loss: self.phase.describe_round(row, loss),
                                           cfg.personalize.steps)]
-        for cb in self.callbacks:
-            cb.on_start(self.rows)
+        self._emit("on_start", self.rows)
         for group, row in self.rows:
-            for cb in self.callbacks:
-                cb.on_round(group, row, replay=True)
+            self._emit("on_round", group, row, replay=True)
         log.info("run directory %s; %s: %d clients (%d per round) on %d rank(s); %d aggregated values", out_dir,
                  cfg.algorithm.name, cfg.federated.num_clients, s.per_round, self.ctx.world_size,
                  self.layout.length("params"))
 
     def _emit(self, method: str, *args: Any, **kwargs: Any) -> None:
         for cb in self.callbacks:
-            getattr(cb, method)(*args, **kwargs)
+            try:
+                getattr(cb, method)(*args, **kwargs)
+            except (OSError, RuntimeError) as err:
+                full = out_of_space(err, self.setup.run_path)
+                if full is None:
+                    raise
+                self._abandon_log()
+                raise full from None
+
+    def _abandon_log(self) -> None:
+        """After a failed write: close the log if it still closes (a reader then opens it plainly); one whose
+        close fails too is left as it is, for --resume to rebuild."""
+        for cb in self.callbacks:
+            if isinstance(cb, TrajectoryCallback):
+                try:
+                    cb.on_stop()
+                except (OSError, RuntimeError) as err:
+                    log.debug("the log could not be closed after a failed write: %s", err)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> RunResult:

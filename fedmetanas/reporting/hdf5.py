@@ -143,8 +143,8 @@ class TrajectoryLog:
         if self._file is None:
             return
         _OPEN.discard(self)
-        self._file.close()
-        self._file = None  # type: ignore[assignment]
+        file, self._file = self._file, None  # type: ignore[assignment]
+        file.close()  # if this fails (a full disk), the file is not closed again at exit
         if final or datasets or attrs:
             # SWMR forbids new objects, so the summary is added after reopening normally.
             with h5py.File(self.path, "a") as f:
@@ -181,6 +181,11 @@ T = TypeVar("T")
 
 class TornLogError(OSError):
     """The log is cut short (truncated) or could not be read in time; the message says which."""
+
+
+class UnstartedLogError(OSError):
+    """The log is flagged as being written but was never switched to SWMR, which happens with its first
+    table: its writer was killed before it logged a round (so it holds none)."""
 
 
 def _stored_eof(path: Path) -> int | None:
@@ -243,6 +248,9 @@ def read_log(path: str | Path, read: Callable[[h5py.File], T], timeout_s: float 
         raise TornLogError(f"not readable within {timeout_s:g} s: the file is flagged as being written and "
                            "HDF5's SWMR read is stuck, so it is torn (cut short, or its writer died mid-write)")
     if "error" in outcome:
+        if "not already open for SWMR writing" in str(outcome["error"]):
+            raise UnstartedLogError("its run was killed before it logged a round (the file is still flagged as "
+                                    "being written, and holds no round)") from None
         raise outcome["error"]
     return outcome["value"]
 
@@ -265,5 +273,7 @@ def logged_rounds(path: str | Path, timeout_s: float = READ_TIMEOUT_S) -> int | 
         return 0
     try:
         return read_log(path, lambda f: int(f["rounds/round"].shape[0]) if "rounds/round" in f else 0, timeout_s)
+    except UnstartedLogError:
+        return 0
     except (OSError, KeyError, ValueError, RuntimeError):
         return None
