@@ -654,7 +654,12 @@ def config_from_dict(data: dict[str, Any] | None, overrides: typing.Sequence[str
     for text in overrides:
         path, value = _parse_override(text)
         node = merged
-        for part in path[:-1]:
+        for i, part in enumerate(path[:-1]):
+            above = _field_type(path[: i + 1])
+            if above is not None and not dataclasses.is_dataclass(above):
+                # `federated.rounds.x=1` would replace a value with a mapping and be blamed on its type.
+                raise ConfigError(f"unknown config key '{'.'.join(path)}': {'.'.join(path[: i + 1])} is a value, "
+                                  "not a section; write it as " f"{'.'.join(path[: i + 1])}=value")
             child = node.get(part)
             node[part] = dict(child) if isinstance(child, dict) else {}
             node = node[part]
@@ -679,6 +684,9 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         if p.is_dir():
             raise ConfigError(f"--config: {str(p)!r} is a folder, not a file; pass the path of a YAML file such as "
                               "configs/default.yaml")
+        if p.exists() and not p.is_file():
+            raise ConfigError(f"--config: {str(p)!r} is not a regular file (a device or a pipe); pass the path of a "
+                              "YAML file such as configs/default.yaml")
         if not p.is_file():
             raise ConfigError(f"--config: file {str(p)!r} not found; pass the path of a YAML file such as configs/default.yaml")
         try:

@@ -244,6 +244,8 @@ CASES: dict[str, tuple[Prepare, str]] = {
     "empty-output-dir": (lambda t, r: _base(t, r, "output.dir="), "output.dir"),
     "corrupt-legacy-data-files": (lambda t, r: _base(t, _corrupt_legacy_root(t)), "processed/training.pt"),
     "config-is-a-folder": (lambda t, r: _base(t, r, "--config", str(t)), "is a folder, not a file"),
+    "config-not-a-regular-file": (lambda t, r: _base(t, r, "--config", "/dev/null"), "not a regular file"),
+    "override-below-a-value": (lambda t, r: _base(t, r, "federated.rounds.x=1"), "federated.rounds is a value"),
     "section-override-not-a-mapping": (lambda t, r: _base(t, r, "federated=null"), "federated is a section"),
 }
 
