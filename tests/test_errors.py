@@ -279,6 +279,7 @@ ELSEWHERE: dict[str, tuple[str, str]] = {
         "data safety", "tests/test_resume.py::test_a_full_disk_at_the_first_checkpoint_is_one_line_and_resumable"),
     "resume-fields-documented": (
         "messages", "tests/test_checkpoint.py::test_the_reliability_docs_list_exactly_the_fields_a_resume_may_change"),
+    "ctrl-c-while-loading": ("hangs", "tests/test_interrupt.py::test_ctrl_c_while_the_program_loads_is_one_line_and_exit_130"),
     "section-override-keeps-the-file": (
         "messages", "tests/test_config.py::test_a_section_override_sets_its_keys_and_keeps_the_files_others"),
 }
