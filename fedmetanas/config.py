@@ -615,7 +615,9 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: {err}") from None
     except yaml.YAMLError:
         value = _NOT_YAML
-    if _field_type(path) is str and not isinstance(value, str):
+    tp = _field_type(path)
+    text_field = tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+    if text_field and not isinstance(value, str) and not (value is None and tp is not str):
         # A text field takes the text as typed: a genotype string (commas, brackets), a run name of digits.
         return path, raw
     if value is _NOT_YAML:

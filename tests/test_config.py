@@ -296,6 +296,12 @@ def test_a_section_override_sets_its_keys_and_keeps_the_files_others(tmp_path):
     assert (cfg.model.channels, cfg.model.layers) == (4, 2)
 
 
+def test_an_optional_text_field_keeps_its_override_as_typed():
+    """Issue 21 (extra input): `runtime.master_addr=[::1]` was refused as "not valid YAML"; null still means None."""
+    assert load_config(None, ["runtime.master_addr=[::1]"]).runtime.master_addr == "[::1]"
+    assert load_config(None, ["runtime.master_addr=null"]).runtime.master_addr is None
+
+
 @pytest.mark.parametrize("override", ["federated.rounds", "federated.rounds 5"])
 def test_an_override_without_equals_sign_is_rejected(override):
     with pytest.raises(ConfigError, match="section.key=value"):

@@ -280,6 +280,7 @@ ELSEWHERE: dict[str, tuple[str, str]] = {
     "resume-fields-documented": (
         "messages", "tests/test_checkpoint.py::test_the_reliability_docs_list_exactly_the_fields_a_resume_may_change"),
     "ctrl-c-while-loading": ("hangs", "tests/test_interrupt.py::test_ctrl_c_while_the_program_loads_is_one_line_and_exit_130"),
+    "master-addr-in-brackets": ("messages", "tests/test_config.py::test_an_optional_text_field_keeps_its_override_as_typed"),
     "section-override-keeps-the-file": (
         "messages", "tests/test_config.py::test_a_section_override_sets_its_keys_and_keeps_the_files_others"),
 }
