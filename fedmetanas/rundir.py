@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import shutil
 import socket
 import time
@@ -59,6 +60,9 @@ def out_of_space(err: BaseException, path: Path) -> OutOfSpaceError | None:
     if code is None:
         return None
     name = getattr(err, "filename", None)
+    if name is None:  # HDF5 names the file inside its message
+        found = re.search(r"filename = '([^']+)'", str(err))
+        name = found.group(1) if found else None
     what = f"writing {name}" if name else f"writing into {path}"
     return OutOfSpaceError(f"output.dir: {what} failed ({os.strerror(code)}: the disk is full, a quota or a file size "
                        "limit (ulimit -f) is reached); the last checkpoint written is kept: free space, then "

@@ -12,6 +12,7 @@ import atexit
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -48,6 +49,32 @@ def _written_once(arr: np.ndarray) -> dict[str, Any]:
 
 _OPEN: weakref.WeakSet[TrajectoryLog] = weakref.WeakSet()  # logs not closed yet, for close_open_logs
 _EXIT_HOOK = False  # close_open_logs registered with atexit (on the first log, not at import)
+
+
+_FULL_DISK = ("errno = 27,", "errno = 28,", "errno = 122,")  # EFBIG, ENOSPC, EDQUOT as HDF5 words them
+
+
+def _failed_write_dealloc(error: object) -> bool:
+    """Whether `error` is h5py failing to free an object of a file whose writes failed for want of room
+    (HDF5 tries to flush each one again; h5py prints each failure, traceback and "Exception ignored")."""
+    text = str(error)
+    return "decrement id ref count" in text and any(code in text for code in _FULL_DISK)
+
+
+def _quiet_failed_write_deallocs() -> None:
+    """Drop those messages (the run reports the full disk once, in one line: fedmetanas.rundir.out_of_space);
+    every other error goes to the hooks that were there before."""
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+
+    def on_unraisable(info: Any) -> None:
+        if not _failed_write_dealloc(getattr(info, "exc_value", "")):
+            unraisable(info)
+
+    def on_exception(kind: Any, value: BaseException, tb: Any) -> None:
+        if not _failed_write_dealloc(value):
+            excepthook(kind, value, tb)
+
+    sys.unraisablehook, sys.excepthook = on_unraisable, on_exception
 
 
 def close_open_logs() -> None:
@@ -91,6 +118,7 @@ class TrajectoryLog:
         if not _EXIT_HOOK:
             _EXIT_HOOK = True
             atexit.register(close_open_logs)
+            _quiet_failed_write_deallocs()
         _OPEN.add(self)
 
     @property
