@@ -359,9 +359,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         choices = typing.get_args(tp)
         if value in choices:
             return value
-        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = [] if value is None else difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         extra = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise ConfigError(f"{where}: {value!r} is not valid; use {_type_name(tp)}{extra}")
+        shown = "null" if value is None else repr(value)  # as the user wrote it in YAML, not Python's None
+        raise ConfigError(f"{where}: {shown} is not valid; use {_type_name(tp)}{extra}")
     if origin in (typing.Union, types.UnionType):
         errors = []
         for arg in typing.get_args(tp):
