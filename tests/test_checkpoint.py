@@ -76,7 +76,8 @@ def test_files_saved_from_a_gpu_load_on_a_host_without_one(tmp_path: Path) -> No
 
 
 def test_the_reliability_docs_list_exactly_the_fields_a_resume_may_change() -> None:
-    """Issue 21: docs/reliability.md's list omitted personalize.*, data.root and data.download, which the code allows."""
+    """Issue 21: docs/reliability.md's list omitted personalize.*, data.root and data.download, which the code
+    allows."""
     import re  # noqa: PLC0415
 
     from fedmetanas.checkpoint import RESUMABLE_CHANGES  # noqa: PLC0415

@@ -238,7 +238,8 @@ CASES: dict[str, tuple[Prepare, str]] = {
     "multi-document-yaml": (lambda t, r: _base(t, r, "--config", str(_yaml(t, "federated:\n  rounds: 2\n---\nmodel:\n"
                                                                             "  channels: 4\n"))),
                             "more than one YAML document"),
-    "python-tag-in-yaml": (lambda t, r: _base(t, r, "--config", str(_yaml(t, "federated: !!python/object:os.system {}\n"))),
+    "python-tag-in-yaml": (lambda t, r: _base(t, r, "--config",
+                                              str(_yaml(t, "federated: !!python/object:os.system {}\n"))),
                            "is not allowed"),
     "name-with-newline": (lambda t, r: _base(t, r, "--name", "demo\nrun"), "control character"),
     "empty-output-dir": (lambda t, r: _base(t, r, "output.dir="), "output.dir"),
@@ -274,13 +275,16 @@ ELSEWHERE: dict[str, tuple[str, str]] = {
     "rendezvous-port-taken": (
         "hangs", "tests/test_dist.py::"
         "test_an_address_rank_0_cannot_bind_names_the_address_and_a_taken_port_names_the_port"),
-    "killed-in-round-1": ("data safety", "tests/test_resume.py::test_a_run_killed_in_round_1_is_started_afresh_by_resume"),
+    "killed-in-round-1": ("data safety",
+                          "tests/test_resume.py::test_a_run_killed_in_round_1_is_started_afresh_by_resume"),
     "disk-full-at-a-checkpoint": (
         "data safety", "tests/test_resume.py::test_a_full_disk_at_the_first_checkpoint_is_one_line_and_resumable"),
     "resume-fields-documented": (
         "messages", "tests/test_checkpoint.py::test_the_reliability_docs_list_exactly_the_fields_a_resume_may_change"),
-    "ctrl-c-while-loading": ("hangs", "tests/test_interrupt.py::test_ctrl_c_while_the_program_loads_is_one_line_and_exit_130"),
-    "master-addr-in-brackets": ("messages", "tests/test_config.py::test_an_optional_text_field_keeps_its_override_as_typed"),
+    "ctrl-c-while-loading": ("hangs",
+                             "tests/test_interrupt.py::test_ctrl_c_while_the_program_loads_is_one_line_and_exit_130"),
+    "master-addr-in-brackets": ("messages",
+                                "tests/test_config.py::test_an_optional_text_field_keeps_its_override_as_typed"),
     "section-override-keeps-the-file": (
         "messages", "tests/test_config.py::test_a_section_override_sets_its_keys_and_keeps_the_files_others"),
 }
