@@ -73,10 +73,16 @@ def save_checkpoint(directory: Path, state: dict[str, Any], keep: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, int(state["next_round"]))
     tmp = final.with_suffix(".pt.tmp")
-    with open(tmp, "wb") as fh:
-        torch.save({"format_version": FORMAT_VERSION, **to_cpu(state)}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save({"format_version": FORMAT_VERSION, **to_cpu(state)}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except (OSError, RuntimeError) as err:  # a full disk: leave no partial file, name the one that failed
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:
+            raise OSError(err.errno, err.strerror, str(final)) from None
+        raise
     os.replace(tmp, final)
     _fsync_dir(directory)
     for old in list_checkpoints(directory)[keep:]:
@@ -155,8 +161,7 @@ def resumable_state(run_path: Path, config: dict[str, Any], partition_hash: str)
     partition; None when there is none and starting afresh loses nothing.
 
     Raises:
-        CheckpointError: no readable checkpoint but a log holding rounds (starting afresh would replace
-            it), or a checkpoint of a different search.
+        CheckpointError: checkpoint files of which none loads (damaged), or a checkpoint of a different search.
     """
     from fedmetanas.reporting.hdf5 import logged_rounds  # noqa: PLC0415 - h5py only when resuming
     from fedmetanas.rundir import LOG_NAME  # noqa: PLC0415
@@ -164,13 +169,21 @@ def resumable_state(run_path: Path, config: dict[str, Any], partition_hash: str)
     ckpt_dir = run_path / "checkpoints"
     found = load_latest(ckpt_dir)
     if found is None:
-        if logged_rounds(run_path / LOG_NAME) != 0:
-            # A log with no rounds (killed in round 1) holds nothing to lose; one with rounds (or an
-            # unreadable one) would be replaced: refuse.
+        if list_checkpoints(ckpt_dir):
+            # Checkpoints were written but none loads: something damaged them; starting afresh would
+            # replace the run's record of what they held, so refuse.
             raise CheckpointError(
                 f"output.resume: {ckpt_dir} holds no readable checkpoint, so the run in {run_path} cannot be "
                 "continued; start a new run with another --name")
-        log.info("no checkpoint in %s: starting a new run", ckpt_dir)
+        # None was ever completed (killed in round 1, or a full disk stopped the first one: at most a
+        # `.pt.tmp` is there): starting afresh loses nothing, since every round it logged is recomputed
+        # identically from (seed, round, client).
+        logged = logged_rounds(run_path / LOG_NAME)
+        if logged:
+            log.warning("no checkpoint in %s: starting the run afresh; the %d round(s) its log holds are recomputed",
+                        ckpt_dir, logged)
+        else:
+            log.info("no checkpoint in %s: starting a new run", ckpt_dir)
         return None
     check_compatible(found[0], found[1], config, partition_hash)
     return found

@@ -15,7 +15,7 @@ from fedmetanas.config import ConfigError, load_config
 from fedmetanas.data.errors import DataError
 from fedmetanas.dist import CollectiveError, DistError, init_distributed, placement_from_env, shutdown
 from fedmetanas.reporting.hdf5 import close_open_logs
-from fedmetanas.rundir import RunDirError
+from fedmetanas.rundir import OutOfSpaceError, RunDirError
 from fedmetanas.signals import EXIT_INTERRUPTED, exit_code
 
 USER_ERRORS = (ConfigError, DataError, DistError, RunDirError, CheckpointError)
@@ -108,6 +108,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_NUMERICAL_FAULT
         finally:
             shutdown()
+    except OutOfSpaceError as err:
+        # A write failed mid-run (a full disk). Leave at once: HDF5 crashes collecting a file whose writes
+        # failed at interpreter exit, and under MPI the other ranks wait in the next round's all-reduce
+        # (the launcher ends them). What was written is on disk; --resume continues from the last checkpoint.
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_USER_ERROR)
     except USER_ERRORS as err:
         if rank == 0:
             print(f"error: {err}", file=sys.stderr)
@@ -126,4 +133,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{p['personal_before_worst10']:.4f} before, {p['personal_after_mean']:.4f} / "
                   f"{p['personal_after_worst10']:.4f} after adaptation")
         print(f"total time: {result.seconds:.1f} s; run directory: {result.run_dir}")
-    return 0
+        if result.fault:
+            print(f"error: {result.fault}", file=sys.stderr)
+    return EXIT_NUMERICAL_FAULT if result.fault else 0

@@ -345,6 +345,9 @@ for _name in ("inner_lr_w", "inner_lr_alpha", "meta_lr_w", "meta_lr_alpha", "rep
     _RANGES[("algorithm", _name)] = (lambda v: v >= 0, "a number >= 0")
 
 
+# Text a user may have meant as a boolean (a quoted `"false"`, YAML 1.1's yes/no/on/off): the word to write.
+_BOOL_WORDS = {"true": "true", "false": "false", "yes": "true", "no": "false", "on": "true", "off": "false"}
+
 # What a non-finite value of a field was probably meant to say.
 _NONFINITE_HINTS = {"data.dirichlet_alpha": " (for IID clients set data.partition: iid)",
                     "federated.time_budget_s": " (0: no budget)"}
@@ -370,9 +373,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         choices = typing.get_args(tp)
         if value in choices:
             return value
-        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = [] if value is None else difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         extra = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise ConfigError(f"{where}: {value!r} is not valid; use {_type_name(tp)}{extra}")
+        shown = "null" if value is None else repr(value)  # as the user wrote it in YAML, not Python's None
+        raise ConfigError(f"{where}: {shown} is not valid; use {_type_name(tp)}{extra}")
     if origin in (typing.Union, types.UnionType):
         errors = []
         for arg in typing.get_args(tp):
@@ -400,6 +404,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            # `data.download="false"` reaches here as text: say so, or the message reads as a contradiction.
+            raise ConfigError(f"{where}: expected true or false, got the text {value!r} (in quotes); write "
+                              f"{_BOOL_WORDS[value.strip().lower()]} without quotes")
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -493,6 +501,10 @@ def _validate(cfg: Config) -> None:
                           f"{', '.join(repr(n) for n in names)}{extra}")
     ALGORITHMS[cfg.algorithm.name].validate(cfg)  # checks across its sections and the model's
     _validate_run_name(cfg.output.name)
+    if not cfg.output.dir.strip():
+        # An empty output.dir would put the run in the current folder, unasked (an empty --name is refused too).
+        raise ConfigError(f"output.dir: {cfg.output.dir!r} is empty; name the folder that holds runs, e.g. runs "
+                          "(write . for the current folder)")
     if cfg.data.local_test_fraction == 0 and cfg.personalize.steps > 0:
         raise ConfigError(
             f"data.local_test_fraction is 0, so personalization (personalize.steps: {cfg.personalize.steps}) has "
@@ -557,6 +569,10 @@ def _validate_run_name(name: str) -> None:
     fix = "use a relative name such as demo or sweep/alpha-0.5 (no '.', '..', empty parts or leading '/')"
     if not name:
         raise ConfigError(f"output.name (--name): the run name is empty; {fix}")
+    control = next((c for c in name if ord(c) < 32 or ord(c) == 127), None)
+    if control is not None:
+        # A newline or tab makes a folder no one can type or list cleanly (and breaks `ls` and logs).
+        raise ConfigError(f"output.name (--name): {name[:80]!r} holds a control character ({control!r}); {fix}")
     parts = name.split("/")
     if name.startswith("/") or "\0" in name or any(part in ("", ".", "..") for part in parts):
         raise ConfigError(f"output.name (--name): {name[:80]!r} is not a run name inside output.dir; {fix}")
@@ -614,7 +630,9 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: {err}") from None
     except yaml.YAMLError:
         value = _NOT_YAML
-    if _field_type(path) is str and not isinstance(value, str):
+    tp = _field_type(path)
+    text_field = tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+    if text_field and not isinstance(value, str) and not (value is None and tp is not str):
         # A text field takes the text as typed: a genotype string (commas, brackets), a run name of digits.
         return path, raw
     if value is _NOT_YAML:
@@ -625,16 +643,50 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 _NOT_YAML = object()
 
 
+def _merged(base: Any, update: dict[str, Any]) -> dict[str, Any]:
+    """`base` (a section as read from the file) with the keys of `update` set, nested mappings merged."""
+    out = dict(base) if isinstance(base, dict) else {}
+    for key, value in update.items():
+        out[key] = _merged(out.get(key), value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What is wrong with a YAML text, and the fix, from the parser's error (its line numbers are 0-based)."""
+    mark = getattr(err, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = str(getattr(err, "problem", "") or "")
+    if isinstance(err, yaml.composer.ComposerError) and "another document" in problem:
+        return f"holds more than one YAML document (a second one starts{at}); keep one, without '---' lines"
+    if isinstance(err, yaml.constructor.ConstructorError) and "tag" in problem:
+        tag = problem.rsplit(" ", 1)[-1].replace("tag:yaml.org,2002:", "!!")
+        return (f"the tag {tag}{at} is not allowed: a config is plain data (numbers, text, true/false, lists, "
+                "mappings); remove the tag")
+    return f"malformed YAML{at}; fix the syntax (indentation, ':' after keys)"
+
+
 def config_from_dict(data: dict[str, Any] | None, overrides: typing.Sequence[str] = ()) -> Config:
     """Build a validated Config from a mapping (as read from YAML) plus `a.b=value` overrides."""
     merged: dict[str, Any] = dict(data or {})
     for text in overrides:
         path, value = _parse_override(text)
         node = merged
-        for part in path[:-1]:
+        for i, part in enumerate(path[:-1]):
+            above = _field_type(path[: i + 1])
+            if above is not None and not dataclasses.is_dataclass(above):
+                # `federated.rounds.x=1` would replace a value with a mapping and be blamed on its type.
+                raise ConfigError(f"unknown config key '{'.'.join(path)}': {'.'.join(path[: i + 1])} is a value, "
+                                  "not a section; write it as " f"{'.'.join(path[: i + 1])}=value")
             child = node.get(part)
             node[part] = dict(child) if isinstance(child, dict) else {}
             node = node[part]
+        if dataclasses.is_dataclass(_field_type(path)):
+            # `federated={seed: 1}` sets the keys it names; replacing the whole section would silently drop
+            # the file's other values of it (rounds, clients) for the defaults.
+            if not isinstance(value, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(path)} is a section; set its keys, e.g. "
+                                  f"{'.'.join(path)}.<key>=value or {'.'.join(path)}={{<key>: value}}")
+            value = _merged(node.get(path[-1]), value)
         node[path[-1]] = value
     cfg = _build(Config, merged, "")
     _validate(cfg)
@@ -646,6 +698,12 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     data: Any = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"--config: {str(p)!r} is a folder, not a file; pass the path of a YAML file such as "
+                              "configs/default.yaml")
+        if p.exists() and not p.is_file():
+            raise ConfigError(f"--config: {str(p)!r} is not a regular file (a device or a pipe); pass the path of a "
+                              "YAML file such as configs/default.yaml")
         if not p.is_file():
             raise ConfigError(f"--config: file {str(p)!r} not found; pass the path of a YAML file such as configs/default.yaml")
         try:
@@ -658,9 +716,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         except _DuplicateKey as err:
             raise ConfigError(f"{p}: {err}") from None
         except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{p}: malformed YAML{at}; fix the syntax (indentation, ':' after keys)") from None
+            raise ConfigError(f"{p}: {_yaml_problem(err)}") from None
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (data:, model:, ...)")
     return config_from_dict(data, overrides)

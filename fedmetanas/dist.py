@@ -14,6 +14,7 @@ The pure functions below (`placement_from_env`, `device_for`, `plan_backend`, `e
 from __future__ import annotations
 
 import datetime
+import errno
 import ipaddress
 import logging
 import os
@@ -412,17 +413,60 @@ def _owner(value: bytes) -> tuple[str, str]:
     return node, gpu
 
 
-def _store(rank: int, world: int, host: str, port: int, timeout: datetime.timedelta) -> tdist.Store:
-    """The rendezvous store rank 0 serves; port 0 lets the OS pick (the MPI path broadcasts it)."""
+def listen_problem(host: str, port: int, address_field: str) -> str | None:
+    """Why rank 0 cannot serve the store at host:port (None when it can), naming what to change.
+
+    Probed with a plain socket before the store starts: c10d's own failure on an address that is not this
+    host's comes after its connect retries (many seconds of stack dumps) and blames the port.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as err:
+        return (f"{address_field}: rank 0 cannot resolve {host!r} ({err.strerror or err}); set it to rank 0's host "
+                "name or address")
+    problem: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store does: TIME_WAIT is fine
+            try:
+                probe.bind(address)
+                return None
+            except OSError as err:
+                problem = problem if problem is not None and problem.errno == errno.EADDRINUSE else err
+    if problem is not None and problem.errno == errno.EADDRINUSE:
+        return (f"MASTER_PORT: rank 0 cannot listen on {host}:{port} (port in use); "
+                "export MASTER_PORT=<a free port>")
+    reason = problem.strerror if problem is not None else "no address"
+    return (f"{address_field}: rank 0 cannot listen on {host} ({reason}): it is not an address of rank 0's host "
+            f"{socket.gethostname()!r}; set {address_field} to one of that host's addresses, or unset it")
+
+
+def _store(rank: int, world: int, host: str, port: int, timeout: datetime.timedelta,
+           address_field: str = "MASTER_ADDR") -> tdist.Store:
+    """The rendezvous store rank 0 serves; port 0 lets the OS pick (the MPI path broadcasts it).
+    `address_field` is where `host` came from, for the error that names it."""
     if world == 1:
         return tdist.HashStore()
+    if rank == 0:
+        problem = listen_problem(host, port, address_field)
+        if problem is not None:
+            raise DistError(problem)
     try:
         return tdist.TCPStore(host, port, world, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
     except (RuntimeError, OSError) as err:
         if rank == 0:
             raise DistError(f"MASTER_PORT: rank 0 cannot listen on {host}:{port} ({str(err).splitlines()[0][:120]}); "
                             "export MASTER_PORT=<a free port>") from None
-        raise
+        raise DistError(f"{address_field}: rank {rank} could not reach rank 0's rendezvous at {host}:{port} within "
+                        f"{timeout.total_seconds():g} s (runtime.collective_timeout_s); check {address_field} and "
+                        "MASTER_PORT, and that rank 0 started") from None
+
+
+def _address_field(environ: Mapping[str, str], master_addr: str | None) -> str:
+    """Which setting chose the rendezvous address (for the error that names it)."""
+    if master_addr:
+        return "runtime.master_addr"
+    return "MASTER_ADDR" if environ.get("MASTER_ADDR", "").strip() else "the derived rendezvous address (MASTER_ADDR)"
 
 
 def init_distributed(device: str = "auto", threads_per_rank: int = 1, timeout_s: float = 600.0,
@@ -453,20 +497,25 @@ def init_distributed(device: str = "auto", threads_per_rank: int = 1, timeout_s:
         node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)  # the truth about who shares this node
         local_rank, local_size = node.Get_rank(), node.Get_size()
         node.Free()
-        store = None
+        store, problem, field = None, None, _address_field(os.environ, master_addr)
         if rank == 0:
             host = store_host(os.environ, master_addr, local_size == world, socket.gethostname())
-            store = _store(rank, world, host, 0, timeout)  # the OS picks the port; MPI tells the others
+            try:
+                store = _store(rank, world, host, 0, timeout, field)  # the OS picks the port; MPI tells the others
+            except DistError as err:
+                problem = str(err)  # sent to every rank: none is left waiting in the broadcast
         port = store.port if isinstance(store, tdist.TCPStore) else 0  # world size 1: a HashStore
-        host, port = comm.bcast((host, port) if rank == 0 else None, root=0)
+        host, port, problem = comm.bcast((host, port, problem) if rank == 0 else None, root=0)
+        if problem is not None:
+            raise DistError(problem)
         if store is None:
-            store = _store(rank, world, host, port, timeout)
+            store = _store(rank, world, host, port, timeout, field)
     else:  # srun without MPI, or a plain run (world size 1)
         rank, world = placement.rank, placement.world_size
         local_rank, local_size = placement.local_rank, placement.local_size
         host, port = (rendezvous_address(scontrol=shutil.which("scontrol"), master_addr=master_addr) if world > 1
                       else ("127.0.0.1", 0))
-        store = _store(rank, world, host, port, timeout)
+        store = _store(rank, world, host, port, timeout, _address_field(os.environ, master_addr))
 
     dev = device_for(device, local_rank, local_size, torch.cuda.device_count(), devices)
     if dev.type == "cuda":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import shutil
 import socket
 import time
@@ -39,6 +40,33 @@ def _os_error(path: Path, err: OSError) -> RunDirError:
         return RunDirError(f"output.name: the run directory path ({len(str(path))} characters) is longer than the "
                            "file system allows; choose a shorter output.name or output.dir")
     return RunDirError(f"output.dir: {str(path)!r} cannot be used ({err.strerror}); choose a writable output.dir")
+
+
+# A write that failed for want of room: a full disk, a quota, a file size limit (`ulimit -f`; Python ignores
+# SIGXFSZ, so the write fails with EFBIG instead of killing the process).
+_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+class OutOfSpaceError(RunDirError):
+    """A write into the run directory failed for want of room; the message names the file and the fix."""
+
+
+def out_of_space(err: BaseException, path: Path) -> OutOfSpaceError | None:
+    """The one-line error for a write into run directory `path` that failed for want of room (None when
+    `err` is something else). HDF5 reports it as a RuntimeError whose text holds the errno."""
+    code = getattr(err, "errno", None)
+    if code not in _FULL:
+        code = next((c for c in _FULL if f"errno = {c}," in str(err)), None)
+    if code is None:
+        return None
+    name = getattr(err, "filename", None)
+    if name is None:  # HDF5 names the file inside its message
+        found = re.search(r"filename = '([^']+)'", str(err))
+        name = found.group(1) if found else None
+    what = f"writing {name}" if name else f"writing into {path}"
+    return OutOfSpaceError(f"output.dir: {what} failed ({os.strerror(code)}: the disk is full, a quota or a file size "
+                       "limit (ulimit -f) is reached); the last checkpoint written is kept: free space, then "
+                       "continue with --resume")
 
 
 def running_holder(path: Path) -> str | None:
@@ -85,14 +113,24 @@ def check_run_dir(cfg: OutputConfig) -> Path:
             raise RunDirError(
                 f"output: run directory {str(path)!r} already holds a run; choose another output.name, "
                 "--resume to continue it, or --overwrite (output.overwrite: true) to replace it")
-        if cfg.overwrite and not cfg.resume:
-            _check_overwritable(path)
+        _check_usable(path, cfg)
         parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
     except OSError as err:
         raise _os_error(path, err) from None
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise RunDirError(f"output.dir: {str(parent)!r} is not a writable directory; choose a writable output.dir")
     return path
+
+
+def _check_usable(path: Path, cfg: OutputConfig) -> None:
+    """A run writes only into a new or empty directory or a run's own (marked) one: a folder of the user's
+    that happens to carry the name is never written into (its config.yaml, genotype.txt replaced)."""
+    if cfg.overwrite and not cfg.resume:
+        _check_overwritable(path)
+    elif _has_content(path) and not is_run_dir(path):
+        raise RunDirError(
+            f"output.name: {str(path)!r} holds files but is not a fedmetanas run directory (no {MARKER} marker), "
+            "so a run will not write into it; choose another output.name, or move its files away")
 
 
 def _check_overwritable(path: Path) -> None:
@@ -158,8 +196,8 @@ def _take_over(lock: RunLock, cfg: OutputConfig) -> None:
     """With the lock held: clear an old run when overwriting (only a marked one), then mark the directory."""
     path = lock.path
     try:
+        _check_usable(path, cfg)  # again: the directory may have changed before the lock was ours
         if cfg.overwrite and not cfg.resume:
-            _check_overwritable(path)  # again: the directory may have changed before the lock was ours
             for entry in path.iterdir():
                 if entry.name == LOCK:
                     continue

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import sys
 
-from fedmetanas.cli import main
+try:
+    from fedmetanas.cli import main
+except KeyboardInterrupt:  # Ctrl-C while torch loads (seconds): nothing is written yet, so no traceback
+    print("stopped: interrupted by Ctrl-C before the first round", file=sys.stderr)
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main())

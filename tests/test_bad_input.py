@@ -77,3 +77,16 @@ def test_more_ranks_than_clients_is_refused(data_root: Path, tmp_path: Path) -> 
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "federated.num_clients" in errors[0] and "ranks" in errors[0]
     assert not (tmp_path / "tiny").exists()
+
+
+@pytest.mark.mpi
+def test_a_rendezvous_address_rank_0_cannot_bind_is_named_on_every_rank_without_a_hang(data_root: Path,
+                                                                                        tmp_path: Path) -> None:
+    """Issue 21: with runtime.master_addr not an address of this host, rank 0 blamed MASTER_PORT after ~10 s
+    of c10d stack dumps and rank 1 waited in MPI's broadcast until killed. 0.0.0.1 is unbindable and never
+    routed: nothing leaves the host."""
+    proc = launch(tiny_overrides(data_root, tmp_path) + ["runtime.master_addr=0.0.0.1",
+                                                          "runtime.collective_timeout_s=5"], np=2, timeout=120)
+    _assert_one_clear_line(proc, "runtime.master_addr: rank 0 cannot listen on 0.0.0.1")
+    assert "MASTER_PORT" not in proc.stderr
+    assert not (tmp_path / "tiny").exists()

@@ -73,3 +73,16 @@ def test_files_saved_from_a_gpu_load_on_a_host_without_one(tmp_path: Path) -> No
                          capture_output=True, text=True, timeout=120, check=False, cwd=REPO,
                          env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0 and "loaded" in out.stdout, out.stderr[-2000:]
+
+
+def test_the_reliability_docs_list_exactly_the_fields_a_resume_may_change() -> None:
+    """Issue 21: docs/reliability.md's list omitted personalize.*, data.root and data.download, which the code
+    allows."""
+    import re  # noqa: PLC0415
+
+    from fedmetanas.checkpoint import RESUMABLE_CHANGES  # noqa: PLC0415
+
+    text = (REPO / "docs" / "reliability.md").read_text()
+    listed = re.search(r"\(only (.*?) may change", text, re.S)
+    assert listed is not None
+    assert {name.rstrip("*") for name in re.findall(r"`([a-z_.*]+)`", listed.group(1))} == set(RESUMABLE_CHANGES)

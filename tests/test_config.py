@@ -284,6 +284,24 @@ def test_the_last_override_of_a_key_wins():
     assert cfg.federated.rounds == 7
 
 
+def test_a_section_override_sets_its_keys_and_keeps_the_files_others(tmp_path):
+    """Issue 21: `federated={seed: 1}` used to replace the whole section, so the file's rounds and clients
+    silently fell back to the defaults (20 rounds, 8 clients)."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text("federated:\n  rounds: 2\n  num_clients: 4\nmodel:\n  channels: 4\n")
+
+    cfg = load_config(path, ["federated={seed: 1}", "model={layers: 2}"])
+
+    assert (cfg.federated.rounds, cfg.federated.num_clients, cfg.federated.seed) == (2, 4, 1)
+    assert (cfg.model.channels, cfg.model.layers) == (4, 2)
+
+
+def test_an_optional_text_field_keeps_its_override_as_typed():
+    """Issue 21 (extra input): `runtime.master_addr=[::1]` was refused as "not valid YAML"; null still means None."""
+    assert load_config(None, ["runtime.master_addr=[::1]"]).runtime.master_addr == "[::1]"
+    assert load_config(None, ["runtime.master_addr=null"]).runtime.master_addr is None
+
+
 @pytest.mark.parametrize("override", ["federated.rounds", "federated.rounds 5"])
 def test_an_override_without_equals_sign_is_rejected(override):
     with pytest.raises(ConfigError, match="section.key=value"):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import socket
@@ -353,6 +354,20 @@ def test_mpirun_and_srun_give_the_same_all_reduce(tmp_path: Path) -> None:
     _wait_all(_run_like_srun(_worker_cmd(tmp_path, "cpu", srun_out), 2))
     for a, b in zip(_results(mpi_out, 2), _results(srun_out, 2)):
         assert torch.equal(a["sum"], b["sum"]) and a["rank"] == b["rank"]
+
+
+def test_an_address_rank_0_cannot_bind_names_the_address_and_a_taken_port_names_the_port() -> None:
+    """Issue 21: both used to read "MASTER_PORT: rank 0 cannot listen ..." after c10d's connect retries."""
+    assert "runtime.master_addr: rank 0 cannot listen on 0.0.0.1" in (
+        dist.listen_problem("0.0.0.1", 0, "runtime.master_addr") or "")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.2", 0))  # another loopback address: any 127.x is this host's
+        busy.listen()
+        problem = dist.listen_problem("127.0.0.2", busy.getsockname()[1], "MASTER_ADDR") or ""
+    assert problem.startswith("MASTER_PORT: rank 0 cannot listen on 127.0.0.2:") and "port in use" in problem
+    assert dist.listen_problem("127.0.0.2", 0, "MASTER_ADDR") is None
+    with pytest.raises(dist.DistError, match="runtime.master_addr"):
+        dist._store(0, 2, "0.0.0.1", 0, datetime.timedelta(seconds=5), "runtime.master_addr")
 
 
 def test_a_busy_master_port_is_an_error_naming_master_port(tmp_path: Path) -> None:

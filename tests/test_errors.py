@@ -43,6 +43,15 @@ def _truncated_root(tmp: Path, root: Path) -> Path:
     return bad
 
 
+def _corrupt_legacy_root(tmp: Path) -> Path:
+    """torchvision's old layout, processed/{training,test}.pt and no raw/, both files damaged."""
+    processed = tmp / "legacy" / "FashionMNIST" / "processed"
+    processed.mkdir(parents=True)
+    for name in ("training.pt", "test.pt"):
+        (processed / name).write_bytes(b"0000")  # pickle POPs on an empty stack (the issue's IndexError)
+    return tmp / "legacy"
+
+
 def _a_file(tmp: Path) -> Path:
     path = tmp / "a-file"
     path.write_text("a file where a directory is expected")
@@ -88,6 +97,15 @@ def _users_folder_in_runs(tmp: Path, root: Path) -> list[str]:
     notes.mkdir(parents=True)
     (notes / "todo.txt").write_text("not a run")
     return _base(tmp, root, "--name", "notes", "--overwrite")
+
+
+def _users_run_files_in_runs(tmp: Path, root: Path, *flags: str) -> list[str]:
+    """Issue 21: a folder of the user's holding files named like a run's, started into without --overwrite."""
+    notes = tmp / "runs" / "notes"
+    notes.mkdir(parents=True)
+    for name in ("config.yaml", "genotype.txt", "other.txt"):
+        (notes / name).write_text(f"the user's {name}")
+    return _base(tmp, root, "--name", "notes", *flags)
 
 
 _LOCKS: list[RunLock] = []  # run directories held as a running run would hold them; released after each test
@@ -165,6 +183,9 @@ CASES: dict[str, tuple[Prepare, str]] = {
     "name-absolute-overwrite": (lambda t, r: _base(t, r, "--name", str(_precious(t)), "--overwrite"), "output.name"),
     "overwrite-not-a-run": (_users_folder_in_runs, "not a fedmetanas run directory"),
     "run-in-use": (_running_run, "in use by a running run"),
+    "folder-not-a-run": (_users_run_files_in_runs, "not a fedmetanas run directory"),
+    "resume-in-a-folder-not-a-run": (lambda t, r: _users_run_files_in_runs(t, r, "--resume"),
+                                     "not a fedmetanas run directory"),
     # -- issue 10: hangs
     "collective-timeout-too-small": (lambda t, r: _base(t, r, "runtime.collective_timeout_s=1e-9"),
                                      "runtime.collective_timeout_s"),
@@ -212,6 +233,21 @@ CASES: dict[str, tuple[Prepare, str]] = {
     "warmup-the-whole-search": (lambda t, r: _base(t, r, "search.warmup_fraction=1"), "search.warmup_fraction"),
     "prune-patience-zero": (lambda t, r: _base(t, r, "search.prune_patience=0"), "search.prune_patience"),
     "client-batch-zero": (lambda t, r: _base(t, r, "runtime.client_batch=0"), "runtime.client_batch"),
+    # -- issue 21: hostile input, third pass
+    "quoted-boolean": (lambda t, r: _base(t, r, 'data.download="false"'), "write false without quotes"),
+    "multi-document-yaml": (lambda t, r: _base(t, r, "--config", str(_yaml(t, "federated:\n  rounds: 2\n---\nmodel:\n"
+                                                                            "  channels: 4\n"))),
+                            "more than one YAML document"),
+    "python-tag-in-yaml": (lambda t, r: _base(t, r, "--config",
+                                              str(_yaml(t, "federated: !!python/object:os.system {}\n"))),
+                           "is not allowed"),
+    "name-with-newline": (lambda t, r: _base(t, r, "--name", "demo\nrun"), "control character"),
+    "empty-output-dir": (lambda t, r: _base(t, r, "output.dir="), "output.dir"),
+    "corrupt-legacy-data-files": (lambda t, r: _base(t, _corrupt_legacy_root(t)), "processed/training.pt"),
+    "config-is-a-folder": (lambda t, r: _base(t, r, "--config", str(t)), "is a folder, not a file"),
+    "config-not-a-regular-file": (lambda t, r: _base(t, r, "--config", "/dev/null"), "not a regular file"),
+    "override-below-a-value": (lambda t, r: _base(t, r, "federated.rounds.x=1"), "federated.rounds is a value"),
+    "section-override-not-a-mapping": (lambda t, r: _base(t, r, "federated=null"), "federated is a section"),
 }
 
 # Rows of docs/errors.md tested elsewhere: case -> (docs section, "test file::test function").
@@ -228,15 +264,39 @@ ELSEWHERE: dict[str, tuple[str, str]] = {
     "genotype-override-with-commas": ("messages",
                                       "tests/test_config.py::test_a_genotype_override_with_commas_survives_the_command_line"),
     "resume-with-data-elsewhere": ("messages", "tests/test_resume.py::test_resume_finds_the_same_data_by_another_path"),
+    "fetch-root-not-a-folder": (
+        "messages", "tests/data/test_datasets.py::test_fetch_into_a_root_that_is_not_a_folder_is_one_error_line"),
+    "personalization-diverged": (
+        "accepted bad input",
+        "tests/test_nonfinite.py::test_a_diverged_personalization_is_named_and_not_reported_as_a_result"),
+    "rendezvous-address-not-this-host": (
+        "hangs", "tests/test_bad_input.py::"
+        "test_a_rendezvous_address_rank_0_cannot_bind_is_named_on_every_rank_without_a_hang"),
+    "rendezvous-port-taken": (
+        "hangs", "tests/test_dist.py::"
+        "test_an_address_rank_0_cannot_bind_names_the_address_and_a_taken_port_names_the_port"),
+    "killed-in-round-1": ("data safety",
+                          "tests/test_resume.py::test_a_run_killed_in_round_1_is_started_afresh_by_resume"),
+    "disk-full-at-a-checkpoint": (
+        "data safety", "tests/test_resume.py::test_a_full_disk_at_the_first_checkpoint_is_one_line_and_resumable"),
+    "resume-fields-documented": (
+        "messages", "tests/test_checkpoint.py::test_the_reliability_docs_list_exactly_the_fields_a_resume_may_change"),
+    "ctrl-c-while-loading": ("hangs",
+                             "tests/test_interrupt.py::test_ctrl_c_while_the_program_loads_is_one_line_and_exit_130"),
+    "master-addr-in-brackets": ("messages",
+                                "tests/test_config.py::test_an_optional_text_field_keeps_its_override_as_typed"),
+    "section-override-keeps-the-file": (
+        "messages", "tests/test_config.py::test_a_section_override_sets_its_keys_and_keeps_the_files_others"),
 }
 # The docs section of each case of CASES (the 32 documented before issue 10 are "messages").
 SECTIONS = {
     **dict.fromkeys(["name-dot-overwrite", "name-dotdot-overwrite", "name-absolute-overwrite", "overwrite-not-a-run",
-                     "run-in-use"], "data safety"),
+                     "run-in-use", "folder-not-a-run", "resume-in-a-folder-not-a-run"], "data safety"),
     **dict.fromkeys(["collective-timeout-too-small", "batch-larger-than-every-client"], "hangs"),
     **dict.fromkeys(["learning-rate-infinite", "temperature-below-floor", "personalize-without-local-test",
                      "resume-fewer-rounds", "seed-negative", "seed-above-32-bits", "duplicate-yaml-key",
-                     "unknown-log-level", "empty-name"], "accepted bad input"),
+                     "unknown-log-level", "empty-name", "name-with-newline", "empty-output-dir"],
+                    "accepted bad input"),
 }
 
 

@@ -103,3 +103,14 @@ def test_a_second_ctrl_c_ends_the_run_at_once(data_root: Path, tmp_path: Path) -
     assert time.time() - t < 30
     assert "--resume" in _stopped_line(err)
     _plain_rounds(tmp_path / "twice" / "trajectory.h5")
+
+
+def test_ctrl_c_while_the_program_loads_is_one_line_and_exit_130(data_root: Path, tmp_path: Path) -> None:
+    """Issue 21 (extra input): Ctrl-C in the first second (torch importing) printed a KeyboardInterrupt traceback."""
+    proc = start(tiny_overrides(data_root, tmp_path))
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    err = _finish(proc)
+
+    assert proc.returncode == 130, err[-3000:]
+    assert "before the first round" in _stopped_line(err) or "--resume" in _stopped_line(err)

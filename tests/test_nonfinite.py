@@ -74,3 +74,22 @@ def test_a_round_that_excluded_every_client_fails_with_exit_3(poison_every_clien
     assert code == 3, captured.err[-2000:]
     assert len(errors) == 1 and "round 1" in errors[0] and "NaN/Inf" in errors[0]
     assert "accuracy" not in captured.out  # no result is printed for a model that never trained
+
+
+def test_a_diverged_personalization_is_named_and_not_reported_as_a_result(
+        data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 21: `personalize.lr=1e30` exited 0 printing personalized accuracies while every client's
+    loss after adaptation was NaN."""
+    code = cli.main(tiny_overrides(data_root, tmp_path) + ["federated.rounds=1", "personalize.steps=2",
+                                                           "personalize.lr=1e30"])
+
+    out, err = capsys.readouterr()
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 3 and len(errors) == 1, err[-2000:]
+    assert "personalization diverged for 4 of 4 clients (0, 1, 2, 3)" in errors[0] and "personalize.lr" in errors[0]
+    assert "personalized accuracy" not in out and "nan" not in out.lower()
+    with h5py.File(tmp_path / "tiny" / "trajectory.h5", "r") as f:  # the run's log is complete and readable
+        assert f["personalization/diverged"][()].all()
+        assert not np.isfinite(f["personalization/acc_after"][()]).any()
+        assert np.isfinite(f["personalization/acc_before"][()]).all()
+        assert not any(k.startswith("personal_after") for k in f["final"].attrs)

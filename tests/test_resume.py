@@ -232,3 +232,56 @@ def test_a_run_stopped_by_its_budget_continues_bit_identical_with_a_larger_one(b
     _assert_identical(tmp_path / "budget", reference)
     with h5py.File(tmp_path / "budget" / "trajectory.h5", "r") as f:
         assert f["final"].attrs["stopped_by"] == "rounds"
+
+
+def test_a_run_killed_in_round_1_is_started_afresh_by_resume(data_root: Path, tmp_path: Path) -> None:
+    """Issue 21: SIGKILL before the first checkpoint left a log still flagged as being written; --resume
+    refused it ("holds no readable checkpoint") and the report called it "unreadable HDF5 file"."""
+    args = tiny_overrides(data_root, tmp_path)
+    run_dir = tmp_path / "tiny"
+    proc = _start(args)
+    _wait_for(run_dir / "trajectory.h5", proc)  # the log exists from the start; round 1 has not ended
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert not list((run_dir / "checkpoints").glob("*.pt"))
+
+    from fedmetanas.reporting import report  # noqa: PLC0415
+
+    with pytest.raises(report.ReportError, match="killed before it logged a round.*--resume"):
+        report.load_run(run_dir / "trajectory.h5")
+
+    resumed = launch(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    with h5py.File(run_dir / "trajectory.h5", "r") as f:
+        assert f["rounds/round"][()].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(("limit_kb", "file"), [(100, "round-000001.pt"), (60, "trajectory.h5")])
+def test_a_full_disk_at_the_first_checkpoint_is_one_line_and_resumable(data_root: Path, tmp_path: Path,
+                                                                        limit_kb: int, file: str) -> None:
+    """Issue 21: `ulimit -f` below a checkpoint's size gave a traceback (`OSError: [Errno 27] File too large`),
+    left `round-000001.pt.tmp`, and --resume was refused afterwards. Below the log's size after round 1 (its
+    creation is ~10 KB, round 1 makes it ~75 KB): h5py's own "Exception ignored" messages, and a crash at exit."""
+    import resource  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    from fedmetanas.launcher import command  # noqa: PLC0415
+
+    args = tiny_overrides(data_root, tmp_path)
+    limit = limit_kb * 1024  # 100: above the config and the log of round 1, below a checkpoint (~160 KB)
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    full = subprocess.run(command(args), env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300, preexec_fn=small_files)
+    errors = [ln for ln in full.stderr.splitlines() if ln.startswith("error:")]
+    assert full.returncode == 2 and len(errors) == 1, full.stderr[-2000:]
+    assert f"{file}" in errors[0] and "failed (File too large" in errors[0] and "--resume" in errors[0]
+    assert "Traceback" not in full.stderr and "Exception ignored" not in full.stderr
+    assert not list((tmp_path / "tiny").glob("checkpoints/*"))  # no .pt.tmp left behind
+
+    resumed = launch(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    with h5py.File(tmp_path / "tiny" / "trajectory.h5", "r") as f:
+        assert f["rounds/round"][()].tolist() == [0, 1]

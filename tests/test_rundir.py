@@ -66,6 +66,28 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_marked_run(tmp_path: 
     assert keep.read_text() == content and not (folder / MARKER).exists()
 
 
+@pytest.mark.parametrize("flags", [{}, {"resume": True}])
+def test_a_users_folder_that_is_not_a_run_is_never_written_into(tmp_path: Path, flags: dict[str, bool]) -> None:
+    """Issue 21: a start without --overwrite used to replace the folder's config.yaml and genotype.txt and
+    mark it, after which --overwrite deleted the rest."""
+    folder = tmp_path / "runs" / "run"
+    folder.mkdir(parents=True)
+    files = {"config.yaml": "mine", "genotype.txt": "mine too", "other.txt": "notes"}
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+    with pytest.raises(RunDirError, match=r"output\.name: .* not a fedmetanas run directory"):
+        acquire_run_dir(_out(tmp_path, **flags))
+
+    assert {p.name: p.read_text() for p in folder.iterdir()} == files  # no marker, no lock file, nothing changed
+
+
+def test_an_empty_folder_made_for_the_run_is_used(tmp_path: Path) -> None:
+    (tmp_path / "runs" / "run").mkdir(parents=True)
+    with acquire_run_dir(_out(tmp_path)) as lock:
+        assert (lock.path / MARKER).is_file()
+
+
 def test_a_file_where_the_run_directory_would_be_is_not_overwritten(tmp_path: Path) -> None:
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "run").write_text("a file")

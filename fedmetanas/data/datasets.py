@@ -236,13 +236,28 @@ def _load_idx(name: str, root: str, download: bool) -> tuple[TensorSplit, Tensor
         try:
             ds = cls(root=root, train=train, download=False)
         except (RuntimeError, AssertionError, ValueError, TypeError, OSError) as exc:
+            if missing:
+                raise _legacy_unreadable(name, root, cls.__name__, train, exc) from None
             # The files passed the checks above, so this is damage the header checks cannot see.
             raise DataError(f"{raw}: could not read {_PRETTY[name]} ({type(exc).__name__}: {exc}); "
                             "delete the files and fetch them again") from None
+        except Exception as exc:  # noqa: BLE001 - unpickling a damaged legacy .pt can raise almost anything
+            if not missing:
+                raise
+            raise _legacy_unreadable(name, root, cls.__name__, train, exc) from None
         images = torch.as_tensor(ds.data, dtype=torch.uint8).unsqueeze(1)  # N x 1 x 28 x 28
         labels = torch.as_tensor(ds.targets, dtype=torch.int64)
         splits.append(_make_split(name, images, labels, raw))
     return splits[0], splits[1]
+
+
+def _legacy_unreadable(name: str, root: str, folder: str, train: bool, exc: BaseException) -> DataError:
+    """torchvision's old processed/{training,test}.pt (used when raw/ is absent) could not be unpickled:
+    name the file, in one line (torch's unpickling errors span many lines)."""
+    path = os.path.join(root, folder, "processed", "training.pt" if train else "test.pt")
+    return DataError(f"{path}: could not read {_PRETTY[name]} ({type(exc).__name__}); "
+                     f"it is truncated or corrupt: delete {os.path.dirname(path)} and run `make data`, or set "
+                     "data.download: true")
 
 
 def _load_cifar(name: str, root: str, download: bool) -> tuple[TensorSplit, TensorSplit]:

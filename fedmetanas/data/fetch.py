@@ -138,8 +138,17 @@ def fetch_mnist_from(src_dir: str | Path, root: str | Path) -> Path:
     return raw
 
 
+def check_root(root: str | Path) -> None:
+    """--root must be a folder, or a path where one can be made: caught before anything is fetched."""
+    path = Path(root)
+    existing = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise FetchError(f"--root: {str(existing)!r} is a file, not a folder; pass the folder to fill "
+                         "(data.root), e.g. data")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the process exit code (0 ok, 2 failure with one line on stderr)."""
+    """CLI entry point; returns the process exit code (0 ok, 2 failure with one `error:` line on stderr)."""
     parser = argparse.ArgumentParser(prog="python -m fedmetanas.data.fetch", description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="data", help="data.root to fill (default: data)")
     parser.add_argument("--mnist-from", metavar="DIR", help="also install MNIST from DIR/*-ubyte.gz")
@@ -148,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     jobs: list[tuple[str, Path]] = []
     try:
+        check_root(args.root)
         if not args.no_fashion:
             jobs.append(("fashion_mnist", fetch_fashion_mnist(args.root)))
         if args.mnist_from:
@@ -158,7 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             train, test = load_dataset(name, str(args.root), download=False)
             print(f"{name}: {len(train)} train + {len(test)} test images ready under {raw}")
     except (FetchError, DataError) as exc:
-        print(f"fetch: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a root that cannot be made or written (/proc, read-only, a full disk)
+        where = exc.filename or args.root
+        print(f"error: --root: cannot write {str(where)!r} ({exc.strerror or exc}); pass a writable folder "
+              "(data.root), e.g. data", file=sys.stderr)
         return 2
     return 0
 

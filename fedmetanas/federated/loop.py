@@ -41,12 +41,13 @@ from fedmetanas.federated.callbacks import (ArtifactsCallback, Callback, Checkpo
 from fedmetanas.federated.evaluation import evaluate_forwards
 from fedmetanas.federated.executor import ClientExecutor, close_executors, make_executors, run_clients
 from fedmetanas.federated.layout import client_columns, round_layout
-from fedmetanas.federated.personalization import personalization_sample, personalize_clients, summarize
+from fedmetanas.federated.personalization import (divergence_error, personalization_sample, personalize_clients,
+                                                  summarize)
 from fedmetanas.federated.scheduling import assign_to_ranks, sample_clients
 from fedmetanas.federated.server import ServerOptimizer
 from fedmetanas.federated.setup import Setup, prepare
 from fedmetanas.data.client_data import check_batch_sizes
-from fedmetanas.rundir import RunDirError, RunLock, acquire_run_dir
+from fedmetanas.rundir import RunDirError, RunLock, acquire_run_dir, out_of_space
 from fedmetanas.runtime import peak_memory_mib, synchronize
 from fedmetanas.search.genotypes import Genotype
 from fedmetanas.seeding import Purpose, torch_generator
@@ -64,6 +65,7 @@ class RunResult:
     run_dir: Any  # Path on rank 0, None elsewhere
     personalization: dict[str, float] | None = None
     lines: tuple[str, ...] = ()  # what the command line prints about the final model
+    fault: str | None = None  # a part of the result is no result (personalization diverged): exit non-zero
 
 
 class Preempted(RuntimeError):
@@ -242,18 +244,33 @@ class Loop:
                           ConsoleCallback(lambda: self.total,
                                           lambda row, loss: self.phase.describe_round(row, loss),
                                           cfg.personalize.steps)]
-        for cb in self.callbacks:
-            cb.on_start(self.rows)
+        self._emit("on_start", self.rows)
         for group, row in self.rows:
-            for cb in self.callbacks:
-                cb.on_round(group, row, replay=True)
+            self._emit("on_round", group, row, replay=True)
         log.info("run directory %s; %s: %d clients (%d per round) on %d rank(s); %d aggregated values", out_dir,
                  cfg.algorithm.name, cfg.federated.num_clients, s.per_round, self.ctx.world_size,
                  self.layout.length("params"))
 
     def _emit(self, method: str, *args: Any, **kwargs: Any) -> None:
         for cb in self.callbacks:
-            getattr(cb, method)(*args, **kwargs)
+            try:
+                getattr(cb, method)(*args, **kwargs)
+            except (OSError, RuntimeError) as err:
+                full = out_of_space(err, self.setup.run_path)
+                if full is None:
+                    raise
+                self._abandon_log()
+                raise full from None
+
+    def _abandon_log(self) -> None:
+        """After a failed write: close the log if it still closes (a reader then opens it plainly); one whose
+        close fails too is left as it is, for --resume to rebuild."""
+        for cb in self.callbacks:
+            if isinstance(cb, TrajectoryCallback):
+                try:
+                    cb.on_stop()
+                except (OSError, RuntimeError) as err:
+                    log.debug("the log could not be closed after a failed write: %s", err)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -480,7 +497,7 @@ class Loop:
             log.info("stopped_by=rounds after round %d", end)
         metrics = self._evaluate(phase.forwards(self.net, plan), final_idx)
         final = phase.final_record(metrics, self.previous, time.perf_counter() - t_start)
-        personal, summary = None, {}
+        personal, summary, fault = None, {}, None
         p = cfg.personalize
         if p.steps > 0 and not s.clients.test_sizes.any():
             log.warning("personalization skipped: no client has a local test sample (data.local_test_fraction "
@@ -493,9 +510,11 @@ class Loop:
                 self.ctx, s, phase, self.net, self.executors, dataclasses.replace(plan, lr_scale=lr_scale),
                 lambda cid, pl: self._context(cid, pl, end, 1), p.steps, cfg.eval.batch_size,
                 cfg.model.channels_last, chosen)
-            summary = {**summarize(personal["personalization/acc_before"], "personal_before"),
-                       **summarize(personal["personalization/acc_after"], "personal_after"),
-                       "personal_clients": len(chosen)}
+            fault = divergence_error(personal, p.steps, p.lr)
+            if fault is None:  # a diverged client's mean would be no result: none is recorded or printed
+                summary = {**summarize(personal["personalization/acc_before"], "personal_before"),
+                           **summarize(personal["personalization/acc_after"], "personal_after"),
+                           "personal_clients": len(chosen)}
         seconds = time.perf_counter() - t_start
         arch_text = phase.arch_text(self.net, plan)
         record = {"genotype": arch_text, "algorithm": cfg.algorithm.name, "seconds": seconds,
@@ -503,7 +522,7 @@ class Loop:
         self._emit("on_phase_end", phase.artifacts(self.net, plan, last=True))
         self._emit("on_finish", record, personal)
         return RunResult(record, seconds, s.run_path if self.ctx.is_main else None, summary or None,
-                         tuple(phase.describe_final(record)))
+                         tuple(phase.describe_final(record)), fault)
 
 
 def run(cfg: Config, ctx: DistContext) -> RunResult:

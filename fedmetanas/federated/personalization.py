@@ -101,6 +101,25 @@ def personalize_clients(ctx: DistContext, setup: Setup, phase: Phase, net: nn.Mo
         acc[:, chosen], loss[:, chosen] = s[:, :, 1] / s[:, :, 2], s[:, :, 0] / s[:, :, 2]
     measured = np.zeros(k, dtype=bool)
     measured[chosen] = True
+    # A client whose adapted model's loss is NaN/Inf diverged: its accuracy (argmax of NaN logits) is no
+    # result, so neither is logged; `diverged` says which, and the run reports them (`divergence_error`).
+    diverged = measured & ~np.isfinite(loss[1])
+    acc[1, diverged] = loss[1, diverged] = np.nan
     return {"personalization/acc_before": acc[0], "personalization/acc_after": acc[1],
             "personalization/loss_before": loss[0], "personalization/loss_after": loss[1],
-            "personalization/test_sizes": setup.clients.test_sizes, "personalization/measured": measured}
+            "personalization/test_sizes": setup.clients.test_sizes, "personalization/measured": measured,
+            "personalization/diverged": diverged}
+
+
+def divergence_error(personal: dict[str, np.ndarray], steps: int, lr: float) -> str | None:
+    """The one line that says which clients' personalization diverged (None when none did): their mean
+    after adaptation would be no result, so the run reports none and says what to lower."""
+    clients = np.flatnonzero(personal.get("personalization/diverged", np.zeros(0, dtype=bool))).tolist()
+    if not clients:
+        return None
+    measured = int(np.count_nonzero(personal["personalization/measured"]))
+    shown = ", ".join(map(str, clients[:10])) + (f" and {len(clients) - 10} more" if len(clients) > 10 else "")
+    rate = f"personalize.lr={lr:g}" if lr > 0 else "the algorithm's last learning rate (personalize.lr: 0)"
+    return (f"personalization diverged for {len(clients)} of {measured} clients ({shown}): the loss after "
+            f"personalize.steps={steps} at {rate} is NaN/Inf, so no personalized accuracy is reported (the global "
+            "model's results stand, in the run directory); lower personalize.lr (or personalize.steps)")

@@ -12,6 +12,7 @@ import atexit
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -48,6 +49,32 @@ def _written_once(arr: np.ndarray) -> dict[str, Any]:
 
 _OPEN: weakref.WeakSet[TrajectoryLog] = weakref.WeakSet()  # logs not closed yet, for close_open_logs
 _EXIT_HOOK = False  # close_open_logs registered with atexit (on the first log, not at import)
+
+
+_FULL_DISK = ("errno = 27,", "errno = 28,", "errno = 122,")  # EFBIG, ENOSPC, EDQUOT as HDF5 words them
+
+
+def _failed_write_dealloc(error: object) -> bool:
+    """Whether `error` is h5py failing to free an object of a file whose writes failed for want of room
+    (HDF5 tries to flush each one again; h5py prints each failure, traceback and "Exception ignored")."""
+    text = str(error)
+    return "decrement id ref count" in text and any(code in text for code in _FULL_DISK)
+
+
+def _quiet_failed_write_deallocs() -> None:
+    """Drop those messages (the run reports the full disk once, in one line: fedmetanas.rundir.out_of_space);
+    every other error goes to the hooks that were there before."""
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+
+    def on_unraisable(info: Any) -> None:
+        if not _failed_write_dealloc(getattr(info, "exc_value", "")):
+            unraisable(info)
+
+    def on_exception(kind: Any, value: BaseException, tb: Any) -> None:
+        if not _failed_write_dealloc(value):
+            excepthook(kind, value, tb)
+
+    sys.unraisablehook, sys.excepthook = on_unraisable, on_exception
 
 
 def close_open_logs() -> None:
@@ -91,6 +118,7 @@ class TrajectoryLog:
         if not _EXIT_HOOK:
             _EXIT_HOOK = True
             atexit.register(close_open_logs)
+            _quiet_failed_write_deallocs()
         _OPEN.add(self)
 
     @property
@@ -143,8 +171,8 @@ class TrajectoryLog:
         if self._file is None:
             return
         _OPEN.discard(self)
-        self._file.close()
-        self._file = None  # type: ignore[assignment]
+        file, self._file = self._file, None  # type: ignore[assignment]
+        file.close()  # if this fails (a full disk), the file is not closed again at exit
         if final or datasets or attrs:
             # SWMR forbids new objects, so the summary is added after reopening normally.
             with h5py.File(self.path, "a") as f:
@@ -181,6 +209,11 @@ T = TypeVar("T")
 
 class TornLogError(OSError):
     """The log is cut short (truncated) or could not be read in time; the message says which."""
+
+
+class UnstartedLogError(OSError):
+    """The log is flagged as being written but was never switched to SWMR, which happens with its first
+    table: its writer was killed before it logged a round (so it holds none)."""
 
 
 def _stored_eof(path: Path) -> int | None:
@@ -243,6 +276,9 @@ def read_log(path: str | Path, read: Callable[[h5py.File], T], timeout_s: float 
         raise TornLogError(f"not readable within {timeout_s:g} s: the file is flagged as being written and "
                            "HDF5's SWMR read is stuck, so it is torn (cut short, or its writer died mid-write)")
     if "error" in outcome:
+        if "not already open for SWMR writing" in str(outcome["error"]):
+            raise UnstartedLogError("its run was killed before it logged a round (the file is still flagged as "
+                                    "being written, and holds no round)") from None
         raise outcome["error"]
     return outcome["value"]
 
@@ -265,5 +301,7 @@ def logged_rounds(path: str | Path, timeout_s: float = READ_TIMEOUT_S) -> int | 
         return 0
     try:
         return read_log(path, lambda f: int(f["rounds/round"].shape[0]) if "rounds/round" in f else 0, timeout_s)
+    except UnstartedLogError:
+        return 0
     except (OSError, KeyError, ValueError, RuntimeError):
         return None

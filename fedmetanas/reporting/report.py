@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from fedmetanas.reporting import plots
-from fedmetanas.reporting.hdf5 import READ_TIMEOUT_S, TornLogError, read_log
+from fedmetanas.reporting.hdf5 import READ_TIMEOUT_S, TornLogError, UnstartedLogError, read_log
 from fedmetanas.search.genotypes import Genotype
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,9 @@ def load_run(path: str | Path, label: str | None = None, read_timeout_s: float =
     except BlockingIOError:
         raise ReportError(f"{p}: open for writing and not readable yet (a run becomes readable after its first "
                           "round); try again in a moment") from None
+    except UnstartedLogError as err:
+        raise ReportError(f"{p}: {err}; there is nothing to report yet: continue the run with --resume (it starts "
+                          "afresh and rewrites the log)") from None
     except TornLogError as err:
         raise ReportError(f"{p}: {err}; copy the complete file from the run directory (a killed run's log is "
                           "rebuilt by --resume)") from None

@@ -304,6 +304,19 @@ def test_fetch_failure_exits_2_with_one_line_on_stderr(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "--mnist-from" in err
 
 
+@pytest.mark.parametrize("root", ["a-file", "a-file/below", "/proc/self/x"])
+def test_fetch_into_a_root_that_is_not_a_folder_is_one_error_line(tmp_path, capsys, root):
+    """Issue 21: a file as --root was a NotADirectoryError traceback, /proc/self/x a FileNotFoundError one."""
+    (tmp_path / "a-file").write_text("not a folder")
+    path = root if root.startswith("/") else str(tmp_path / root)
+
+    code = fetch.main(["--root", path, "--no-fashion", "--mnist-from", str(tmp_path)])
+
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --root: "), err
+    assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
 def test_fetch_reports_a_truncated_gz_by_name_and_leaves_no_partial_file(tmp_path):
     src = tmp_path / "gz"
     _write_idx_dataset(src, gz=True)
