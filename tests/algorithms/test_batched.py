@@ -88,13 +88,14 @@ def _assert_within_rounding(got: list[list[torch.Tensor]], want, rule, build, ct
     rounding alone triggers (a max-pool tie, a ReLU at 0, Adam's g / sqrt(v) on a near-zero gradient):
     where the first nudge's distance is exceeded, up to three more are tried and the largest counts."""
     pending = list(range(len(want)))
+    start = start.detach()
     for seed in (5, 6, 7, 8):
         _, nudged = _sequential(rule(), _nudged(build, seed), ctxs())
         still = []
         for c in pending:
-            size = (_flat(want[c][0]) - start).norm()
-            distance = float((_flat(got[c]).detach() - _flat(want[c][0])).norm() / size)
-            yardstick = float((_flat(nudged[c][0]) - _flat(want[c][0])).norm() / size)
+            size = (_flat(want[c][0]).detach() - start).norm()
+            distance = float((_flat(got[c]).detach() - _flat(want[c][0]).detach()).norm() / size)
+            yardstick = float((_flat(nudged[c][0]).detach() - _flat(want[c][0]).detach()).norm() / size)
             if distance > 2 * yardstick + 1e-5:
                 still.append((c, distance, yardstick))
         pending = [c for c, _, _ in still]
