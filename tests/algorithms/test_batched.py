@@ -362,3 +362,28 @@ def test_a_batch_of_milenas_clients_equals_the_clients_one_after_another(input_m
         assert update.losses[c] == pytest.approx(want[c][1], rel=1e-3)
     alphas = [i for i, (n, _) in enumerate(glob.named_parameters()) if SuperNet._is_alpha(n)]
     assert all(torch.equal(update.client(0)[i], before[i]) == (not train_arch) for i in alphas)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode,topk", [("hard", 0), ("soft", 2)])
+def test_the_stacked_step_on_a_gpu_equals_it_on_the_cpu(mode: str, topk: int) -> None:
+    # Prepare: the same clients (CPU generators, as the loop derives them) on a CUDA copy of the model and data
+    build = _supernet("pairs")
+    masks = _pruned_masks(build())
+    split = _split(3)
+    rule = FedMetaNAS(AlgorithmConfig(local_steps=2, inner_steps=1, batch_size=8, query_batch_size=8))
+    cuda = torch.device("cuda")
+    gpu_split = split.to(cuda)
+
+    def ctxs(on: TensorSplit) -> list[LocalContext]:
+        return [dataclasses.replace(c, train=on, train_idx=c.train_idx.to(on.images.device))
+                for c in _search_contexts(split, 3, masks, mode, topk=topk)]
+
+    # Execute
+    cpu = rule.local_update_batch(build(), ctxs(split))
+    gpu = rule.local_update_batch(build().to(cuda), ctxs(gpu_split))
+
+    # Assert: the same sampled ops and updates, to float rounding
+    for c in range(3):
+        torch.testing.assert_close(_flat(gpu.client(c)).cpu(), _flat(cpu.client(c)), rtol=1e-3, atol=1e-4)
