@@ -17,7 +17,6 @@ set-up (`refuse_unbatchable`), never silently run another way. `auto` (the defau
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -26,8 +25,6 @@ import torch
 
 from fedmetanas.algorithms.base import Phase
 from fedmetanas.config import ConfigError
-
-log = logging.getLogger(__name__)
 
 MEMORY_SHARE = 0.8  # of the device's total memory a batch may fill (the rest: the model, lanes, allocator slack)
 

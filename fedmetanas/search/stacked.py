@@ -659,14 +659,3 @@ def _starts_with_relu(mod: nn.Module) -> bool:
     if isinstance(first, nn.Sequential):
         return _starts_with_relu(first)
     return isinstance(first, nn.ReLU)
-
-
-def stack_masks_supported(model: nn.Module) -> bool:
-    """Whether `model` is a supernet the stacked form covers (every module of its ops is known)."""
-    if not isinstance(model, SuperNet):
-        return False
-    known = (nn.Sequential, nn.ReLU, nn.Identity, nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d,
-             FactorizedReduce, Zero, nn.ModuleList, nn.Linear)
-    return all(isinstance(m, known) or m is model or type(m).__name__ in ("Cell", "MixedOp")
-               for m in model.modules())
-
