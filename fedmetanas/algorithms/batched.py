@@ -218,19 +218,17 @@ def stacked_loss_grad(net: StackedSuperNet, ctxs: list[LocalContext], x: torch.T
                       wrt: str = "all") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The K clients' losses on their batches `x`, `y` ((K, batch, ...)) under a relaxed sample each
     (`ctxs[0]`'s masks and sparsity, each client's own Gumbel generator), and the gradient of the summed
-    losses in the flat buffer's layout — of every tensor, or only of the architecture logits (`wrt`
-    "alphas": the weights' part is zero) — with what each client's step used (see `stacked_step`)."""
+    losses in the flat buffer's layout — of every tensor, or (`wrt` "alphas") of the architecture logits
+    alone, the buffer's tail `flat[n_weight:]` — with what each client's step used (see `stacked_step`)."""
     c = ctxs[0]
     sample = sample_stacked(net.template, net.logits, c.masks, tau, mode, [x.gumbel_gen for x in ctxs],
                             c.soft_topk, c.soft_eps)
     use = step_use(net.plan, sample, net.k)
     losses = vmap(loss)(net(x, sample, use), y)
-    if wrt == "alphas":
+    if wrt == "alphas":  # the logits' part of the buffer only (they lead no weight: they follow them)
         alphas = [net.views[g] for g in net.plan.alphas.values()]
         got = torch.autograd.grad(losses.sum(), alphas, allow_unused=True, materialize_grads=True)
-        grad = torch.zeros_like(net.flat)
-        grad[net.n_weight:] = torch.cat([g.view(-1) for g in got])
-    else:
-        grads = torch.autograd.grad(losses.sum(), net.views, allow_unused=True, materialize_grads=True)
-        grad = torch.cat([g.view(-1) for g in grads])
+        return losses.detach(), torch.cat([g.view(-1) for g in got]), net.use_columns(use.params)[net.n_weight:]
+    grads = torch.autograd.grad(losses.sum(), net.views, allow_unused=True, materialize_grads=True)
+    grad = torch.cat([g.view(-1) for g in grads])
     return losses.detach(), grad, net.use_columns(use.params)

@@ -145,11 +145,12 @@ class MiLeNAS:
         halves = [split_train_val(x.train_idx) for x in ctxs]
         trains = [dataclasses.replace(x, train_idx=h[0]) for x, h in zip(ctxs, halves)]
         vals = [dataclasses.replace(x, train_idx=h[1]) for x, h in zip(ctxs, halves)]
-        is_alpha = net.columns(0.0, 1.0) > 0
-        opt_w = MaskedSGD(net.flat, net.columns(c.lr_w * ctx.lr_scale, 0.0), net.columns(c.weight_decay, 0.0),
-                          ~is_alpha, c.momentum)
-        opt_a = MaskedAdam(net.flat, net.columns(0.0, c.lr_alpha), net.columns(0.0, c.alpha_weight_decay),
-                           is_alpha, betas=c.alpha_betas)
+        weights, alphas = net.flat[: net.n_weight], net.flat[net.n_weight:]  # views: each optimizer its part
+        every_w, every_a = torch.ones_like(weights, dtype=torch.bool), torch.ones_like(alphas, dtype=torch.bool)
+        opt_w = MaskedSGD(weights, torch.full_like(weights, c.lr_w * ctx.lr_scale),
+                          torch.full_like(weights, c.weight_decay), every_w, c.momentum)
+        opt_a = MaskedAdam(alphas, torch.full_like(alphas, c.lr_alpha), torch.full_like(alphas, c.alpha_weight_decay),
+                           every_a, betas=c.alpha_betas)
         losses = []
         for _ in range(c.local_steps):
             train = draw_stacked(trains, c.batch_size)  # each client: its train batch, then its validation one
@@ -158,10 +159,10 @@ class MiLeNAS:
                 _, g_train, _ = stacked_loss_grad(net, ctxs, *train, 1.0, "expected", self.loss, "alphas")
                 _, g_val, _ = stacked_loss_grad(net, ctxs, *val, 1.0, "expected", self.loss, "alphas")
                 # Every logit steps, as sequentially (an unused one's gradient is zero-filled there too).
-                opt_a.step(net.flat, g_val.add_(g_train, alpha=c.lambda_train), is_alpha)
+                opt_a.step(alphas, g_val.add_(g_train, alpha=c.lambda_train), every_a)
             loss, grad, used = stacked_loss_grad(net, ctxs, *train, 1.0, "expected", self.loss)
             net.clip_weights(grad, c.grad_clip)
-            opt_w.step(net.flat, grad, used)
+            opt_w.step(weights, grad[: net.n_weight], used[: net.n_weight])
             losses.append(loss)
         return StackedUpdate(net.member_views(), torch.stack(losses).mean(0).tolist(), c.local_steps)
 
