@@ -107,6 +107,9 @@ class StackPlan:
     member_of: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (group, member)
     buffer_member_of: dict[str, tuple[int, int]] = field(default_factory=dict)
     buffer_members: int = 0
+    # Where each group's members start in the list of all members (group i: [off[i], off[i + 1])).
+    param_member_offsets: np.ndarray | None = None
+    buffer_member_offsets: np.ndarray | None = None
 
 
 def _module_tensors(mod: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
@@ -174,6 +177,8 @@ def build_plan(model: SuperNet) -> StackPlan:
     if missing:  # a supernet with modules this plan does not know: refuse rather than drop them
         raise ValueError(f"stacked supernet: parameters outside the plan: {sorted(missing)[:3]}")
     plan.buffer_members = sum(len(g.names) for g in buffers)
+    plan.param_member_offsets = np.concatenate([[0], np.cumsum([len(g.names) for g in params])]).astype(np.int64)
+    plan.buffer_member_offsets = np.concatenate([[0], np.cumsum([len(g.names) for g in buffers])]).astype(np.int64)
     return plan
 
 
@@ -299,10 +304,7 @@ def step_use(plan: StackPlan, sample: StackedSample | None, k: int) -> StepUse:
     """Which of each client's tensors its sequential step would use (see `StepUse`): an op runs where the
     client computes it; a tensor gets a gradient where its output reaches the loss — a cell's states 0 and 1
     only through an edge the client computes, a cell's output only through a later cell that uses it."""
-    n_members = [len(g.names) for g in plan.params]
-    moff = np.concatenate([[0], np.cumsum(n_members)])
-    b_members = [len(g.names) for g in plan.buffers]
-    boff = np.concatenate([[0], np.cumsum(b_members)])
+    moff, boff = plan.param_member_offsets, plan.buffer_member_offsets
     p_use = np.ones((k, int(moff[-1])), dtype=bool)
     b_use = np.ones((k, int(boff[-1])), dtype=bool)
     if sample is None:
@@ -355,8 +357,8 @@ def step_use(plan: StackPlan, sample: StackedSample | None, k: int) -> StepUse:
 
 
 class StackedSuperNet:
-    """K clients' copies of a supernet's parameters and BN statistics as rows of two flat buffers, and the
-    forward pass of all K at once (see the module)."""
+    """K clients' copies of a supernet's parameters and BN statistics in two group-major flat buffers, and
+    the forward pass of all K at once (see the module)."""
 
     def __init__(self, template: SuperNet, k: int, device: torch.device | None = None) -> None:
         self.template, self.k = template, k
@@ -368,11 +370,11 @@ class StackedSuperNet:
         # the weights' blocks lead, the logits' follow (`n_weight`).
         self.flat = torch.zeros(k * self.plan.n_param_cols, device=device)
         self.n_weight = k * self.plan.n_weight_cols
-        self.views = [self._bview(self.flat, g).requires_grad_() for g in self.plan.params]
+        self.views = [self._block(self.flat, g).requires_grad_() for g in self.plan.params]
         # Runs of the buffer, in order: (group, client, member), each one member tensor long. A (K, members)
         # mask becomes a mask of the buffer by one gather and one repeat_interleave.
         n_members = [len(g.names) for g in self.plan.params]
-        first = np.concatenate([[0], np.cumsum(n_members)])
+        first = self.plan.param_member_offsets
         total = int(first[-1])
         self._runs = torch.as_tensor(np.concatenate(
             [np.full(k * n, math.prod(g.shape)) for g, n in zip(self.plan.params, n_members)]), device=device)
@@ -387,11 +389,11 @@ class StackedSuperNet:
         # running-stat tensor of one native batch_norm over K*members*C channels); the forward writes a
         # scratch copy and the clients' used entries are taken from it after the pass.
         self.bflat = torch.zeros(k * self.plan.n_buffer_cols, device=device)
-        self.bviews = [self._bview(self.bflat, g) for g in self.plan.buffers]
+        self.bviews = [self._block(self.bflat, g) for g in self.plan.buffers]
         # Tensors of their own, not views of one buffer: batch_norm saves its running statistics for the
         # backward pass, and views would share one version counter that every BN's update moves.
         self.bscratch_views = [torch.zeros_like(v) for v in self.bviews]
-        member = np.concatenate([[0], np.cumsum([len(g.names) for g in self.plan.buffers])])
+        member = self.plan.buffer_member_offsets
         where = [np.broadcast_to((np.arange(k)[:, None] * self.plan.buffer_members + member[i]
                                   + np.arange(len(g.names))[None, :])[:, :, None], (k, len(g.names), g.shape[0]))
                  for i, g in enumerate(self.plan.buffers)]
@@ -399,10 +401,8 @@ class StackedSuperNet:
                                        np.zeros(0, dtype=np.int64))
         self.momentum = self._bn_momentum()
 
-    def _view(self, flat: torch.Tensor, g: Group) -> torch.Tensor:
-        return flat[:, g.offset:g.offset + g.numel].view(self.k, len(g.names), *g.shape)
-
-    def _bview(self, flat: torch.Tensor, g: Group) -> torch.Tensor:
+    def _block(self, flat: torch.Tensor, g: Group) -> torch.Tensor:
+        """Group g's (K, members, *shape) block of a group-major flat buffer (a view)."""
         start = self.k * g.offset
         return flat[start:start + self.k * g.numel].view(self.k, len(g.names), *g.shape)
 
@@ -635,15 +635,15 @@ class StackedSuperNet:
             rows, cols, slots = [], [], []
             for st in cells[0].states:
                 prims = np.flatnonzero(comp[:, st.edges, :].any(axis=(0, 1))).tolist()
-                slots.append((st, len(prims)))
+                slots.append((st, prims))
                 for e in st.edges:
                     rows.extend([e] * len(prims))
                     cols.extend(prims)
             picked = sample.weights[kind][:, torch.as_tensor(rows), torch.as_tensor(cols)] if rows else None
             at = 0
-            for i, (st, n) in enumerate(slots):
+            for i, (st, prims) in enumerate(slots):
+                n = len(prims)
                 width = n * len(st.edges)
-                prims = sorted(set(cols[at:at + width])) if width else []
                 for cell in cells:  # every cell of a kind shares the kind's sample
                     same = cell.states[i]
                     self._computed_ops[id(same)] = set(prims)
