@@ -16,7 +16,7 @@ from fedmetanas.data.errors import DataError
 from fedmetanas.dist import CollectiveError, DistError, init_distributed, placement_from_env, shutdown
 from fedmetanas.reporting.hdf5 import close_open_logs
 from fedmetanas.rundir import OutOfSpaceError, RunDirError
-from fedmetanas.signals import EXIT_INTERRUPTED, exit_code
+from fedmetanas.signals import EXIT_INTERRUPTED, SETUP_STOPPED, exit_code
 
 USER_ERRORS = (ConfigError, DataError, DistError, RunDirError, CheckpointError)
 EXIT_USER_ERROR = 2
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:  # Ctrl-C before the run began: nothing was written
         if rank == 0:
-            print("stopped: interrupted by Ctrl-C before the first round", file=sys.stderr)
+            print(SETUP_STOPPED, file=sys.stderr)
         return EXIT_INTERRUPTED
     if rank == 0:
         for line in result.lines:

@@ -6,14 +6,22 @@ rank stops after the same round. Ctrl-C therefore no longer kills one rank mid-c
 others wait for it until `runtime.collective_timeout_s`. A second Ctrl-C is for a user who will not
 wait for the round to end: it raises KeyboardInterrupt at once (the CLI exits 130; the last
 checkpoint written is kept).
+
+Before the loop takes over, Ctrl-C is not turned into an exception at all (`exit_on_ctrl_c`, installed
+by `launch/main.py` before torch loads): an asynchronous KeyboardInterrupt inside an import can leave a
+module half-registered (seen in CI: numpy.linalg, then a RecursionError instead of a clean stop). The
+set-up writes nothing, so exiting at once loses nothing.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from types import FrameType
 from typing import Any
+
+from fedmetanas.placement import DistError, placement_from_env  # torch-free: usable before torch loads
 
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a job ended by Ctrl-C
@@ -23,6 +31,29 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: SIGTERM / SIGUSR1; slurm/launch.sh requeues 
 def exit_code(signal_name: str) -> int:
     """The CLI's exit code for a run stopped by `signal_name` ("SIGINT", "SIGTERM", "SIGUSR1", or "")."""
     return EXIT_INTERRUPTED if signal_name == "SIGINT" else EXIT_PREEMPTED
+
+
+SETUP_STOPPED = "stopped: interrupted by Ctrl-C before the first round"
+
+
+def _exit_now(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001 - handler signature
+    try:
+        loud = placement_from_env().rank == 0
+    except DistError:  # garbled launcher variables: say it rather than stay silent
+        loud = True
+    if loud:
+        os.write(2, (SETUP_STOPPED + "\n").encode())
+    os._exit(EXIT_INTERRUPTED)
+
+
+def exit_on_ctrl_c() -> None:
+    """Until the round loop installs its StopFlag, Ctrl-C exits 130 at once with one line (rank 0's).
+
+    For the program's entry point only (never a library caller's process: it replaces the handler).
+    When the loop's StopFlag is removed again, SIGINT goes back to Python's default, not to this:
+    by then the run has written files.
+    """
+    signal.signal(signal.SIGINT, _exit_now)
 
 
 class StopFlag:
@@ -51,7 +82,7 @@ class StopFlag:
         """Put back the handlers that were there before `install`."""
         while self._previous:
             sig, handler = self._previous.popitem()
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.default_int_handler if handler is _exit_now else handler)
 
     def __enter__(self) -> StopFlag:
         self.install()

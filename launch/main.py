@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import sys
 
-try:
-    from fedmetanas.cli import main
-except KeyboardInterrupt:  # Ctrl-C while torch loads (seconds): nothing is written yet, so no traceback
-    print("stopped: interrupted by Ctrl-C before the first round", file=sys.stderr)
-    sys.exit(130)
+from fedmetanas.signals import exit_on_ctrl_c  # the standard library only: in place before torch loads
+
+exit_on_ctrl_c()  # Ctrl-C while torch loads or the data is read exits 130 at once: nothing is written yet
+
+from fedmetanas.cli import main  # noqa: E402 - after the handler
 
 if __name__ == "__main__":
     sys.exit(main())
