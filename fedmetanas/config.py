@@ -162,13 +162,18 @@ class FederatedConfig:
     rounds: int = 20
     seed: int = 0
     nonfinite: Literal["exclude", "stop"] = "exclude"  # a client update with NaN/Inf: drop it, or stop
-    # The server's step on the round's average (Reddi et al. 2021; fedmetanas/federated/server.py):
+    # The server's step on the round's average (Reddi et al. 2021; fedmetanas/algorithms/server.py):
     # avg = the plain sample-weighted average; momentum = FedAvgM; adam = FedAdam (no bias correction).
     server_optimizer: Literal["avg", "momentum", "adam"] = "avg"
     server_lr: float = 1.0
     server_momentum: float = 0.9  # FedAvgM's mu
     server_betas: tuple[float, float] = (0.9, 0.99)  # FedAdam's beta1, beta2
     server_eps: float = 1e-3  # FedAdam's tau (adaptivity floor)
+    # How the round's client models are combined before the server optimizer's step: mean = sample-weighted
+    # (FedAvg); median / trimmed_mean = per coordinate, unweighted (robust to outlying clients; the round's
+    # all-reduce then carries every participant's model, clients_per_round x the model's size).
+    aggregator: Literal["mean", "median", "trimmed_mean"] = "mean"
+    trim_fraction: float = 0.1  # trimmed_mean: the share of largest and of smallest values dropped, each
     # Stop at the first round boundary where the run's training time (wall time minus the rounds'
     # evaluation time) reaches this many seconds, and finalize as if that round were the last; 0: no budget.
     time_budget_s: float = 0.0
@@ -311,6 +316,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("federated", "server_lr"): (lambda v: v > 0, "a number > 0 (e.g. 1.0)"),
     ("federated", "server_momentum"): (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     ("federated", "server_eps"): (lambda v: v > 0, "a number > 0 (FedAdam's tau, e.g. 1e-3)"),
+    ("federated", "trim_fraction"): (lambda v: 0 <= v < 0.5, "a fraction in [0, 0.5) (of each end)"),
     ("federated", "time_budget_s"): (lambda v: v >= 0, "a number of seconds >= 0 (0: no budget)"),
     ("eval", "every"): (lambda v: v >= 1, "an integer >= 1"),
     ("eval", "subset"): (lambda v: v >= 0, "an integer >= 0 (0: full test set)"),

@@ -1,8 +1,9 @@
 """What an algorithm is to the round loop: a list of phases, each a span of rounds with one kind of model.
 
 The loop (`federated/loop.py`) never learns an algorithm's name. It asks the current phase for its
-model, the round's hyper-parameters (`RoundPlan`), one client's local update, the server update after
-the engine's averaging, what to evaluate, what to log, how to personalize and what to save. In the
+model, the round's hyper-parameters (`RoundPlan`), one client's local update, what clients upload and
+keep across rounds, the server step from the round's sums, what to evaluate, what to log, how to
+personalize and what to save. In the
 spirit of Flower's Strategy and pfl-research's Algorithm, but split by phase because one algorithm
 (FedNAS) searches and then retrains a different network on the same round counter.
 
@@ -16,10 +17,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+import torch
 from torch import nn
 
 from fedmetanas.algorithms.batched import StackedUpdate
 from fedmetanas.algorithms.common import Forward, LocalContext, LocalResult
+from fedmetanas.algorithms.server import RoundSums, ServerOptimizer, aggregate
 from fedmetanas.config import Config
 from fedmetanas.data.datasets import TensorSplit
 from fedmetanas.search.genotypes import Genotype
@@ -77,6 +80,17 @@ class ModelInputs:
 Artifact = str | dict[str, Any]  # a text file's content, or a dict for torch.save
 
 
+@dataclass(frozen=True)
+class Upload:
+    """A value each client sends beside its model (`LocalResult.uploads[name]`, `size` numbers), carried by
+    the round's one all-reduce: `sum` adds it over the round's clients, `weighted` adds it times the
+    client's sample count, `rows` keeps one row per participant (`RoundSums.uploads[name]`, slots x size)."""
+
+    name: str
+    size: int
+    reduce: Literal["sum", "weighted", "rows"] = "sum"
+
+
 class Phase:
     """One span of rounds with one kind of model. Subclasses implement the methods that raise.
 
@@ -88,6 +102,7 @@ class Phase:
 
     def __init__(self, cfg: Config, span: Span) -> None:
         self.cfg, self.span = cfg, span
+        self.server = ServerOptimizer.of(cfg.federated)  # its state goes into every checkpoint
 
     # -- set-up ----------------------------------------------------------------------------------
     def enter(self, previous: PhaseOutcome | None) -> None:
@@ -131,8 +146,34 @@ class Phase:
         as they are); results equal `local_update`'s client by client to float rounding."""
         raise NotImplementedError
 
+    # -- what clients send, what they keep, what the server does with it ---------------------------
+    def uploads(self) -> tuple[Upload, ...]:
+        """Values each client sends beside its model (e.g. SCAFFOLD's control-variate change). Default: none."""
+        return ()
+
+    def client_state(self) -> dict[str, int]:
+        """State each client keeps across rounds (name -> number of values, zeros at first): handed to its
+        update in `LocalContext.state`, replaced by `LocalResult.state`. The engine keeps every client's
+        state on every rank (so it does not matter which rank hosts a client) and in every checkpoint.
+        Default: none."""
+        return {}
+
+    @property
+    def model_rows(self) -> bool:
+        """Whether `server_step` needs every participant's model (`RoundSums.model_rows`) rather than their
+        sample-weighted sum: the robust aggregators do. Default: as `federated.aggregator` says."""
+        return self.cfg.federated.aggregator != "mean"
+
+    def server_step(self, sums: RoundSums, plan: RoundPlan) -> torch.Tensor:  # noqa: ARG002
+        """The new global model vector (flat float64: parameters, then float buffers) from the round's sums.
+        Default: `federated.aggregator`, then the server optimizer (`federated.server_optimizer`) on the
+        parameters; float buffers (BN statistics) are only aggregated."""
+        f = self.cfg.federated
+        new = aggregate(f.aggregator, sums, f.trim_fraction)
+        return self.server.step(sums.old[:sums.num_params], new) if self.server.active else new
+
     def server_update(self, model: nn.Module, plan: RoundPlan) -> None:
-        """After the engine's sample-weighted averaging (e.g. pruning). Default: nothing."""
+        """After the new global model is written (e.g. pruning). Default: nothing."""
 
     def end_early(self, rnd: int, row: dict[str, Any]) -> bool:  # noqa: ARG002
         """Asked once after every round of the phase (`row`: its log row), on every rank alike: True ends

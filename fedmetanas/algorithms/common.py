@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -32,6 +32,8 @@ class LocalContext:
     train_arch: bool = True  # False: leave the architecture logits as they are (warm-up)
     soft_topk: int = 0  # see RoundPlan: which ops a `soft` sample computes
     soft_eps: float = 0.0
+    # The client's own state from earlier rounds (`Phase.client_state`; zeros before its first round).
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -40,6 +42,8 @@ class LocalResult:
 
     loss: float
     steps: int
+    uploads: dict[str, torch.Tensor] = field(default_factory=dict)  # per `Phase.uploads` declaration
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # the client's new state (`Phase.client_state`)
 
 
 def copy_state(dst: nn.Module, src: nn.Module) -> None:

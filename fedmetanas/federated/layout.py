@@ -65,12 +65,13 @@ class FlatLayout:
         return out
 
 
-def round_layout(n_params: int, num_clients: int, world_size: int) -> FlatLayout:
+def round_layout(n_params: int, num_clients: int, world_size: int,
+                 extra: tuple[tuple[str, int], ...] = ()) -> FlatLayout:
     """The round's buffer: [sum n*params | sum n | stop | client loss | client flag | client excluded |
-    rank seconds | rank peak host memory | rank peak GPU memory]."""
+    rank seconds | rank peak host memory | rank peak GPU memory | what the phase declared (`extra`)]."""
     return FlatLayout.of(("params", n_params), ("n", 1), ("stop", 1), ("loss", num_clients),
                          ("flag", num_clients), ("excluded", num_clients), ("rank_seconds", world_size),
-                         ("rank_mib", world_size), ("rank_gpu_mib", world_size))
+                         ("rank_mib", world_size), ("rank_gpu_mib", world_size), *extra)
 
 
 def client_columns(flag: np.ndarray, excluded: np.ndarray, loss: np.ndarray) -> dict[str, np.ndarray]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -29,22 +28,22 @@ import yaml
 
 from fedmetanas.algorithms import get_algorithm
 from fedmetanas.algorithms.base import Phase, PhaseOutcome, RoundPlan
-from fedmetanas.algorithms.common import LocalContext, copy_state
+from fedmetanas.algorithms.common import LocalContext, LocalResult, copy_state
 from fedmetanas.checkpoint import CheckpointError, resumable_state
 from fedmetanas.config import Config, ConfigError, to_dict
 from fedmetanas.dist import DistContext
-from fedmetanas.federated.aggregation import (add_weighted_if_finite, aggregated_tensors, flatten64, numel,
-                                              write_flat)
+from fedmetanas.federated.aggregation import aggregated_tensors, flatten64, numel, write_flat
 from fedmetanas.federated.batching import BatchChoice, choose, refuse_unbatchable
+from fedmetanas.federated.client_state import ClientStates
 from fedmetanas.federated.callbacks import (ArtifactsCallback, Callback, CheckpointCallback, ConsoleCallback,
                                             TrajectoryCallback)
 from fedmetanas.federated.evaluation import evaluate_forwards
 from fedmetanas.federated.executor import ClientExecutor, close_executors, make_executors, run_clients
 from fedmetanas.federated.layout import client_columns, round_layout
+from fedmetanas.federated.round_buffer import RoundBuffer
 from fedmetanas.federated.personalization import (divergence_error, personalization_sample, personalize_clients,
                                                   summarize)
 from fedmetanas.federated.scheduling import assign_to_ranks, sample_clients
-from fedmetanas.federated.server import ServerOptimizer
 from fedmetanas.federated.setup import Setup, prepare
 from fedmetanas.data.client_data import check_batch_sizes
 from fedmetanas.rundir import RunDirError, RunLock, acquire_run_dir, out_of_space
@@ -125,9 +124,10 @@ class Loop:
         self.global_tensors = aggregated_tensors(self.net)
         self.num_params = numel(self.net.parameters())  # the aggregated tensors' leading parameters
         f = self.cfg.federated
-        self.server = ServerOptimizer(f.server_optimizer, f.server_lr, f.server_momentum, f.server_betas,
-                                      f.server_eps)  # a new model: the server optimizer starts afresh
-        self.layout = round_layout(numel(self.global_tensors), self.cfg.federated.num_clients, self.ctx.world_size)
+        self.buffer = RoundBuffer(phase, numel(self.global_tensors), f.num_clients, self.setup.per_round,
+                                  self.ctx.world_size)
+        self.layout = self.buffer.layout
+        self.client_states = ClientStates(phase.client_state(), f.num_clients, device)
         close_executors(self.executors)  # free the previous phase's lanes (and their threads) first
         self.executors = []
         # Per lane a worker (and a task replica if the phase's rule needs one): O(lanes x model) memory.
@@ -201,7 +201,8 @@ class Loop:
                                             state.get("search_final") or {}))
         self.net.load_state_dict(state["model"])
         self.phase.load_state_dict(state)
-        self.server.load_state_dict(state.get("server_optimizer"), self.ctx.device)
+        self.phase.server.load_state_dict(state.get("server_optimizer"), self.ctx.device)
+        self.client_states.load_state_dict(state.get("client_state"))
         self.start_round, self.wall_offset = nxt, float(state["wall_time"])
         self.end_round = nxt
         self.rows = [tuple(r) for r in state["rows"]]
@@ -214,7 +215,8 @@ class Loop:
         return {"next_round": next_round, "model": self.net.state_dict(), **self.phase.state_dict(),
                 "stage": self.phase_index, "search_final": prev.summary if prev else None,
                 "genotype": prev.genotype.to_string() if prev and prev.genotype is not None else None,
-                "phase_ends": list(self.phase_ends), "server_optimizer": self.server.state_dict(),
+                "phase_ends": list(self.phase_ends), "server_optimizer": self.phase.server.state_dict(),
+                "client_state": self.client_states.state_dict(),
                 "rows": self.rows, "wall_time": wall_time, "config": to_dict(self.cfg),
                 "partition_hash": self.setup.partition_hash}
 
@@ -346,13 +348,14 @@ class Loop:
                             torch_generator(cfg.federated.seed, Purpose.BATCHES, *coords, cid),
                             torch_generator(cfg.federated.seed, Purpose.GUMBEL, *coords, cid),
                             cfg.data.augment, cfg.model.channels_last, plan.lr_scale, cid, plan.train_arch,
-                            plan.soft_topk, plan.soft_eps)
+                            plan.soft_topk, plan.soft_eps, self.client_states.of(cid))
 
     def _local_work(self, rnd: int, plan: RoundPlan) -> torch.Tensor:
         """Run this rank's clients of the round (concurrently on GPU streams, in batches of
         `runtime.client_batch` where the phase can); return their summed buffer."""
         fed, lay = self.cfg.federated, self.layout
         selected = [int(c) for c in sample_clients(fed.num_clients, self.setup.per_round, fed.seed, rnd)]
+        self._slots = {cid: slot for slot, cid in enumerate(selected)}  # ascending ids: the same on every rank
         choice = self._client_batch(rnd, plan, selected)
         if choice != self.batching:
             log.info("round %d: %s (%s)", rnd + 1, f"clients in batches of {choice.k}" if choice.k > 1
@@ -365,7 +368,7 @@ class Loop:
         def client(ex: ClientExecutor, cid: int) -> None:
             copy_state(ex.worker, self.net)
             result = self.phase.local_update(ex.worker, ex.task, self._context(cid, plan, rnd))
-            self._add_client(lay.split(ex.buffer), cid, result.loss, aggregated_tensors(ex.worker))
+            self._add_client(lay.split(ex.buffer), cid, result.loss, aggregated_tensors(ex.worker), result)
 
         return run_clients(self.executors, ranks[self.ctx.rank], client,
                            deterministic=self.cfg.runtime.deterministic)
@@ -407,15 +410,10 @@ class Loop:
         return run_clients(self.executors, [batches[i] for i in ranks[self.ctx.rank]], work,
                            deterministic=self.cfg.runtime.deterministic)
 
-    def _add_client(self, seg: dict[str, torch.Tensor], cid: int, loss: float, tensors: list[torch.Tensor]) -> None:
-        """Client `cid`'s sample-weighted update into a lane's buffer, or its exclusion if not finite."""
-        seg["flag"][cid] = 1.0
-        n = self.setup.clients[cid].num_train
-        if not (math.isfinite(loss) and add_weighted_if_finite(seg["params"], tensors, float(n))):
-            seg["excluded"][cid] = 1.0  # excluded: contributes nothing to the average
-            return
-        seg["n"] += n
-        seg["loss"][cid] = loss
+    def _add_client(self, seg: dict[str, torch.Tensor], cid: int, loss: float, tensors: list[torch.Tensor],
+                    result: LocalResult | None = None) -> None:
+        """Client `cid`'s update into a lane's buffer (`RoundBuffer.add`), or its exclusion if not finite."""
+        self.buffer.add(seg, cid, self._slots[cid], self.setup.clients[cid].num_train, loss, tensors, result)
 
     def run_round(self, rnd: int, plan: RoundPlan, t_start: float) -> tuple[dict[str, Any], bool]:
         """One round: local work, one all-reduce, server update, evaluation, log row.
@@ -448,10 +446,7 @@ class Loop:
             log.warning("round %d: excluded non-finite update(s) of client(s) %s", rnd + 1,
                         np.flatnonzero(excluded).tolist())
         if float(out["n"][0]) > 0:  # else every client was excluded: keep the previous model
-            average = seg["params"] / seg["n"]
-            if self.server.active:  # the server's step from the old parameters (avg: the average itself)
-                average = self.server.step(flatten64(self.global_tensors, self.num_params), average)
-            write_flat(self.global_tensors, average)
+            self._server_step(seg, flags, excluded, plan)
         phase.server_update(self.net, plan)
 
         t0 = time.perf_counter()
@@ -476,6 +471,21 @@ class Loop:
         self.rows.append((phase.span.group, row))
         self._emit("on_round", phase.span.group, row)
         return row, float(out["stop"][0]) > 0
+
+    def _server_step(self, seg: dict[str, torch.Tensor], flags: np.ndarray, excluded: np.ndarray,
+                     plan: RoundPlan) -> None:
+        """The phase's server step on the round's sums; the participants' new client state kept."""
+        clients = np.flatnonzero(flags).tolist()
+        included = torch.tensor([not excluded[c] for c in clients], dtype=torch.bool)
+        sizes = torch.tensor([float(self.setup.clients[c].num_train) for c in clients], dtype=torch.float64)
+        old = flatten64(self.global_tensors, self.buffer.model_size)
+        sums = self.buffer.sums(seg, clients, included, torch.where(included, sizes, 0.0), float(seg["n"][0]), old,
+                                self.num_params)
+        write_flat(self.global_tensors, self.phase.server_step(sums, plan))
+        if self.client_states:
+            rows = self.buffer.states(seg)
+            keep = [i for i, ok in enumerate(included.tolist()) if ok]
+            self.client_states.write([clients[i] for i in keep], {k: v[keep] for k, v in rows.items()})
 
     def _evaluate(self, forwards: dict[str, Callable[[torch.Tensor], torch.Tensor]],
                   idx: torch.Tensor) -> dict[str, float]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedmetanas.federated.server import ServerOptimizer, adam_step, momentum_step, pseudo_gradient
+from fedmetanas.algorithms.server import ServerOptimizer, adam_step, momentum_step, pseudo_gradient
 
 P, B = 5, 3  # parameters, float buffers (BN statistics) after them
 
