@@ -34,20 +34,6 @@ def add_weighted(buf: torch.Tensor, tensors: Sequence[torch.Tensor], weight: flo
         offset += n
 
 
-def add_weighted_if_finite(buf: torch.Tensor, tensors: Sequence[torch.Tensor], weight: float) -> bool:
-    """buf += weight * concat(tensors) if every value is finite; else buf is left as it was. Returns which.
-
-    One finiteness check (one host sync) on the concatenated update instead of one per tensor (~700
-    for a supernet). The sum is bit-for-bit `add_weighted`'s; the concatenation costs one model-sized
-    temporary per lane.
-    """
-    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
-    if not bool(torch.isfinite(flat).all()):
-        return False
-    buf[: flat.numel()].add_(flat.to(torch.float64), alpha=weight)
-    return True
-
-
 def flatten64(tensors: Sequence[torch.Tensor], length: int) -> torch.Tensor:
     """The first `length` values of concat(tensors), as one flat float64 vector (e.g. the parameters that
     lead `aggregated_tensors`)."""

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedmetanas.algorithms.server import ServerOptimizer, adam_step, momentum_step, pseudo_gradient
+from fedmetanas.algorithms.server import (RoundSums, ServerOptimizer, adam_step, aggregate, coordinate_median,
+                                         momentum_step, pseudo_gradient, trimmed_mean)
 
 P, B = 5, 3  # parameters, float buffers (BN statistics) after them
 
@@ -103,3 +104,50 @@ def test_the_pure_steps_agree_with_the_optimizer():
     assert momentum_step(x, d, torch.zeros(2), 1.0, 0.9)[0].tolist() == [0.5, 2.25]
     new, m, v = adam_step(x, d, torch.zeros(2), torch.zeros(2), 1.0, (0.0, 0.0), 0.0)
     assert new.tolist() == [0.0, 3.0] and m.tolist() == d.tolist() and v.tolist() == (d * d).tolist()
+
+
+# --- the aggregators: what the round's client models become ---------------------------------------
+
+ROWS = np.array([[1.0, 10.0, -2.0], [2.0, -50.0, 0.0], [3.0, 20.0, 4.0], [100.0, 30.0, 1.0]])
+
+
+def test_the_median_of_an_even_count_is_the_mean_of_the_two_middle_values_per_coordinate():
+    got = coordinate_median(torch.tensor(ROWS))
+
+    assert got.tolist() == np.median(ROWS, axis=0).tolist() == [2.5, 15.0, 0.5]
+
+
+def test_the_median_of_an_odd_count_ignores_one_outlier_completely():
+    rows = torch.tensor([[1.0], [2.0], [1e9]])
+
+    assert coordinate_median(rows).tolist() == [2.0]
+
+
+def test_the_trimmed_mean_drops_the_largest_and_smallest_per_coordinate():
+    got = trimmed_mean(torch.tensor(ROWS), 0.25)  # one of four from each end
+
+    assert got.tolist() == [2.5, 15.0, 0.5]  # of four, keeping two: the two middle values' mean
+    assert trimmed_mean(torch.tensor(ROWS), 0.0).tolist() == ROWS.mean(axis=0).tolist()
+
+
+def test_a_trim_of_half_or_more_is_refused_and_a_small_one_of_few_rows_drops_nothing():
+    with pytest.raises(ValueError, match="leaves no value"):
+        trimmed_mean(torch.tensor(ROWS), 0.5)
+    assert trimmed_mean(torch.tensor(ROWS[:2]), 0.49).tolist() == ROWS[:2].mean(axis=0).tolist()
+
+
+def _sums(rows: np.ndarray, weights: list[float], included: list[bool]) -> RoundSums:
+    inc = torch.tensor(included)
+    w = torch.tensor(weights, dtype=torch.float64) * inc
+    r = torch.tensor(rows) * inc[:, None]  # an excluded slot's row stays zero
+    return RoundSums(n=float(w.sum()), clients=torch.arange(len(rows)), weights=w, included=inc,
+                     num_clients=len(rows), num_params=rows.shape[1], old=torch.zeros(rows.shape[1], dtype=torch.float64),
+                     model_sum=(r * w[:, None]).sum(0), model_rows=r)
+
+
+def test_aggregate_mean_is_the_sample_weighted_average_and_the_robust_ones_skip_excluded_rows():
+    sums = _sums(ROWS, [1.0, 1.0, 2.0, 4.0], [True, True, True, False])
+
+    assert aggregate("mean", sums).tolist() == pytest.approx(((ROWS[:3] * [[1], [1], [2]]).sum(0) / 4).tolist())
+    assert aggregate("median", sums).tolist() == [2.0, 10.0, 0.0]  # of the three included rows
+    assert aggregate("trimmed_mean", sums, 0.34).tolist() == [2.0, 10.0, 0.0]

@@ -7,7 +7,6 @@ from torch import nn
 
 from fedmetanas.federated.aggregation import (
     add_weighted,
-    add_weighted_if_finite,
     aggregated_tensors,
     flatten64,
     numel,
@@ -141,23 +140,6 @@ def test_aggregated_tensors_of_a_supernet_include_the_architecture_logits():
 
     assert all(id(p) in ids for p in net.alphas())
     assert all(id(p) in ids for p in net.weights())
-
-
-def test_a_finite_update_is_added_with_the_bits_of_add_weighted():
-    tensors = [torch.randn(3, 4, generator=torch.Generator().manual_seed(1)), torch.randn(5) * 1e7]
-    expected, got = torch.full((20,), 0.1, dtype=torch.float64), torch.full((20,), 0.1, dtype=torch.float64)
-    add_weighted(expected, tensors, 37.0)
-    assert add_weighted_if_finite(got, tensors, 37.0) is True
-    assert torch.equal(got, expected)
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_an_update_with_one_non_finite_value_anywhere_leaves_the_buffer_untouched(bad):
-    tensors = [torch.ones(4), torch.ones(6)]
-    tensors[1][5] = bad
-    buf = torch.full((12,), 2.0, dtype=torch.float64)
-    assert add_weighted_if_finite(buf, tensors, 3.0) is False
-    assert torch.equal(buf, torch.full((12,), 2.0, dtype=torch.float64))
 
 
 def test_flatten64_takes_the_leading_values_of_the_tensors_as_one_float64_vector():
