@@ -10,7 +10,7 @@ import h5py
 import pytest
 import torch
 
-from tests.helpers import launch, tiny_overrides
+from tests.helpers import launch, launch_all, saved_model, tiny_overrides
 
 FEDAVG = ["algorithm.name=fedavg", "fedavg.architecture=cnn", "fedavg.local_steps=2", "fedavg.batch_size=16",
           "federated.rounds=2", "federated.num_clients=5", "federated.clients_per_round=4", "data.min_samples=10"]
@@ -22,14 +22,10 @@ def runs(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     plans = {"mean": ([], 1), "median_np1": (["federated.aggregator=median"], 1),
              "median_np2": (["federated.aggregator=median"], 2),
              "trimmed_np2": (["federated.aggregator=trimmed_mean", "federated.trim_fraction=0.25"], 2)}
-    for name, (extra, np) in plans.items():
-        proc = launch(tiny_overrides(data_root, out, name) + FEDAVG + extra, np=np)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return {name: out / name for name in plans}
+    return launch_all(data_root, out, plans, FEDAVG)
 
 
-def _model(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "model.pt", weights_only=False)["state_dict"]
+_model = saved_model
 
 
 def test_the_median_gives_the_same_model_on_one_and_two_ranks(runs: dict[str, Path]) -> None:

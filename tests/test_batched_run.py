@@ -15,7 +15,7 @@ import h5py
 import pytest
 import torch
 
-from tests.helpers import launch, tiny_overrides
+from tests.helpers import launch, launch_all, saved_model, tiny_overrides
 from tests.helpers import start as _start
 from tests.helpers import wait_for as _wait_for
 
@@ -30,14 +30,10 @@ def runs(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     out = tmp_path_factory.mktemp("batched")
     plans = {"batched_np1": (["runtime.client_batch=4"], 1), "batched_np2": (["runtime.client_batch=4"], 2),
              "sequential": ([], 2)}
-    for name, (extra, np) in plans.items():
-        proc = launch(tiny_overrides(data_root, out, name) + FEDAVG + extra, np=np)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return {name: out / name for name in plans}
+    return launch_all(data_root, out, plans, FEDAVG)
 
 
-def _model(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "model.pt", weights_only=False)["state_dict"]
+_model = saved_model
 
 
 def test_batched_clients_give_the_same_model_on_one_and_two_ranks(runs: dict[str, Path]) -> None:
