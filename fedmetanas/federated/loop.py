@@ -28,28 +28,23 @@ import yaml
 
 from fedmetanas.algorithms import get_algorithm
 from fedmetanas.algorithms.base import Phase, PhaseOutcome, RoundPlan
-from fedmetanas.algorithms.common import LocalContext, LocalResult, copy_state
 from fedmetanas.checkpoint import CheckpointError, resumable_state
 from fedmetanas.config import Config, ConfigError, to_dict
 from fedmetanas.dist import DistContext
-from fedmetanas.federated.aggregation import aggregated_tensors, flatten64, numel, write_flat
-from fedmetanas.federated.batching import BatchChoice, choose, refuse_unbatchable
-from fedmetanas.federated.client_state import ClientStates
+from fedmetanas.federated.batching import refuse_unbatchable
 from fedmetanas.federated.callbacks import (ArtifactsCallback, Callback, CheckpointCallback, ConsoleCallback,
                                             TrajectoryCallback)
 from fedmetanas.federated.evaluation import evaluate_forwards
-from fedmetanas.federated.executor import ClientExecutor, close_executors, make_executors, run_clients
-from fedmetanas.federated.layout import client_columns, round_layout
-from fedmetanas.federated.round_buffer import RoundBuffer
+from fedmetanas.federated.executor import close_executors
+from fedmetanas.federated.layout import client_columns
+from fedmetanas.federated.local_work import LocalWork, PhaseRun
 from fedmetanas.federated.personalization import (divergence_error, personalization_sample, personalize_clients,
                                                   summarize)
-from fedmetanas.federated.scheduling import assign_to_ranks, sample_clients
 from fedmetanas.federated.setup import Setup, prepare
 from fedmetanas.data.client_data import check_batch_sizes
 from fedmetanas.rundir import RunDirError, RunLock, acquire_run_dir, out_of_space
 from fedmetanas.runtime import peak_memory_mib, synchronize
 from fedmetanas.search.genotypes import Genotype
-from fedmetanas.seeding import Purpose, torch_generator
 from fedmetanas.signals import StopFlag
 
 log = logging.getLogger(__name__)
@@ -91,7 +86,6 @@ class Loop:
         check_batch_sizes(algorithm.batch_sizes(), self.setup.clients.train_sizes.tolist())
         self.phases: list[Phase] = algorithm.phases()
         refuse_unbatchable(cfg.runtime.client_batch, self.phases)
-        self._batch_choices: dict[tuple[int, str], BatchChoice] = {}
         self.phase_ends: list[int] = []  # the round each ended phase ended at (in the checkpoint)
         self.previous: PhaseOutcome | None = None  # the outcome the current phase started from
         self.start_round, self.wall_offset = 0, 0.0
@@ -103,37 +97,19 @@ class Loop:
         self.stop = StopFlag()
         self.lock: RunLock | None = None  # rank 0's hold on the run directory
         self.callbacks: list[Callback] = []
-        self.executors: list[ClientExecutor] = []
+        self.work = LocalWork(cfg, self.setup, ctx)
+        self.cur: PhaseRun | None = None
         self._enter(0, None)
         # The log's model facts are the first phase's, also after a resume in a later one.
-        self.model_attrs = self.phase.model_attrs(self.net)
+        self.model_attrs = self.phase.model_attrs(self.cur.net)
 
     # -- phases ----------------------------------------------------------------------------------
     def _enter(self, index: int, previous: PhaseOutcome | None) -> None:
         """Make phase `index` current: its global model, lanes (worker + task replicas) and buffer layout."""
         self.phase_index, self.previous = index, previous
-        phase, device = self.phases[index], self.ctx.device
-        phase.enter(previous)
-        fmt = torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
-
-        def build() -> torch.nn.Module:
-            return phase.build_model(self.setup.inputs).to(device, memory_format=fmt)
-
-        self.net = build()
-        phase.on_model(self.net)
-        self.global_tensors = aggregated_tensors(self.net)
-        self.num_params = numel(self.net.parameters())  # the aggregated tensors' leading parameters
-        f = self.cfg.federated
-        self.buffer = RoundBuffer(phase, numel(self.global_tensors), f.num_clients, self.setup.per_round,
-                                  self.ctx.world_size)
-        self.layout = self.buffer.layout
-        self.client_states = ClientStates(phase.client_state(), f.num_clients, device)
-        close_executors(self.executors)  # free the previous phase's lanes (and their threads) first
-        self.executors = []
-        # Per lane a worker (and a task replica if the phase's rule needs one): O(lanes x model) memory.
-        self.executors = make_executors(self.cfg.runtime.streams_per_rank, build, self.layout.size, device,
-                                        with_task=phase.needs_task)
-        self.batching: BatchChoice | None = None  # how the last round ran its clients (logged on change)
+        self.phases[index].enter(previous)
+        self.cur = PhaseRun.enter(self.cfg, self.setup, self.ctx, index, self.phases[index],
+                                  self.cur.executors if self.cur is not None else [])
 
     @property
     def phase(self) -> Phase:
@@ -199,10 +175,10 @@ class Loop:
             genotype = state.get("genotype")
             self._enter(index, PhaseOutcome(Genotype.from_string(genotype) if genotype else None,
                                             state.get("search_final") or {}))
-        self.net.load_state_dict(state["model"])
+        self.cur.net.load_state_dict(state["model"])
         self.phase.load_state_dict(state)
         self.phase.server.load_state_dict(state.get("server_optimizer"), self.ctx.device)
-        self.client_states.load_state_dict(state.get("client_state"))
+        self.cur.client_states.load_state_dict(state.get("client_state"))
         self.start_round, self.wall_offset = nxt, float(state["wall_time"])
         self.end_round = nxt
         self.rows = [tuple(r) for r in state["rows"]]
@@ -212,11 +188,11 @@ class Loop:
         """What a checkpoint holds: enough to continue bit-identically (all randomness is derived from
         (seed, round, client), so no RNG state)."""
         prev = self.previous
-        return {"next_round": next_round, "model": self.net.state_dict(), **self.phase.state_dict(),
+        return {"next_round": next_round, "model": self.cur.net.state_dict(), **self.phase.state_dict(),
                 "stage": self.phase_index, "search_final": prev.summary if prev else None,
                 "genotype": prev.genotype.to_string() if prev and prev.genotype is not None else None,
                 "phase_ends": list(self.phase_ends), "server_optimizer": self.phase.server.state_dict(),
-                "client_state": self.client_states.state_dict(),
+                "client_state": self.cur.client_states.state_dict(),
                 "rows": self.rows, "wall_time": wall_time, "config": to_dict(self.cfg),
                 "partition_hash": self.setup.partition_hash}
 
@@ -251,7 +227,7 @@ class Loop:
             self._emit("on_round", group, row, replay=True)
         log.info("run directory %s; %s: %d clients (%d per round) on %d rank(s); %d aggregated values", out_dir,
                  cfg.algorithm.name, cfg.federated.num_clients, s.per_round, self.ctx.world_size,
-                 self.layout.length("params"))
+                 self.cur.buffer.model_size)
 
     def _emit(self, method: str, *args: Any, **kwargs: Any) -> None:
         for cb in self.callbacks:
@@ -281,7 +257,7 @@ class Loop:
             with self.stop:  # SIGTERM / SIGUSR1 / SIGINT: finish the round, checkpoint, stop
                 return self._run()
         finally:
-            close_executors(self.executors)
+            close_executors(self.cur.executors)
             if self.lock is not None:
                 self.lock.release()
 
@@ -334,95 +310,21 @@ class Loop:
 
     def _switch_phase(self, plan: RoundPlan, row: dict[str, Any]) -> None:
         """Between phases: keep the outcome, write the phase's files, build the next phase's model."""
-        outcome = self.phase.outcome(self.net, plan, row)
-        self._emit("on_phase_end", self.phase.artifacts(self.net, plan, last=False))
+        outcome = self.phase.outcome(self.cur.net, plan, row)
+        self._emit("on_phase_end", self.phase.artifacts(self.cur.net, plan, last=False))
         nxt = self.phases[self.phase_index + 1]
         log.info("phase %d finished after %.1f s (%s); %s for %d rounds", self.phase_index + 1, row["wall_time"],
                  outcome.genotype.to_string() if outcome.genotype else "no genotype", nxt.span.kind, nxt.span.rounds)
         self._enter(self.phase_index + 1, outcome)
-
-    def _context(self, cid: int, plan: RoundPlan, *coords: int) -> LocalContext:
-        """Client `cid`'s context; its randomness comes from (seed, coords, cid) alone."""
-        cfg, s = self.cfg, self.setup
-        return LocalContext(s.train, s.train_idx[cid], self.phase.masks(), plan.tau, plan.relax_mode,
-                            torch_generator(cfg.federated.seed, Purpose.BATCHES, *coords, cid),
-                            torch_generator(cfg.federated.seed, Purpose.GUMBEL, *coords, cid),
-                            cfg.data.augment, cfg.model.channels_last, plan.lr_scale, cid, plan.train_arch,
-                            plan.soft_topk, plan.soft_eps, self.client_states.of(cid))
-
-    def _local_work(self, rnd: int, plan: RoundPlan) -> torch.Tensor:
-        """Run this rank's clients of the round (concurrently on GPU streams, in batches of
-        `runtime.client_batch` where the phase can); return their summed buffer."""
-        fed, lay = self.cfg.federated, self.layout
-        selected = [int(c) for c in sample_clients(fed.num_clients, self.setup.per_round, fed.seed, rnd)]
-        self._slots = {cid: slot for slot, cid in enumerate(selected)}  # ascending ids: the same on every rank
-        choice = self._client_batch(rnd, plan, selected)
-        if choice != self.batching:
-            log.info("round %d: %s (%s)", rnd + 1, f"clients in batches of {choice.k}" if choice.k > 1
-                     else "clients one after another", choice.why)
-        self.batching = choice
-        if choice.k > 1:
-            return self._batched_work(rnd, plan, selected, choice.k)
-        ranks = assign_to_ranks(selected, [1.0] * fed.num_clients, self.ctx.world_size)
-
-        def client(ex: ClientExecutor, cid: int) -> None:
-            copy_state(ex.worker, self.net)
-            result = self.phase.local_update(ex.worker, ex.task, self._context(cid, plan, rnd))
-            self._add_client(lay.split(ex.buffer), cid, result.loss, aggregated_tensors(ex.worker), result)
-
-        return run_clients(self.executors, ranks[self.ctx.rank], client,
-                           deterministic=self.cfg.runtime.deterministic)
-
-    def _client_batch(self, rnd: int, plan: RoundPlan, selected: list[int]) -> BatchChoice:
-        """`runtime.client_batch` resolved for this phase and relaxation (`batching.choose`; a GPU's probe
-        runs once per phase and relaxation, on the round's first clients, its results discarded)."""
-        key = (self.phase_index, plan.relax_mode)
-        if key not in self._batch_choices:
-            def probe(k: int) -> int:
-                ex = self.executors[0]
-                torch.cuda.synchronize(self.ctx.device)
-                torch.cuda.reset_peak_memory_stats(self.ctx.device)
-                copy_state(ex.worker, self.net)
-                self.phase.local_update_batch(ex.worker, [self._context(c, plan, rnd) for c in selected[:k]])
-                torch.cuda.synchronize(self.ctx.device)
-                return int(torch.cuda.max_memory_allocated(self.ctx.device))
-
-            def agree(k: int) -> int:
-                return int(min(self.ctx.all_gather_objects(k)))
-
-            self._batch_choices[key] = choose(self.cfg.runtime.client_batch, self.ctx.device,
-                                              self.phase.batches_clients(plan), len(selected), probe, agree)
-        return self._batch_choices[key]
-
-    def _batched_work(self, rnd: int, plan: RoundPlan, selected: list[int], k: int) -> torch.Tensor:
-        """The round's clients in batches of k consecutive participants, whole batches to a rank: a batch is
-        the same computation whatever the rank count, so results stay rank-invariant."""
-        batches = [tuple(selected[i:i + k]) for i in range(0, len(selected), k)]
-        ranks = assign_to_ranks(range(len(batches)), [float(len(b)) for b in batches], self.ctx.world_size)
-
-        def work(ex: ClientExecutor, batch: tuple[int, ...]) -> None:
-            copy_state(ex.worker, self.net)
-            update = self.phase.local_update_batch(ex.worker, [self._context(cid, plan, rnd) for cid in batch])
-            seg = self.layout.split(ex.buffer)
-            for j, cid in enumerate(batch):
-                self._add_client(seg, cid, update.losses[j], update.client(j))
-
-        return run_clients(self.executors, [batches[i] for i in ranks[self.ctx.rank]], work,
-                           deterministic=self.cfg.runtime.deterministic)
-
-    def _add_client(self, seg: dict[str, torch.Tensor], cid: int, loss: float, tensors: list[torch.Tensor],
-                    result: LocalResult | None = None) -> None:
-        """Client `cid`'s update into a lane's buffer (`RoundBuffer.add`), or its exclusion if not finite."""
-        self.buffer.add(seg, cid, self._slots[cid], self.setup.clients[cid].num_train, loss, tensors, result)
 
     def run_round(self, rnd: int, plan: RoundPlan, t_start: float) -> tuple[dict[str, Any], bool]:
         """One round: local work, one all-reduce, server update, evaluation, log row.
 
         Returns the round's log row and whether any rank was asked to stop (signal).
         """
-        cfg, phase, lay = self.cfg, self.phase, self.layout
+        cfg, phase, lay, net = self.cfg, self.phase, self.cur.buffer.layout, self.cur.net
         t_round = time.perf_counter()
-        buf = self._local_work(rnd, plan)
+        buf = self.work(self.cur, rnd, plan)
         synchronize(self.ctx.device)
         t_local = time.perf_counter() - t_round
         seg = lay.split(buf)
@@ -446,12 +348,14 @@ class Loop:
             log.warning("round %d: excluded non-finite update(s) of client(s) %s", rnd + 1,
                         np.flatnonzero(excluded).tolist())
         if float(out["n"][0]) > 0:  # else every client was excluded: keep the previous model
-            self._server_step(seg, flags, excluded, plan)
-        phase.server_update(self.net, plan)
+            clients = np.flatnonzero(flags).tolist()
+            self.cur.server_step(seg, clients, [not excluded[c] for c in clients],
+                                 [self.setup.clients[c].num_train for c in clients], plan)
+        phase.server_update(net, plan)
 
         t0 = time.perf_counter()
         if (rnd - phase.span.first) % cfg.eval.every == 0 or rnd == phase.span.end - 1:
-            metrics = self._evaluate(phase.forwards(self.net, plan), self.setup.eval_idx)
+            metrics = self._evaluate(phase.forwards(net, plan), self.setup.eval_idx)
         else:
             metrics = {f"{n}_{m}": float("nan") for n in phase.eval_names for m in ("loss", "acc")}
         t_eval = time.perf_counter() - t0
@@ -466,30 +370,15 @@ class Loop:
             "wall_time": time.perf_counter() - t_start, "bytes_allreduced": buf.numel() * buf.element_size(),
             # What a real deployment moves: each participant downloads and uploads the model (float32).
             "bytes_clients": int(2 * int(flags.sum()) * lay.length("params") * 4),
-            "client_batch": self.batching.k if self.batching is not None else 1,  # 1: one after another
-            **phase.record(self.net, plan)}
+            "client_batch": self.work.batching.k if self.work.batching is not None else 1,  # 1: one at a time
+            **phase.record(net, plan)}
         self.rows.append((phase.span.group, row))
         self._emit("on_round", phase.span.group, row)
         return row, float(out["stop"][0]) > 0
 
-    def _server_step(self, seg: dict[str, torch.Tensor], flags: np.ndarray, excluded: np.ndarray,
-                     plan: RoundPlan) -> None:
-        """The phase's server step on the round's sums; the participants' new client state kept."""
-        clients = np.flatnonzero(flags).tolist()
-        included = torch.tensor([not excluded[c] for c in clients], dtype=torch.bool)
-        sizes = torch.tensor([float(self.setup.clients[c].num_train) for c in clients], dtype=torch.float64)
-        old = flatten64(self.global_tensors, self.buffer.model_size)
-        sums = self.buffer.sums(seg, clients, included, torch.where(included, sizes, 0.0), float(seg["n"][0]), old,
-                                self.num_params)
-        write_flat(self.global_tensors, self.phase.server_step(sums, plan))
-        if self.client_states:
-            rows = self.buffer.states(seg)
-            keep = [i for i, ok in enumerate(included.tolist()) if ok]
-            self.client_states.write([clients[i] for i in keep], {k: v[keep] for k, v in rows.items()})
-
     def _evaluate(self, forwards: dict[str, Callable[[torch.Tensor], torch.Tensor]],
                   idx: torch.Tensor) -> dict[str, float]:
-        return evaluate_forwards(self.ctx, self.net, forwards, self.setup.test, idx, self.cfg.eval.batch_size,
+        return evaluate_forwards(self.ctx, self.cur.net, forwards, self.setup.test, idx, self.cfg.eval.batch_size,
                                  self.cfg.model.channels_last)
 
     # -- the end ---------------------------------------------------------------------------------
@@ -505,7 +394,8 @@ class Loop:
                      cfg.federated.time_budget_s, self.phase_index + 1)
         else:
             log.info("stopped_by=rounds after round %d", end)
-        metrics = self._evaluate(phase.forwards(self.net, plan), final_idx)
+        net = self.cur.net
+        metrics = self._evaluate(phase.forwards(net, plan), final_idx)
         final = phase.final_record(metrics, self.previous, time.perf_counter() - t_start)
         personal, summary, fault = None, {}, None
         p = cfg.personalize
@@ -517,8 +407,8 @@ class Loop:
             lr_scale = p.lr / base if p.lr > 0 and base > 0 else plan.lr_scale
             chosen = personalization_sample(s.clients.test_sizes, p.max_clients, cfg.federated.seed)
             personal = personalize_clients(
-                self.ctx, s, phase, self.net, self.executors, dataclasses.replace(plan, lr_scale=lr_scale),
-                lambda cid, pl: self._context(cid, pl, end, 1), p.steps, cfg.eval.batch_size,
+                self.ctx, s, phase, net, self.cur.executors, dataclasses.replace(plan, lr_scale=lr_scale),
+                lambda cid, pl: self.work.context(self.cur, cid, pl, end, 1), p.steps, cfg.eval.batch_size,
                 cfg.model.channels_last, chosen)
             fault = divergence_error(personal, p.steps, p.lr)
             if fault is None:  # a diverged client's mean would be no result: none is recorded or printed
@@ -526,10 +416,10 @@ class Loop:
                            **summarize(personal["personalization/acc_after"], "personal_after"),
                            "personal_clients": len(chosen)}
         seconds = time.perf_counter() - t_start
-        arch_text = phase.arch_text(self.net, plan)
+        arch_text = phase.arch_text(net, plan)
         record = {"genotype": arch_text, "algorithm": cfg.algorithm.name, "seconds": seconds,
                   "eval_count": int(final_idx.numel()), "stopped_by": self.stopped_by, **final, **summary}
-        self._emit("on_phase_end", phase.artifacts(self.net, plan, last=True))
+        self._emit("on_phase_end", phase.artifacts(net, plan, last=True))
         self._emit("on_finish", record, personal)
         return RunResult(record, seconds, s.run_path if self.ctx.is_main else None, summary or None,
                          tuple(phase.describe_final(record)), fault)
