@@ -19,7 +19,7 @@ from fedmetanas.algorithms.base import Artifact
 from fedmetanas.checkpoint import save_checkpoint, to_cpu
 from fedmetanas.config import Config, to_dict
 from fedmetanas.reporting.hdf5 import TrajectoryLog
-from fedmetanas.rundir import LOG_NAME
+from fedmetanas.rundir import LOG_NAME, out_of_space
 
 log = logging.getLogger(__name__)
 
@@ -127,3 +127,34 @@ class ConsoleCallback(Callback):
             log.info("personalization (%d steps, %d clients): mean accuracy %.4f -> %.4f, worst 10%% %.4f -> %.4f",
                      self.steps, final["personal_clients"], final["personal_before_mean"], final["personal_after_mean"],
                      final["personal_before_worst10"], final["personal_after_worst10"])
+
+
+class Callbacks:
+    """The run's callbacks (none on ranks other than 0), each event handed to each in turn.
+
+    A write that fails for want of disk space becomes `OutOfSpaceError` (one line for the user) after the
+    log is closed if it still closes (a reader then opens it plainly; one whose close fails too is left as
+    it is, for --resume to rebuild)."""
+
+    def __init__(self, run_path: Path) -> None:
+        self.run_path = run_path
+        self.items: list[Callback] = []
+
+    def emit(self, method: str, *args: Any, **kwargs: Any) -> None:
+        for cb in self.items:
+            try:
+                getattr(cb, method)(*args, **kwargs)
+            except (OSError, RuntimeError) as err:
+                full = out_of_space(err, self.run_path)
+                if full is None:
+                    raise
+                self._abandon_log()
+                raise full from None
+
+    def _abandon_log(self) -> None:
+        for cb in self.items:
+            if isinstance(cb, TrajectoryCallback):
+                try:
+                    cb.on_stop()
+                except (OSError, RuntimeError) as err:
+                    log.debug("the log could not be closed after a failed write: %s", err)

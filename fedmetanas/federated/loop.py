@@ -15,7 +15,6 @@ last phase (`stopped_by: rounds`) or once its training time reaches `federated.t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -32,17 +31,17 @@ from fedmetanas.checkpoint import CheckpointError, resumable_state
 from fedmetanas.config import Config, ConfigError, to_dict
 from fedmetanas.dist import DistContext
 from fedmetanas.federated.batching import refuse_unbatchable
-from fedmetanas.federated.callbacks import (ArtifactsCallback, Callback, CheckpointCallback, ConsoleCallback,
+from fedmetanas.federated.callbacks import (ArtifactsCallback, Callbacks, CheckpointCallback, ConsoleCallback,
                                             TrajectoryCallback)
 from fedmetanas.federated.evaluation import evaluate_forwards
 from fedmetanas.federated.executor import close_executors
 from fedmetanas.federated.layout import client_columns
 from fedmetanas.federated.local_work import LocalWork, PhaseRun
-from fedmetanas.federated.personalization import (divergence_error, personalization_sample, personalize_clients,
-                                                  summarize)
+from fedmetanas.federated.personalization import personalize_final
 from fedmetanas.federated.setup import Setup, prepare
+from fedmetanas.federated.stages import Stages
 from fedmetanas.data.client_data import check_batch_sizes
-from fedmetanas.rundir import RunDirError, RunLock, acquire_run_dir, out_of_space
+from fedmetanas.rundir import RunDirError, RunLock, acquire_run_dir
 from fedmetanas.runtime import peak_memory_mib, synchronize
 from fedmetanas.search.genotypes import Genotype
 from fedmetanas.signals import StopFlag
@@ -84,9 +83,8 @@ class Loop:
         algorithm = get_algorithm(cfg.algorithm.name)(cfg)
         # Every rank checks the same clients: all fail alike, none waits for another.
         check_batch_sizes(algorithm.batch_sizes(), self.setup.clients.train_sizes.tolist())
-        self.phases: list[Phase] = algorithm.phases()
-        refuse_unbatchable(cfg.runtime.client_batch, self.phases)
-        self.phase_ends: list[int] = []  # the round each ended phase ended at (in the checkpoint)
+        self.stages = Stages(algorithm.phases())
+        refuse_unbatchable(cfg.runtime.client_batch, self.stages.phases)
         self.previous: PhaseOutcome | None = None  # the outcome the current phase started from
         self.start_round, self.wall_offset = 0, 0.0
         self.end_round = 0  # one past the last round run so far
@@ -96,7 +94,7 @@ class Loop:
         self.rows: list[tuple[str, dict[str, Any]]] = []  # (HDF5 table, row): replayed on resume
         self.stop = StopFlag()
         self.lock: RunLock | None = None  # rank 0's hold on the run directory
-        self.callbacks: list[Callback] = []
+        self.callbacks = Callbacks(self.setup.run_path)
         self.work = LocalWork(cfg, self.setup, ctx)
         self.cur: PhaseRun | None = None
         self._enter(0, None)
@@ -106,37 +104,14 @@ class Loop:
     # -- phases ----------------------------------------------------------------------------------
     def _enter(self, index: int, previous: PhaseOutcome | None) -> None:
         """Make phase `index` current: its global model, lanes (worker + task replicas) and buffer layout."""
-        self.phase_index, self.previous = index, previous
-        self.phases[index].enter(previous)
-        self.cur = PhaseRun.enter(self.cfg, self.setup, self.ctx, index, self.phases[index],
+        self.stages.index, self.previous = index, previous
+        self.stages.phases[index].enter(previous)
+        self.cur = PhaseRun.enter(self.cfg, self.setup, self.ctx, index, self.stages.phases[index],
                                   self.cur.executors if self.cur is not None else [])
 
     @property
     def phase(self) -> Phase:
-        return self.phases[self.phase_index]
-
-    @property
-    def total(self) -> int:
-        """Rounds of the whole run as its phases' spans now stand (an early phase end shortens it)."""
-        return self.phases[-1].span.end
-
-    def _phase_of(self, rnd: int) -> int:
-        return next((i for i, p in enumerate(self.phases) if rnd < p.span.end), len(self.phases) - 1)
-
-    def _close_span(self, index: int, end: int) -> None:
-        """Phase `index` ends at round `end` (its last round is `end - 1`): cut its span there and move the
-        later phases' spans to follow it (spans are frozen: replaced, never edited)."""
-        span = self.phases[index].span
-        if end != span.end:
-            self.phases[index].span = dataclasses.replace(span, rounds=end - span.first)
-        for before, after in zip(self.phases[index:], self.phases[index + 1:]):
-            after.span = dataclasses.replace(after.span, first=before.span.end)
-
-    def _stages(self) -> list[dict[str, Any]]:
-        """The spans of the phases run so far, the current one up to the last round run."""
-        spans = [p.span for p in self.phases[:self.phase_index + 1]]
-        spans[-1] = dataclasses.replace(spans[-1], rounds=max(self.end_round, spans[-1].first) - spans[-1].first)
-        return [dataclasses.asdict(s) for s in spans]
+        return self.stages.current
 
     # -- start: resume, run directory, callbacks ---------------------------------------------------
     def _agree(self, step: Callable[[], None]) -> None:
@@ -161,17 +136,15 @@ class Loop:
         if found is None:
             return
         state, path = found
-        self.phase_ends = [int(e) for e in state.get("phase_ends") or []]
-        for i, end in enumerate(self.phase_ends):
-            self._close_span(i, end)
+        self.stages.restore(state.get("phase_ends") or [])
         nxt, index = int(state["next_round"]), int(state.get("stage", 0))
         # Saved at the end of a phase whose successor was not entered (the run stopped there).
-        self.switch_pending = index < len(self.phase_ends) and self.phase_ends[index] == nxt
-        if index + self.switch_pending != self._phase_of(nxt):
+        self.switch_pending = index < len(self.stages.ends) and self.stages.ends[index] == nxt
+        if index + self.switch_pending != self.stages.of(nxt):
             raise CheckpointError(
                 f"{path}: saved in stage {index} at round {nxt}, which this config places in "
-                f"stage {self._phase_of(nxt)}; resume with the run's federated.rounds")
-        if index != self.phase_index:
+                f"stage {self.stages.of(nxt)}; resume with the run's federated.rounds")
+        if index != self.stages.index:
             genotype = state.get("genotype")
             self._enter(index, PhaseOutcome(Genotype.from_string(genotype) if genotype else None,
                                             state.get("search_final") or {}))
@@ -189,9 +162,9 @@ class Loop:
         (seed, round, client), so no RNG state)."""
         prev = self.previous
         return {"next_round": next_round, "model": self.cur.net.state_dict(), **self.phase.state_dict(),
-                "stage": self.phase_index, "search_final": prev.summary if prev else None,
+                "stage": self.stages.index, "search_final": prev.summary if prev else None,
                 "genotype": prev.genotype.to_string() if prev and prev.genotype is not None else None,
-                "phase_ends": list(self.phase_ends), "server_optimizer": self.phase.server.state_dict(),
+                "phase_ends": list(self.stages.ends), "server_optimizer": self.phase.server.state_dict(),
                 "client_state": self.cur.client_states.state_dict(),
                 "rows": self.rows, "wall_time": wall_time, "config": to_dict(self.cfg),
                 "partition_hash": self.setup.partition_hash}
@@ -212,43 +185,22 @@ class Loop:
         attrs = {"config_yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False), **self.model_attrs,
                  "world_size": self.ctx.world_size, "algorithm": cfg.algorithm.name,
                  # The planned spans; rewritten at the end with those run (`_stages`).
-                 "stages": json.dumps([dataclasses.asdict(p.span) for p in self.phases]),
+                 "stages": json.dumps(self.stages.planned()),
                  "partition_hash": s.partition_hash}
         static = {"partition/class_counts": s.counts,
                   "partition/train_sizes": s.clients.train_sizes, "partition/test_sizes": s.clients.test_sizes}
-        self.callbacks = [ArtifactsCallback(cfg, out_dir), TrajectoryCallback(out_dir, attrs, static,
-                                                                               lambda: json.dumps(self._stages())),
-                          CheckpointCallback(cfg, s.run_path / "checkpoints", self._snapshot),
-                          ConsoleCallback(lambda: self.total,
-                                          lambda row, loss: self.phase.describe_round(row, loss),
-                                          cfg.personalize.steps)]
-        self._emit("on_start", self.rows)
+        stages = lambda: json.dumps(self.stages.run_so_far(self.end_round))  # noqa: E731
+        self.callbacks.items = [ArtifactsCallback(cfg, out_dir), TrajectoryCallback(out_dir, attrs, static, stages),
+                                CheckpointCallback(cfg, s.run_path / "checkpoints", self._snapshot),
+                                ConsoleCallback(lambda: self.stages.total,
+                                                lambda row, loss: self.phase.describe_round(row, loss),
+                                                cfg.personalize.steps)]
+        self.callbacks.emit("on_start", self.rows)
         for group, row in self.rows:
-            self._emit("on_round", group, row, replay=True)
+            self.callbacks.emit("on_round", group, row, replay=True)
         log.info("run directory %s; %s: %d clients (%d per round) on %d rank(s); %d aggregated values", out_dir,
                  cfg.algorithm.name, cfg.federated.num_clients, s.per_round, self.ctx.world_size,
                  self.cur.buffer.model_size)
-
-    def _emit(self, method: str, *args: Any, **kwargs: Any) -> None:
-        for cb in self.callbacks:
-            try:
-                getattr(cb, method)(*args, **kwargs)
-            except (OSError, RuntimeError) as err:
-                full = out_of_space(err, self.setup.run_path)
-                if full is None:
-                    raise
-                self._abandon_log()
-                raise full from None
-
-    def _abandon_log(self) -> None:
-        """After a failed write: close the log if it still closes (a reader then opens it plainly); one whose
-        close fails too is left as it is, for --resume to rebuild."""
-        for cb in self.callbacks:
-            if isinstance(cb, TrajectoryCallback):
-                try:
-                    cb.on_stop()
-                except (OSError, RuntimeError) as err:
-                    log.debug("the log could not be closed after a failed write: %s", err)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -268,30 +220,29 @@ class Loop:
         self._start()
         t_start -= self.wall_offset
         rnd = self.start_round
-        if 0 < rnd < self.total and self._over_budget(self.wall_offset):
+        if 0 < rnd < self.stages.total and self._over_budget(self.wall_offset):
             self.stopped_by = "time_budget"  # a resumed run whose budget was already spent only finishes
         elif self.switch_pending:
             self._switch_phase(self.phase.round_plan(rnd - 1), self.rows[-1][1])
-        while self.stopped_by == "rounds" and rnd < self.total:
+        while self.stopped_by == "rounds" and rnd < self.stages.total:
             plan = self.phase.round_plan(rnd)
             row, stopping = self.run_round(rnd, plan, t_start)
             self.end_round = rnd + 1
             early = self.phase.end_early(rnd, row)  # asked every round: the phase may count something
-            phase_ends = self.phase_index + 1 < len(self.phases) and (early or rnd == self.phase.span.end - 1)
+            phase_ends = self.stages.has_next and (early or rnd == self.phase.span.end - 1)
             if phase_ends and rnd < self.phase.span.end - 1:
                 log.info("phase %d ends early, after round %d of its planned %d (its own stop rule)",
-                         self.phase_index + 1, rnd + 1, self.phase.span.end)
+                         self.stages.index + 1, rnd + 1, self.phase.span.end)
             if phase_ends:
-                self._close_span(self.phase_index, rnd + 1)
-                self.phase_ends.append(rnd + 1)
-            last = rnd == self.total - 1
+                self.stages.end_current(rnd + 1)
+            last = rnd == self.stages.total - 1
             if not last and self._over_budget(row["wall_time"]):
                 self.stopped_by, last = "time_budget", True  # finalize in this phase, as if its last round
             if phase_ends and not last:
                 self._switch_phase(plan, row)
-            self._emit("on_round_end", rnd + 1, row["wall_time"], stopping, last)
+            self.callbacks.emit("on_round_end", rnd + 1, row["wall_time"], stopping, last)
             if stopping and not last:
-                self._emit("on_stop")
+                self.callbacks.emit("on_stop")
                 raise Preempted(f"stopped by {self.stop.signal_name or 'a signal on another rank'} after round "
                                 f"{rnd + 1}; checkpoint written, continue with --resume", self.stop.signal_name)
             rnd += 1
@@ -311,11 +262,12 @@ class Loop:
     def _switch_phase(self, plan: RoundPlan, row: dict[str, Any]) -> None:
         """Between phases: keep the outcome, write the phase's files, build the next phase's model."""
         outcome = self.phase.outcome(self.cur.net, plan, row)
-        self._emit("on_phase_end", self.phase.artifacts(self.cur.net, plan, last=False))
-        nxt = self.phases[self.phase_index + 1]
-        log.info("phase %d finished after %.1f s (%s); %s for %d rounds", self.phase_index + 1, row["wall_time"],
+        self.callbacks.emit("on_phase_end", self.phase.artifacts(self.cur.net, plan, last=False))
+        index = self.stages.index + 1
+        nxt = self.stages.phases[index]
+        log.info("phase %d finished after %.1f s (%s); %s for %d rounds", index, row["wall_time"],
                  outcome.genotype.to_string() if outcome.genotype else "no genotype", nxt.span.kind, nxt.span.rounds)
-        self._enter(self.phase_index + 1, outcome)
+        self._enter(index, outcome)
 
     def run_round(self, rnd: int, plan: RoundPlan, t_start: float) -> tuple[dict[str, Any], bool]:
         """One round: local work, one all-reduce, server update, evaluation, log row.
@@ -340,7 +292,7 @@ class Loop:
                 f"round {rnd + 1}: the update of client(s) {np.flatnonzero(excluded).tolist()} holds NaN/Inf; "
                 "lower the learning rates, or set federated.nonfinite: exclude to drop such updates")
         if flags.any() and excluded[flags].all():
-            self._emit("on_stop")
+            self.callbacks.emit("on_stop")
             raise NumericalFault(
                 f"round {rnd + 1}: every client's update held NaN/Inf and was excluded, so the model did not "
                 "change; lower the learning rates")
@@ -373,7 +325,7 @@ class Loop:
             "client_batch": self.work.batching.k if self.work.batching is not None else 1,  # 1: one at a time
             **phase.record(net, plan)}
         self.rows.append((phase.span.group, row))
-        self._emit("on_round", phase.span.group, row)
+        self.callbacks.emit("on_round", phase.span.group, row)
         return row, float(out["stop"][0]) > 0
 
     def _evaluate(self, forwards: dict[str, Callable[[torch.Tensor], torch.Tensor]],
@@ -390,37 +342,21 @@ class Loop:
         plan = phase.round_plan(end - 1)
         if self.stopped_by == "time_budget":
             log.info("stopped_by=time_budget after round %d of %d: training time %.3f s >= federated.time_budget_s "
-                     "%g s; finalizing in phase %d", end, self.total, self.training_seconds,
-                     cfg.federated.time_budget_s, self.phase_index + 1)
+                     "%g s; finalizing in phase %d", end, self.stages.total, self.training_seconds,
+                     cfg.federated.time_budget_s, self.stages.index + 1)
         else:
             log.info("stopped_by=rounds after round %d", end)
         net = self.cur.net
         metrics = self._evaluate(phase.forwards(net, plan), final_idx)
         final = phase.final_record(metrics, self.previous, time.perf_counter() - t_start)
-        personal, summary, fault = None, {}, None
-        p = cfg.personalize
-        if p.steps > 0 and not s.clients.test_sizes.any():
-            log.warning("personalization skipped: no client has a local test sample (data.local_test_fraction "
-                        "%g); raise it to measure personalization", cfg.data.local_test_fraction)
-        elif p.steps > 0:
-            base = phase.personalize_base_lr()
-            lr_scale = p.lr / base if p.lr > 0 and base > 0 else plan.lr_scale
-            chosen = personalization_sample(s.clients.test_sizes, p.max_clients, cfg.federated.seed)
-            personal = personalize_clients(
-                self.ctx, s, phase, net, self.cur.executors, dataclasses.replace(plan, lr_scale=lr_scale),
-                lambda cid, pl: self.work.context(self.cur, cid, pl, end, 1), p.steps, cfg.eval.batch_size,
-                cfg.model.channels_last, chosen)
-            fault = divergence_error(personal, p.steps, p.lr)
-            if fault is None:  # a diverged client's mean would be no result: none is recorded or printed
-                summary = {**summarize(personal["personalization/acc_before"], "personal_before"),
-                           **summarize(personal["personalization/acc_after"], "personal_after"),
-                           "personal_clients": len(chosen)}
+        personal, summary, fault = personalize_final(cfg, self.ctx, s, phase, net, self.cur.executors, plan,
+                                                     lambda cid, pl: self.work.context(self.cur, cid, pl, end, 1))
         seconds = time.perf_counter() - t_start
         arch_text = phase.arch_text(net, plan)
         record = {"genotype": arch_text, "algorithm": cfg.algorithm.name, "seconds": seconds,
                   "eval_count": int(final_idx.numel()), "stopped_by": self.stopped_by, **final, **summary}
-        self._emit("on_phase_end", phase.artifacts(net, plan, last=True))
-        self._emit("on_finish", record, personal)
+        self.callbacks.emit("on_phase_end", phase.artifacts(net, plan, last=True))
+        self.callbacks.emit("on_finish", record, personal)
         return RunResult(record, seconds, s.run_path if self.ctx.is_main else None, summary or None,
                          tuple(phase.describe_final(record)), fault)
 

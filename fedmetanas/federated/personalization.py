@@ -4,6 +4,8 @@ summaries of the per-client accuracies (pure functions)."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -13,6 +15,7 @@ from torch import nn
 
 from fedmetanas.algorithms.base import Phase, RoundPlan
 from fedmetanas.algorithms.common import LocalContext, copy_state
+from fedmetanas.config import Config
 from fedmetanas.dist import DistContext
 from fedmetanas.federated.evaluation import evaluate
 from fedmetanas.federated.executor import ClientExecutor, map_clients
@@ -22,6 +25,8 @@ from fedmetanas.seeding import Purpose, numpy_generator
 
 if TYPE_CHECKING:
     from fedmetanas.federated.setup import Setup
+
+log = logging.getLogger(__name__)
 
 
 def worst_fraction_mean(acc: np.ndarray, fraction: float = 0.1) -> float:
@@ -123,3 +128,33 @@ def divergence_error(personal: dict[str, np.ndarray], steps: int, lr: float) -> 
     return (f"personalization diverged for {len(clients)} of {measured} clients ({shown}): the loss after "
             f"personalize.steps={steps} at {rate} is NaN/Inf, so no personalized accuracy is reported (the global "
             "model's results stand, in the run directory); lower personalize.lr (or personalize.steps)")
+
+
+def personalize_final(cfg: Config, ctx: DistContext, setup: Setup, phase: Phase, net: nn.Module,
+                      executors: list[ClientExecutor], plan: RoundPlan,
+                      context: Callable[[int, RoundPlan], LocalContext]
+                      ) -> tuple[dict[str, np.ndarray] | None, dict[str, float], str | None]:
+    """After the final evaluation: the chosen clients adapt the final model (`personalize.steps` at
+    `personalize.lr`, relative to the phase's base rate) and are tested before and after.
+
+    Returns (per-client arrays for the log or None, the summary for /final, a fault line or None). A
+    diverged client's mean would be no result: then no summary is recorded or printed, and the fault says
+    why."""
+    p = cfg.personalize
+    if p.steps <= 0:
+        return None, {}, None
+    if not setup.clients.test_sizes.any():
+        log.warning("personalization skipped: no client has a local test sample (data.local_test_fraction "
+                    "%g); raise it to measure personalization", cfg.data.local_test_fraction)
+        return None, {}, None
+    base = phase.personalize_base_lr()
+    lr_scale = p.lr / base if p.lr > 0 and base > 0 else plan.lr_scale
+    chosen = personalization_sample(setup.clients.test_sizes, p.max_clients, cfg.federated.seed)
+    personal = personalize_clients(ctx, setup, phase, net, executors, dataclasses.replace(plan, lr_scale=lr_scale),
+                                   context, p.steps, cfg.eval.batch_size, cfg.model.channels_last, chosen)
+    fault = divergence_error(personal, p.steps, p.lr)
+    if fault is not None:
+        return personal, {}, fault
+    return personal, {**summarize(personal["personalization/acc_before"], "personal_before"),
+                      **summarize(personal["personalization/acc_after"], "personal_after"),
+                      "personal_clients": len(chosen)}, None
