@@ -33,7 +33,7 @@ from fedmetanas.search.supernet import sample_arch
 def bare_round(sim: Loop, global_sd: dict[str, torch.Tensor], rnd: int, tau: float) -> dict[str, torch.Tensor]:
     """One FedMetaNAS round in plain torch (FOMAML, Adam meta optimizer), all clients, weighted average."""
     cfg, a = sim.cfg, sim.cfg.algorithm
-    model, task = sim.executors[0].worker, sim.executors[0].task
+    model, task = sim.cur.executors[0].worker, sim.cur.executors[0].task
     total, acc = 0.0, {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_sd.items()}
     for cid in range(cfg.federated.num_clients):
         model.load_state_dict(global_sd)
@@ -90,22 +90,23 @@ def main(argv: list[str] | None = None) -> int:
         "eval.final_full=false", f"output.dir={out}", "output.name=framework", *args.overrides])
     ctx = init_distributed("cpu", 1, 600.0)
     sim = Loop(cfg, ctx)
+    sim._resume_and_lock()  # the run directory, locked (as the loop does before its callbacks)
     sim._start()
     t_start = time.perf_counter()
 
     # Interleaved: the bare loop's round r, then the framework's round r, from the same global state.
     framework_s, bare_s = [], []
     for rnd in range(args.rounds):
-        start = {k: v.clone() for k, v in sim.net.state_dict().items()}
+        start = {k: v.clone() for k, v in sim.cur.net.state_dict().items()}
         t = time.perf_counter()
         plan = sim.phase.round_plan(rnd)
         bare = bare_round(sim, start, rnd, plan.tau)
         bare_s.append(time.perf_counter() - t)
-        sim.net.load_state_dict(start)
+        sim.cur.net.load_state_dict(start)
         t = time.perf_counter()
         row, _ = sim.run_round(rnd, plan, t_start)
         framework_s.append(time.perf_counter() - t - row["time_eval"])
-        got = sim.net.state_dict()
+        got = sim.cur.net.state_dict()
         diff = max(float((got[k].double() - bare[k].double()).abs().max()) for k in got if got[k].is_floating_point())
         if diff > 1e-5:
             print(f"round {rnd}: framework and bare loop disagree (max diff {diff:.2e}): not the same work")

@@ -85,13 +85,13 @@ def main() -> None:
     ctx = init_distributed("cpu", 1)
     loop = Loop(cfg, ctx)
     loop._resume()  # the final round's model, masks and genotype
-    end, phase, net, setup = loop.end_round, loop.phase, loop.net, loop.setup
+    end, phase, net, setup = loop.end_round, loop.phase, loop.cur.net, loop.setup
     a = cfg.algorithm
     steps = args.steps or cfg.personalize.steps
     plan = phase.round_plan(end - 1)
     g0 = phase.current_genotype(net, plan)
     arch0 = arch_from_genotype(net, g0)
-    worker, task = loop.executors[0].worker, loop.executors[0].task
+    worker, task = loop.cur.executors[0].worker, loop.cur.executors[0].task
     rule = FedMetaNAS(a)
     labels = setup.train.labels
     print(f"run {args.run}: {cfg.data.name} alpha {cfg.data.dirichlet_alpha}, end round {end}, tau {plan.tau:.3f}, "
@@ -135,7 +135,7 @@ def main() -> None:
         net.train()
         for v in args.variants:
             lr_scale = 1.0 if v.endswith("_lr1") else plan.lr_scale
-            c = loop._context(cid, dataclasses.replace(plan, lr_scale=lr_scale), end, 1)
+            c = loop.work.context(loop.cur, cid, dataclasses.replace(plan, lr_scale=lr_scale), end, 1)
             copy_state(worker, net)
             copy_state(task, net)
             genotype, forward = g0, None

@@ -69,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rt = cfg.runtime
         ctx = init_distributed(rt.device, rt.threads_per_rank, rt.collective_timeout_s, rt.devices,
                                rt.deterministic, rt.master_addr)
-        from fedmetanas.federated.loop import NumericalFault, Preempted, run  # noqa: PLC0415 - heavy
+        from fedmetanas.federated.loop import run  # noqa: PLC0415 - heavy
+        from fedmetanas.federated.stopping import NumericalFault, Preempted  # noqa: PLC0415
 
         try:
             result = run(cfg, ctx)

@@ -1,18 +1,20 @@
-"""The round loop: sample clients -> local work -> one all-reduce -> average -> the server optimizer -> the
-phase's server update -> evaluation -> the round's record to the callbacks -> the stop rules.
+"""The round loop: sample clients -> local work -> one all-reduce -> the phase's server step -> the phase's
+server update -> evaluation -> the round's record to the callbacks -> the stop rules.
 
-Every rank runs this same code. Each rank hosts the clients the schedule gives it, adds their
-sample-weighted parameters (and per-client losses, flags and the rank's timings) into one flat float64
-buffer (`layout.round_layout`), and a single all-reduce makes every rank's copy of the global model
-identical. What the model is, how a client learns and what the server does after averaging belong to
-the algorithm's phases (`algorithms/`): this module names no algorithm.
+Every rank runs this same code. Each rank hosts the clients the schedule gives it and encodes their
+updates (the sample-weighted model, or what the phase declared: model rows, uploads, client state;
+`round_buffer`) with per-client losses, flags and the rank's timings into one flat float64 buffer, and a
+single all-reduce makes every rank's copy of the round's sums identical; the phase's `server_step` turns
+them into the new global model on every rank alike. What the model is, how a client learns and what the
+server does belong to the algorithm's phases (`algorithms/`): this module names no algorithm. Its
+helpers have modules of their own: `local_work` (a rank's clients), `stages` (the phases on one round
+counter), `resume` (checkpoints), `stopping` (the stop rules), `personalization`, `callbacks` (files).
 
 Stop rules, asked after every round with the same answer on every rank: the phase may end early
 (`Phase.end_early`; the later phases' spans then follow it), and the run ends at the last round of the
 last phase (`stopped_by: rounds`) or once its training time reaches `federated.time_budget_s`
 (`stopped_by: time_budget`), finalizing in the phase it is in as if that round had been the last.
 """
-
 from __future__ import annotations
 
 import json
@@ -27,7 +29,7 @@ import yaml
 
 from fedmetanas.algorithms import get_algorithm
 from fedmetanas.algorithms.base import Phase, PhaseOutcome, RoundPlan
-from fedmetanas.checkpoint import CheckpointError, resumable_state
+from fedmetanas.checkpoint import CheckpointError
 from fedmetanas.config import Config, ConfigError, to_dict
 from fedmetanas.dist import DistContext
 from fedmetanas.federated.batching import refuse_unbatchable
@@ -38,12 +40,13 @@ from fedmetanas.federated.executor import close_executors
 from fedmetanas.federated.layout import client_columns
 from fedmetanas.federated.local_work import LocalWork, PhaseRun
 from fedmetanas.federated.personalization import personalize_final
+from fedmetanas.federated import resume
 from fedmetanas.federated.setup import Setup, prepare
 from fedmetanas.federated.stages import Stages
+from fedmetanas.federated.stopping import Preempted, nonfinite_fault, training_seconds
 from fedmetanas.data.client_data import check_batch_sizes
 from fedmetanas.rundir import RunDirError, RunLock, acquire_run_dir
 from fedmetanas.runtime import peak_memory_mib, synchronize
-from fedmetanas.search.genotypes import Genotype
 from fedmetanas.signals import StopFlag
 
 log = logging.getLogger(__name__)
@@ -59,19 +62,6 @@ class RunResult:
     personalization: dict[str, float] | None = None
     lines: tuple[str, ...] = ()  # what the command line prints about the final model
     fault: str | None = None  # a part of the result is no result (personalization diverged): exit non-zero
-
-
-class Preempted(RuntimeError):
-    """A signal (SIGTERM, SIGUSR1, SIGINT) asked the run to stop; a checkpoint of the last round was written.
-    `signal_name` is the signal this rank received ("" where it reached another rank)."""
-
-    def __init__(self, message: str, signal_name: str = "") -> None:
-        super().__init__(message)
-        self.signal_name = signal_name
-
-
-class NumericalFault(RuntimeError):
-    """A client's update held NaN/Inf and `federated.nonfinite: stop` was set, or every update was."""
 
 
 class Loop:
@@ -130,44 +120,21 @@ class Loop:
 
     def _resume(self) -> None:
         """Load the newest valid checkpoint, if resuming and one exists (every rank reads it)."""
-        if not self.cfg.output.resume:
-            return
-        found = resumable_state(self.setup.run_path, to_dict(self.cfg), self.setup.partition_hash)
+        found = resume.find(self.cfg, self.setup, self.stages)
         if found is None:
             return
-        state, path = found
-        self.stages.restore(state.get("phase_ends") or [])
-        nxt, index = int(state["next_round"]), int(state.get("stage", 0))
-        # Saved at the end of a phase whose successor was not entered (the run stopped there).
-        self.switch_pending = index < len(self.stages.ends) and self.stages.ends[index] == nxt
-        if index + self.switch_pending != self.stages.of(nxt):
-            raise CheckpointError(
-                f"{path}: saved in stage {index} at round {nxt}, which this config places in "
-                f"stage {self.stages.of(nxt)}; resume with the run's federated.rounds")
-        if index != self.stages.index:
-            genotype = state.get("genotype")
-            self._enter(index, PhaseOutcome(Genotype.from_string(genotype) if genotype else None,
-                                            state.get("search_final") or {}))
-        self.cur.net.load_state_dict(state["model"])
-        self.phase.load_state_dict(state)
-        self.phase.server.load_state_dict(state.get("server_optimizer"), self.ctx.device)
-        self.cur.client_states.load_state_dict(state.get("client_state"))
-        self.start_round, self.wall_offset = nxt, float(state["wall_time"])
-        self.end_round = nxt
-        self.rows = [tuple(r) for r in state["rows"]]
-        log.info("resumed from %s at round %d", path, self.start_round + 1)
+        self.switch_pending = found.switch_pending
+        if found.index != self.stages.index:
+            self._enter(found.index, found.previous)
+        resume.restore(self.cur, found.state, self.ctx.device)
+        self.start_round = self.end_round = found.next_round
+        self.wall_offset = float(found.state["wall_time"])
+        self.rows = [tuple(r) for r in found.state["rows"]]
+        log.info("resumed from %s at round %d", found.path, self.start_round + 1)
 
     def _snapshot(self, next_round: int, wall_time: float) -> dict[str, Any]:
-        """What a checkpoint holds: enough to continue bit-identically (all randomness is derived from
-        (seed, round, client), so no RNG state)."""
-        prev = self.previous
-        return {"next_round": next_round, "model": self.cur.net.state_dict(), **self.phase.state_dict(),
-                "stage": self.stages.index, "search_final": prev.summary if prev else None,
-                "genotype": prev.genotype.to_string() if prev and prev.genotype is not None else None,
-                "phase_ends": list(self.stages.ends), "server_optimizer": self.phase.server.state_dict(),
-                "client_state": self.cur.client_states.state_dict(),
-                "rows": self.rows, "wall_time": wall_time, "config": to_dict(self.cfg),
-                "partition_hash": self.setup.partition_hash}
+        return resume.snapshot(self.cfg, self.setup, self.stages, self.cur, self.previous, self.rows, next_round,
+                               wall_time)
 
     def _resume_and_lock(self) -> None:
         """Every rank reads the checkpoint, if resuming (a refused resume writes nothing); then rank 0
@@ -255,7 +222,7 @@ class Loop:
         budget = self.cfg.federated.time_budget_s
         if budget <= 0:
             return False
-        spent = wall_time - sum(float(row["time_eval"]) for _, row in self.rows)
+        spent = training_seconds(wall_time, self.rows)
         self.training_seconds = float(self.ctx.all_gather_objects(spent)[0])
         return self.training_seconds >= budget
 
@@ -287,18 +254,11 @@ class Loop:
 
         out = {k: v.cpu().numpy() for k, v in lay.split(buf).items() if k != "params"}
         flags, excluded = out["flag"] > 0, out["excluded"] > 0
-        if excluded.any() and cfg.federated.nonfinite == "stop":
-            raise NumericalFault(
-                f"round {rnd + 1}: the update of client(s) {np.flatnonzero(excluded).tolist()} holds NaN/Inf; "
-                "lower the learning rates, or set federated.nonfinite: exclude to drop such updates")
-        if flags.any() and excluded[flags].all():
-            self.callbacks.emit("on_stop")
-            raise NumericalFault(
-                f"round {rnd + 1}: every client's update held NaN/Inf and was excluded, so the model did not "
-                "change; lower the learning rates")
-        if excluded.any():
-            log.warning("round %d: excluded non-finite update(s) of client(s) %s", rnd + 1,
-                        np.flatnonzero(excluded).tolist())
+        fault = nonfinite_fault(rnd, flags, excluded, cfg.federated.nonfinite)
+        if fault is not None:
+            if cfg.federated.nonfinite != "stop":  # every update excluded: the log is closed first
+                self.callbacks.emit("on_stop")
+            raise fault
         if float(out["n"][0]) > 0:  # else every client was excluded: keep the previous model
             clients = np.flatnonzero(flags).tolist()
             self.cur.server_step(seg, clients, [not excluded[c] for c in clients],
