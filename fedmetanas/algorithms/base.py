@@ -91,8 +91,46 @@ class Upload:
     reduce: Literal["sum", "weighted", "rows"] = "sum"
 
 
-class Phase:
-    """One span of rounds with one kind of model. Subclasses implement the methods that raise.
+class PhaseReport:
+    """What a phase shows of itself, apart from what it computes: the log's per-round values and model
+    facts, the console lines, the final record and the files of the run directory. Nothing here changes
+    a number of the run; a phase may take these defaults and write only the computation (`Phase`)."""
+
+    def model_attrs(self, model: nn.Module) -> dict[str, Any]:
+        """Facts about the model for the log's attributes (primitives, nodes, num_params)."""
+        return {"primitives": [], "nodes": 0, "num_params": sum(p.numel() for p in model.weights())}
+
+    def record(self, model: nn.Module, plan: RoundPlan) -> dict[str, Any]:  # noqa: ARG002
+        """Extra per-round values for the log (the architecture's state). Default: none."""
+        return {}
+
+    def describe_round(self, row: dict[str, Any], mean_loss: float) -> str:
+        """The middle of the console line of a round."""
+        return f"train  loss {mean_loss:.3f}  acc {row['discrete_acc']:.4f}"
+
+    def final_record(self, metrics: dict[str, float], previous: PhaseOutcome | None,
+                     elapsed: float) -> dict[str, Any]:
+        """The final metrics plus what the log's /final keeps of earlier phases (the shipped phases add a
+        search's `supernet_acc`, `supernet_loss`, `search_seconds`: docs/hdf5.md). Default: the metrics."""
+        return dict(metrics)
+
+    def describe_final(self, final: dict[str, Any]) -> list[str]:
+        """What the command line prints about the final model (`final` holds the final record and
+        `genotype`, the architecture's text). Default: every evaluated accuracy."""
+        return [f"final {k}: {v:.4f}" for k, v in final.items() if k.endswith("_acc")]
+
+    def arch_text(self, model: nn.Module, plan: RoundPlan) -> str:
+        """The final architecture as text (genotype.txt). Default: the model's class name."""
+        return type(model).__name__
+
+    def artifacts(self, model: nn.Module, plan: RoundPlan, last: bool) -> dict[str, Artifact]:
+        """Files to write (rank 0) into the run directory at the end of the phase; `last`: of the run."""
+        return {}
+
+
+class Phase(PhaseReport):
+    """One span of rounds with one kind of model: what it computes (its presentation: `PhaseReport`).
+    Subclasses implement the methods that raise.
 
     A phase object lives for the whole run; `enter` is called when its rounds begin (or when a resume
     lands in it) with the previous phase's outcome, and must leave it ready to `build_model`.
@@ -114,10 +152,6 @@ class Phase:
 
     def on_model(self, model: nn.Module) -> None:
         """Called once the phase's global model exists (e.g. to create pruning masks)."""
-
-    def model_attrs(self, model: nn.Module) -> dict[str, Any]:
-        """Facts about the model for the log's attributes (primitives, nodes, num_params)."""
-        return {"primitives": [], "nodes": 0, "num_params": sum(p.numel() for p in model.weights())}
 
     # -- one round -------------------------------------------------------------------------------
     def round_plan(self, rnd: int) -> RoundPlan:
@@ -187,14 +221,6 @@ class Phase:
         """What to evaluate, by name (`eval_names`, in order): each gives `{name}_loss` and `{name}_acc`."""
         return {"discrete": model}
 
-    def record(self, model: nn.Module, plan: RoundPlan) -> dict[str, Any]:  # noqa: ARG002
-        """Extra per-round values for the log (the architecture's state). Default: none."""
-        return {}
-
-    def describe_round(self, row: dict[str, Any], mean_loss: float) -> str:
-        """The middle of the console line of a round."""
-        return f"train  loss {mean_loss:.3f}  acc {row['discrete_acc']:.4f}"
-
     # -- end of the phase / of the run -------------------------------------------------------------
     def outcome(self, model: nn.Module, plan: RoundPlan, last_row: dict[str, Any]) -> PhaseOutcome:
         """What the next phase starts from."""
@@ -203,25 +229,6 @@ class Phase:
     def final_forward(self, model: nn.Module, plan: RoundPlan) -> Forward:  # noqa: ARG002
         """The run's final model as a function (evaluated at the end, and before personalization)."""
         return model
-
-    def final_record(self, metrics: dict[str, float], previous: PhaseOutcome | None,
-                     elapsed: float) -> dict[str, Any]:
-        """The final metrics plus what the log's /final keeps of earlier phases; must hold
-        `supernet_acc`, `supernet_loss` and `search_seconds`."""
-        raise NotImplementedError
-
-    def describe_final(self, final: dict[str, Any]) -> list[str]:
-        """What the command line prints about the final model (`final` holds the final record and
-        `genotype`, the architecture's text)."""
-        raise NotImplementedError
-
-    def arch_text(self, model: nn.Module, plan: RoundPlan) -> str:
-        """The final architecture as text (genotype.txt)."""
-        raise NotImplementedError
-
-    def artifacts(self, model: nn.Module, plan: RoundPlan, last: bool) -> dict[str, Artifact]:
-        """Files to write (rank 0) into the run directory at the end of the phase; `last`: of the run."""
-        return {}
 
     # -- personalization -------------------------------------------------------------------------
     def personalize_base_lr(self) -> float:

@@ -1,11 +1,11 @@
-"""State that each client keeps across rounds (SCAFFOLD's control variate, a personal head, ...).
+"""State that each client keeps across rounds (a control variate, a personal head, ...).
 
 A phase declares it (`Phase.client_state`: name -> values per client). Clients move between ranks from
 round to round (`scheduling.assign_to_ranks` balances each round afresh, and a resume may run on another
 rank count), so no rank owns a client: every rank keeps every client's state, and the round's one
 all-reduce carries the participants' new state (one row per participant), which every rank writes into
 its table. The table is float32, as the parameters it usually mirrors; it goes into every checkpoint.
-Memory: clients x declared size per rank (SCAFFOLD on a 1M-parameter net with 1,000 clients: 4 GB).
+Memory: clients x declared size per rank (a weight-sized state of a 1M-parameter net, 1,000 clients: 4 GB).
 """
 
 from __future__ import annotations
