@@ -10,8 +10,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmetanas.config import (MIN_COLLECTIVE_TIMEOUT_S, TAU_FLOOR, Config, ConfigError, _UniqueKeyLoader,
-                               config_from_dict, load_config, section_classes, to_dict)
+from fedmetanas.config import MIN_COLLECTIVE_TIMEOUT_S, TAU_FLOOR, Config, ConfigError, _UniqueKeyLoader, to_dict
+from fedmetanas.configure import config_from_dict, default_config, load_config, section_classes
 from fedmetanas.search.genotypes import DARTS_V2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +27,8 @@ def _write(tmp_path: Path, text: str) -> Path:
 def test_defaults_load_without_a_file():
     cfg = load_config(None)
 
-    assert cfg == Config()
+    # Config() knows no registry: the core defaults, and no algorithm section.
+    assert dataclasses.replace(cfg, sections={}) == Config() and cfg.algorithm.name == "fedmetanas"
     assert cfg.federated.num_clients == 8 and cfg.search.tau_schedule == "linear"
 
 
@@ -102,7 +103,7 @@ def test_an_algorithm_name_typo_names_the_field_and_the_nearest_choice():
 
 
 def test_an_empty_yaml_file_gives_the_defaults(tmp_path):
-    assert load_config(_write(tmp_path, "")) == Config()
+    assert load_config(_write(tmp_path, "")) == default_config()
 
 
 def test_config_is_frozen():
@@ -529,3 +530,27 @@ def test_a_personalization_holdout_that_leaves_nothing_to_adapt_on_is_named(valu
 def test_personalization_adapts_the_discrete_net_with_frozen_bn_and_a_held_out_check_by_default():
     p = load_config(None).personalize
     assert (p.adapt, p.bn, p.holdout) == ("discrete", "frozen", 0.2)
+
+
+# -- layering: the config imports no algorithm -------------------------------------------------------------
+def _package_imports(path: Path) -> set[str]:
+    """The fedmetanas modules a file imports anywhere in it (inside functions too)."""
+    import ast  # noqa: PLC0415
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name.split(".")[0] == "fedmetanas"}
+
+
+def test_the_config_imports_no_algorithm_so_the_algorithms_may_read_it():
+    """Issue 22: config.py imported the registry, which imports every algorithm, which imports config.py.
+    The registry's sections now come in through fedmetanas.configure; config.py reaches only the search
+    space's leaf modules, which import nothing of the package."""
+    leaves = {"fedmetanas.search.operations", "fedmetanas.search.genotypes"}
+    assert _package_imports(REPO / "fedmetanas" / "config.py") <= leaves
+    for leaf in leaves:
+        assert _package_imports(REPO / (leaf.replace(".", "/") + ".py")) == set(), leaf
