@@ -230,11 +230,12 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """The whole resolved configuration of one run.
+    """The whole resolved configuration of one run: the core sections below and the sections of the
+    algorithm that runs, nothing else, so that it says exactly what determines the run.
 
-    `Config()` holds the core defaults and no algorithm section: this module knows no algorithm.
-    `fedmetanas.configure` builds configs with the registry's sections (`load_config`, `config_from_dict`,
-    `default_config`)."""
+    `Config()` holds the core defaults and no algorithm section: the default run while the default
+    algorithm (fedmetanas) declares none. `fedmetanas.configure` builds configs with the registry's
+    sections (`load_config`, `config_from_dict`, `default_config`)."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -246,15 +247,20 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    # The algorithms' own sections (fednas, fedavg, ...) by YAML key, every registered one present in a
-    # loaded config: read them as attributes (`cfg.fednas`).
+    # The active algorithm's own sections (FedNAS: fednas, fedavg) by YAML key: read them as attributes
+    # (`cfg.fednas`). Other algorithms' sections are checked when a config is loaded but not kept.
     sections: dict[str, Any] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> Any:
         sections = self.__dict__.get("sections")
         if sections is not None and name in sections:
             return sections[name]
-        raise AttributeError(f"{type(self).__name__!r} has no attribute or config section {name!r}")
+        algorithm = self.__dict__.get("algorithm")
+        held = ""
+        if sections is not None and algorithm is not None:  # not while copy or pickle rebuilds the object
+            held = (f" (a config holds only its algorithm's sections; {algorithm.name!r} has "
+                    f"{', '.join(sections) or 'none'})")
+        raise AttributeError(f"{type(self).__name__!r} has no attribute or config section {name!r}{held}")
 
 
 def all_sections(algorithm_sections: typing.Mapping[str, type]) -> dict[str, type]:
@@ -478,7 +484,7 @@ def _build(cls: type, data: Any, where: str, algorithm_sections: typing.Mapping[
 
 def _validate(cfg: Config, algorithm: typing.Callable[[Config], Config]) -> Config:
     """Checks that involve several fields; `algorithm(cfg)` checks `algorithm.name` and the algorithm's own
-    sections (see `build_config`)."""
+    sections and returns the config that keeps only them (see `build_config`)."""
     if cfg.search.tau_min > cfg.search.tau_max:
         raise ConfigError(
             f"search.tau_min ({cfg.search.tau_min}) exceeds search.tau_max ({cfg.search.tau_max});"
@@ -671,8 +677,8 @@ def build_config(data: dict[str, Any] | None, overrides: typing.Sequence[str],
     Args:
         algorithm_sections: every section an algorithm declares (YAML key -> frozen dataclass): each one is
             accepted, type- and range-checked, and given its defaults where the input has none.
-        algorithm: `algorithm(cfg)` checks `cfg.algorithm.name` and runs the active algorithm's own checks
-            (raising ConfigError), and returns `cfg`.
+        algorithm: `algorithm(cfg)` checks `cfg.algorithm.name` and the active algorithm's own checks
+            (raising ConfigError) and returns `cfg` keeping only that algorithm's sections.
     """
     sections = all_sections(algorithm_sections)
     merged: dict[str, Any] = dict(data or {})
@@ -729,7 +735,8 @@ def read_config_file(path: str | Path | None) -> dict[str, Any] | None:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The resolved config as plain YAML-able data (tuples become lists)."""
+    """The resolved config as plain YAML-able data (tuples become lists). Of a Config: the core sections and
+    the active algorithm's, all that determines the run (what config.yaml, checkpoints and the log hold)."""
 
     def plain(v: Any) -> Any:
         if isinstance(v, tuple):

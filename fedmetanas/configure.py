@@ -1,5 +1,5 @@
 """A run's configuration as the registered algorithms shape it: the core sections (`fedmetanas.config`)
-plus each algorithm's own, checked by the algorithm that runs.
+plus each algorithm's own, checked and kept only for the algorithm that runs.
 
 `fedmetanas.config` holds the core sections and how YAML becomes a Config; the registry
 (`fedmetanas.algorithms`) holds the algorithms, which read the Config. This module imports both and
@@ -8,6 +8,7 @@ joins them, so neither imports the other: data flows config -> set-up -> loop ->
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import typing
 from pathlib import Path
@@ -24,7 +25,7 @@ def section_classes() -> dict[str, type]:
 
 
 def _active_algorithm(cfg: Config) -> Config:
-    """`cfg`, once the algorithm `algorithm.name` names exists and has checked it."""
+    """`cfg` keeping only the sections of the algorithm `algorithm.name` names, checked by that algorithm."""
     name = cfg.algorithm.name
     if name not in ALGORITHMS:
         names = list(ALGORITHMS)
@@ -32,13 +33,18 @@ def _active_algorithm(cfg: Config) -> Config:
         extra = f"; did you mean {hint[0]!r}?" if hint else ""
         raise ConfigError(f"algorithm.name: {name!r} is not valid; use one of "
                           f"{', '.join(repr(n) for n in names)}{extra}")
-    ALGORITHMS[name].validate(cfg)  # checks across its sections and the model's
+    cls = ALGORITHMS[name]
+    cfg = dataclasses.replace(cfg, sections={k: cfg.sections[k] for k in cls.sections})
+    cls.validate(cfg)  # checks across its sections and the model's
     return cfg
 
 
 def config_from_dict(data: dict[str, Any] | None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Build a validated Config from a mapping (as read from YAML) plus `a.b=value` overrides; every
-    registered algorithm's section is accepted, checked and held."""
+    """Build a validated Config from a mapping (as read from YAML) plus `a.b=value` overrides.
+
+    Every registered algorithm's section is accepted and checked (a typo in one fails at once); the
+    Config keeps the active algorithm's only.
+    """
     return build_config(data, overrides, declared_sections(), _active_algorithm)
 
 

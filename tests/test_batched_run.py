@@ -134,7 +134,7 @@ def test_an_explicit_batch_for_a_rule_without_a_batched_form_of_its_own_is_one_e
         def local_update(self, model, task, ctx):  # noqa: ANN001, ANN201 - test double
             return super().local_update(model, task, ctx)
 
-    cfg = load_config(None)
+    cfg = load_config(None, ["algorithm.name=fedavg"])  # a config holds only its algorithm's sections
     phase = TrainPhase(cfg, None, Prox(cfg.fedavg), architecture="cnn", lr_scale=lambda r: 1.0, base_lr=0.1)
 
     # Execute / Assert
