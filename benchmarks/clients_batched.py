@@ -30,7 +30,7 @@ from fedmetanas.algorithms.common import LocalContext, copy_state
 from fedmetanas.algorithms.fedavg import FedAvgConfig, FedAvgLocal
 from fedmetanas.algorithms.fedmetanas import FedMetaNAS
 from fedmetanas.algorithms.phases import build_supernet
-from fedmetanas.config import load_config
+from fedmetanas.configure import load_config
 from fedmetanas.data.datasets import load_dataset
 from fedmetanas.search.discrete import CNN, DiscreteNet
 from fedmetanas.search.genotypes import DARTS_V2

@@ -40,7 +40,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
-from fedmetanas.config import load_config  # noqa: E402
+from fedmetanas.configure import load_config  # noqa: E402
 from fedmetanas.data.client_data import build_clients  # noqa: E402
 from fedmetanas.data.datasets import load_dataset  # noqa: E402
 from fedmetanas.data.partition import (class_counts, largest_min_samples, make_partition,  # noqa: E402

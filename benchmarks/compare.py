@@ -256,7 +256,7 @@ def grid_setting(key: str, over: list[str], out: Path, np_: int, base: list[str]
     budget = 0.5 * nas.total_s
     meta_over = [] if quick else [f"federated.time_budget_s={budget:.1f}"]
     if META_ROUND_S and not quick:  # rounds that fit the budget at the cost measured so far: schedules complete
-        from fedmetanas.config import load_config
+        from fedmetanas.configure import load_config
 
         default_rounds = load_config(REPO / "configs" / CONFIGS["fedmetanas"]).federated.rounds
         fit = int(0.95 * budget / (sum(META_ROUND_S) / len(META_ROUND_S)))
@@ -289,7 +289,7 @@ def grid_candidate(key: str, over: list[str], out: Path, np_: int, base: list[st
     the last two read from the grid's runs in `out`."""
     nas, default = (Run.load(m, out / f"grid_{key}_{m}", math.nan) for m in ("fednas", "fedmetanas"))
     budget = 0.5 * nas.total_s
-    from fedmetanas.config import load_config
+    from fedmetanas.configure import load_config
 
     rounds = load_config(REPO / "configs" / CONFIGS["fedmetanas"]).federated.rounds
     if not round_s:  # the candidate's own per-round cost from its finished runs on other settings, if any
@@ -370,7 +370,7 @@ def peer_step_seconds(data_root: str, steps: int = 10) -> float:
 
     from fedmetanas.algorithms.common import LocalContext
     from fedmetanas.algorithms.fednas import MiLeNAS
-    from fedmetanas.config import load_config
+    from fedmetanas.configure import load_config
     from fedmetanas.data.datasets import load_dataset
     from fedmetanas.algorithms.phases import build_supernet
 
@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         """Every method's rounds times `fraction` (its config's own round counts as the base)."""
         if args.quick or fraction == 1.0:
             return []
-        from fedmetanas.config import load_config
+        from fedmetanas.configure import load_config
 
         extra = {}
         for m in METHODS:

@@ -41,7 +41,7 @@ from torch.profiler import ProfilerActivity, profile
 from fedmetanas.algorithms.common import LocalContext, copy_state
 from fedmetanas.algorithms.fedmetanas import FedMetaNAS
 from fedmetanas.algorithms.phases import build_supernet
-from fedmetanas.config import load_config
+from fedmetanas.configure import load_config
 from fedmetanas.data.datasets import TensorSplit, load_dataset
 from fedmetanas.launcher import REPO
 from fedmetanas.search.genotypes import resolve_primitives

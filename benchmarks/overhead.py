@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 
-from fedmetanas.config import load_config
+from fedmetanas.configure import load_config
 from fedmetanas.data.client_data import sample_batch
 from fedmetanas.dist import init_distributed, shutdown
 from fedmetanas.federated.loop import Loop

@@ -21,7 +21,8 @@ from torch import nn
 
 from fedmetanas.algorithms.base import ModelInputs
 from fedmetanas.algorithms.phases import build_fixed
-from fedmetanas.config import Config, load_config
+from fedmetanas.config import Config
+from fedmetanas.configure import load_config
 from fedmetanas.data.client_data import ClientData, iterate_batches, sample_batch
 from fedmetanas.data.datasets import TensorSplit, load_dataset
 from fedmetanas.federated.scheduling import sample_clients

@@ -35,7 +35,7 @@ from torch import nn
 from fedmetanas.algorithms.common import LocalContext, clip_weight_grads, copy_state, draw_batch
 from fedmetanas.algorithms.fedmetanas import FedMetaNAS
 from fedmetanas.checkpoint import load_latest
-from fedmetanas.config import config_from_dict
+from fedmetanas.configure import config_from_dict
 from fedmetanas.dist import init_distributed
 from fedmetanas.federated.evaluation import evaluate
 from fedmetanas.federated.loop import Loop

@@ -123,9 +123,19 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _run_sections(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """`saved` without the top-level sections `current` lacks. The current config holds the core sections and
+    its algorithm's own (`config.to_dict`): what determines the run. A saved section beyond them belongs to
+    another algorithm (checkpoints written before this rule hold every registered one), so it is ignored;
+    were the algorithm itself another, `algorithm.name` differs."""
+    return {k: v for k, v in saved.items() if k in current}
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Config fields that differ and would change the search (those in RESUMABLE_CHANGES may differ)."""
-    a, b = _flatten(saved), _flatten(current)
+    """Config fields that differ and would change the search (those in RESUMABLE_CHANGES may differ), over
+    the core sections and the active algorithm's own: an algorithm added since the checkpoint, or one that
+    does not run, changes nothing."""
+    a, b = _flatten(_run_sections(saved, current)), _flatten(current)
     keys = sorted(set(a) | set(b))
     return [k for k in keys if a.get(k) != b.get(k) and not any(
         k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)]

@@ -11,7 +11,8 @@ import sys
 from typing import Sequence
 
 from fedmetanas.checkpoint import CheckpointError
-from fedmetanas.config import ConfigError, load_config
+from fedmetanas.config import ConfigError
+from fedmetanas.configure import load_config
 from fedmetanas.data.errors import DataError
 from fedmetanas.dist import CollectiveError, DistError, init_distributed, placement_from_env, shutdown
 from fedmetanas.reporting.hdf5 import close_open_logs

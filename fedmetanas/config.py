@@ -1,8 +1,10 @@
 """Typed, frozen run configuration loaded from YAML, with one-line errors a user can act on.
 
-YAML is data: `load_config` maps it onto the dataclasses below, rejects unknown keys (naming the
+YAML is data: `build_config` maps it onto the dataclasses below, rejects unknown keys (naming the
 nearest valid one), checks types and ranges, and `to_dict` gives back the resolved config that
-is stored in every log and checkpoint.
+is stored in every log and checkpoint. This module holds the core sections; each algorithm declares
+its own next to it, and `fedmetanas.configure` (`load_config`, `config_from_dict`) joins the two, so
+that this module never imports the algorithms, which read it.
 """
 
 from __future__ import annotations
@@ -233,7 +235,12 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """The whole resolved configuration of one run."""
+    """The whole resolved configuration of one run: the core sections below and the sections of the
+    algorithm that runs, nothing else, so that it says exactly what determines the run.
+
+    `Config()` holds the core defaults and no algorithm section: the default run while the default
+    algorithm (fedmetanas) declares none. `fedmetanas.configure` builds configs with the registry's
+    sections (`load_config`, `config_from_dict`, `default_config`)."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -245,33 +252,33 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    # The algorithms' own sections (fednas, fedavg, ...) by YAML key, every registered one present:
-    # read them as attributes (`cfg.fednas`).
-    sections: dict[str, Any] = field(default_factory=lambda: {k: cls() for k, cls in algorithm_sections().items()})
+    # The active algorithm's own sections (FedNAS: fednas, fedavg) by YAML key: read them as attributes
+    # (`cfg.fednas`). Other algorithms' sections are checked when a config is loaded but not kept.
+    sections: dict[str, Any] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> Any:
         sections = self.__dict__.get("sections")
         if sections is not None and name in sections:
             return sections[name]
-        raise AttributeError(f"{type(self).__name__!r} has no attribute or config section {name!r}")
+        algorithm = self.__dict__.get("algorithm")
+        held = ""
+        if sections is not None and algorithm is not None:  # not while copy or pickle rebuilds the object
+            held = (f" (a config holds only its algorithm's sections; {algorithm.name!r} has "
+                    f"{', '.join(sections) or 'none'})")
+        raise AttributeError(f"{type(self).__name__!r} has no attribute or config section {name!r}{held}")
 
 
-def algorithm_sections() -> dict[str, type]:
-    """The config sections the registered algorithms declare (YAML key -> frozen dataclass)."""
-    from fedmetanas.algorithms import SECTIONS  # noqa: PLC0415 - the registry imports this module
-
-    return dict(SECTIONS)
-
-
-def section_classes() -> dict[str, type]:
-    """Every top-level config section, in the order of a resolved config file."""
-    core = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "sections"}
+def all_sections(algorithm_sections: typing.Mapping[str, type]) -> dict[str, type]:
+    """Every top-level config section (YAML key -> dataclass) in the order of a resolved config file: the
+    core ones, and `algorithm_sections` (the algorithms' own) after `algorithm`."""
     hints = typing.get_type_hints(Config)
     out: dict[str, type] = {}
-    for name in core:
-        out[name] = hints[name]
-        if name == "algorithm":
-            out.update(algorithm_sections())
+    for f in dataclasses.fields(Config):
+        if f.name == "sections":
+            continue
+        out[f.name] = hints[f.name]
+        if f.name == "algorithm":
+            out.update(algorithm_sections)
     return out
 
 
@@ -445,14 +452,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {tp!r} at {where}")  # a bug in this module
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys with a suggestion."""
+def _build(cls: type, data: Any, where: str, algorithm_sections: typing.Mapping[str, type] | None = None) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys with a suggestion. For `Config`,
+    `algorithm_sections` are the algorithms' own sections, every one built (defaults where `data` has none)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {data!r}")
     top = cls is Config  # its keys are the core sections and the algorithms' sections
-    hints = section_classes() if top else typing.get_type_hints(cls)
+    algorithm_sections = algorithm_sections or {}
+    hints = all_sections(algorithm_sections) if top else typing.get_type_hints(cls)
     names = list(hints) if top else [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
@@ -471,8 +480,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
             if check is not None and not check[0](kwargs[key]):
                 raise ConfigError(f"{full}: {kwargs[key]!r} is out of range; use {check[1]}")
     if top:
-        registered = algorithm_sections()
-        kwargs["sections"] = {k: kwargs.pop(k) if k in kwargs else c() for k, c in registered.items()}
+        kwargs["sections"] = {k: kwargs.pop(k) if k in kwargs else c() for k, c in algorithm_sections.items()}
     out = cls(**kwargs)
     check = getattr(out, "check", None)  # a section's checks across its own fields
     if check is not None:
@@ -480,8 +488,9 @@ def _build(cls: type, data: Any, where: str) -> Any:
     return out
 
 
-def _validate(cfg: Config) -> None:
-    """Checks that involve several fields."""
+def _validate(cfg: Config, algorithm: typing.Callable[[Config], Config]) -> Config:
+    """Checks that involve several fields; `algorithm(cfg)` checks `algorithm.name` and the algorithm's own
+    sections and returns the config that keeps only them (see `build_config`)."""
     if cfg.search.tau_min > cfg.search.tau_max:
         raise ConfigError(
             f"search.tau_min ({cfg.search.tau_min}) exceeds search.tau_max ({cfg.search.tau_max});"
@@ -497,15 +506,7 @@ def _validate(cfg: Config) -> None:
                 f"model.reduction_layers: {bad} outside 0..{cfg.model.layers - 1}; "
                 "use layer indices smaller than model.layers")
     check_betas("algorithm.inner_betas", cfg.algorithm.inner_betas)
-    from fedmetanas.algorithms import ALGORITHMS  # noqa: PLC0415 - the registry imports this module
-
-    if cfg.algorithm.name not in ALGORITHMS:
-        names = list(ALGORITHMS)
-        hint = difflib.get_close_matches(cfg.algorithm.name, names, n=1)
-        extra = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise ConfigError(f"algorithm.name: {cfg.algorithm.name!r} is not valid; use one of "
-                          f"{', '.join(repr(n) for n in names)}{extra}")
-    ALGORITHMS[cfg.algorithm.name].validate(cfg)  # checks across its sections and the model's
+    cfg = algorithm(cfg)
     _validate_run_name(cfg.output.name)
     if not cfg.output.dir.strip():
         # An empty output.dir would put the run in the current folder, unasked (an empty --name is refused too).
@@ -527,6 +528,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError("model.primitives: list each primitive once, at least one")
         if all(name == "none" for name in cfg.model.primitives):
             raise ConfigError("model.primitives: needs at least one op other than 'none' (a cell cannot be all zeros)")
+    return cfg
 
 
 def check_betas(where: str, betas: tuple[float, float]) -> None:
@@ -615,9 +617,9 @@ def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-def _field_type(path: list[str]) -> Any:
-    """The annotated type of the config field at `path` (None if there is no such field)."""
-    tp: Any = section_classes().get(path[0]) if path else None
+def _field_type(path: list[str], sections: typing.Mapping[str, type]) -> Any:
+    """The annotated type of the config field at `path` among the top-level `sections` (None if there is none)."""
+    tp: Any = sections.get(path[0]) if path else None
     for part in path[1:]:
         if not dataclasses.is_dataclass(tp):
             return None
@@ -625,7 +627,7 @@ def _field_type(path: list[str]) -> Any:
     return tp
 
 
-def _parse_override(text: str) -> tuple[list[str], Any]:
+def _parse_override(text: str, sections: typing.Mapping[str, type]) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: write it as section.key=value, e.g. federated.rounds=5")
     key, raw = text.split("=", 1)
@@ -636,7 +638,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: {err}") from None
     except yaml.YAMLError:
         value = _NOT_YAML
-    tp = _field_type(path)
+    tp = _field_type(path, sections)
     text_field = tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
     if text_field and not isinstance(value, str) and not (value is None and tp is not str):
         # A text field takes the text as typed: a genotype string (commas, brackets), a run name of digits.
@@ -671,14 +673,26 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"malformed YAML{at}; fix the syntax (indentation, ':' after keys)"
 
 
-def config_from_dict(data: dict[str, Any] | None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Build a validated Config from a mapping (as read from YAML) plus `a.b=value` overrides."""
+def build_config(data: dict[str, Any] | None, overrides: typing.Sequence[str],
+                 algorithm_sections: typing.Mapping[str, type], algorithm: typing.Callable[[Config], Config]) -> Config:
+    """Build a validated Config from a mapping (as read from YAML) plus `a.b=value` overrides.
+
+    This module knows no algorithm; whoever knows the registry hands in what it adds
+    (`fedmetanas.configure.config_from_dict` does):
+
+    Args:
+        algorithm_sections: every section an algorithm declares (YAML key -> frozen dataclass): each one is
+            accepted, type- and range-checked, and given its defaults where the input has none.
+        algorithm: `algorithm(cfg)` checks `cfg.algorithm.name` and the active algorithm's own checks
+            (raising ConfigError) and returns `cfg` keeping only that algorithm's sections.
+    """
+    sections = all_sections(algorithm_sections)
     merged: dict[str, Any] = dict(data or {})
     for text in overrides:
-        path, value = _parse_override(text)
+        path, value = _parse_override(text, sections)
         node = merged
         for i, part in enumerate(path[:-1]):
-            above = _field_type(path[: i + 1])
+            above = _field_type(path[: i + 1], sections)
             if above is not None and not dataclasses.is_dataclass(above):
                 # `federated.rounds.x=1` would replace a value with a mapping and be blamed on its type.
                 raise ConfigError(f"unknown config key '{'.'.join(path)}': {'.'.join(path[: i + 1])} is a value, "
@@ -686,7 +700,7 @@ def config_from_dict(data: dict[str, Any] | None, overrides: typing.Sequence[str
             child = node.get(part)
             node[part] = dict(child) if isinstance(child, dict) else {}
             node = node[part]
-        if dataclasses.is_dataclass(_field_type(path)):
+        if dataclasses.is_dataclass(_field_type(path, sections)):
             # `federated={seed: 1}` sets the keys it names; replacing the whole section would silently drop
             # the file's other values of it (rounds, clients) for the defaults.
             if not isinstance(value, dict):
@@ -694,13 +708,11 @@ def config_from_dict(data: dict[str, Any] | None, overrides: typing.Sequence[str
                                   f"{'.'.join(path)}.<key>=value or {'.'.join(path)}={{<key>: value}}")
             value = _merged(node.get(path[-1]), value)
         node[path[-1]] = value
-    cfg = _build(Config, merged, "")
-    _validate(cfg)
-    return cfg
+    return _validate(_build(Config, merged, "", algorithm_sections), algorithm)
 
 
-def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a YAML config file (or only defaults when `path` is None) and apply overrides."""
+def read_config_file(path: str | Path | None) -> dict[str, Any] | None:
+    """The mapping a YAML config file holds ({} for no file, None for an empty one), or a ConfigError naming it."""
     data: Any = {}
     if path is not None:
         p = Path(path)
@@ -725,11 +737,12 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             raise ConfigError(f"{p}: {_yaml_problem(err)}") from None
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (data:, model:, ...)")
-    return config_from_dict(data, overrides)
+    return data
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The resolved config as plain YAML-able data (tuples become lists)."""
+    """The resolved config as plain YAML-able data (tuples become lists). Of a Config: the core sections and
+    the active algorithm's, all that determines the run (what config.yaml, checkpoints and the log hold)."""
 
     def plain(v: Any) -> Any:
         if isinstance(v, tuple):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedmetanas.config import load_config
+from fedmetanas.configure import load_config
 from fedmetanas.data.datasets import load_dataset
 from fedmetanas.federated.evaluation import evaluate
 from fedmetanas.federated.setup import eval_indices

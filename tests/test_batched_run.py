@@ -123,13 +123,14 @@ def test_an_explicit_batch_for_a_rule_without_a_batched_form_of_its_own_is_one_e
     from fedmetanas.algorithms.fedavg import FedAvgLocal
     from fedmetanas.algorithms.phases import TrainPhase
     from fedmetanas.federated.batching import refuse_unbatchable
-    from fedmetanas.config import ConfigError, load_config
+    from fedmetanas.config import ConfigError
+    from fedmetanas.configure import load_config
 
     class Prox(FedAvgLocal):
         def local_update(self, model, task, ctx):  # noqa: ANN001, ANN201 - test double
             return super().local_update(model, task, ctx)
 
-    cfg = load_config(None)
+    cfg = load_config(None, ["algorithm.name=fedavg"])  # a config holds only its algorithm's sections
     phase = TrainPhase(cfg, None, Prox(cfg.fedavg), architecture="cnn", lr_scale=lambda r: 1.0, base_lr=0.1)
 
     # Execute / Assert

@@ -86,3 +86,41 @@ def test_the_reliability_docs_list_exactly_the_fields_a_resume_may_change() -> N
     listed = re.search(r"\(only (.*?) may change", text, re.S)
     assert listed is not None
     assert {name.rstrip("*") for name in re.findall(r"`([a-z_.*]+)`", listed.group(1))} == set(RESUMABLE_CHANGES)
+
+
+# -- what a resume compares: the core sections and the active algorithm's own --------------------------------
+def _saved(name: str, *overrides: str) -> dict:
+    from fedmetanas.config import to_dict  # noqa: PLC0415
+    from fedmetanas.configure import load_config  # noqa: PLC0415
+
+    return to_dict(load_config(None, [f"algorithm.name={name}", *overrides]))
+
+
+def test_a_checkpoint_holding_every_algorithms_sections_matches_a_config_holding_only_the_active_ones() -> None:
+    """Checkpoints written before issue 22 hold every registered algorithm's section; those of an algorithm
+    that does not run determine nothing, whatever their values."""
+    from fedmetanas.checkpoint import config_differences  # noqa: PLC0415
+
+    # Prepare
+    current = _saved("fedavg")
+    old = {**current, "fednas": {**_saved("fednas")["fednas"], "lr_w": 9.0}, "perfedavg": {"architecture": "cnn"},
+           "fedprox": {"mu": 0.5}}
+
+    # Execute / Assert
+    assert config_differences(old, current) == []
+    assert config_differences(current, _saved("fedavg", "fednas.lr_w=9.0")) == []  # not kept: not fedavg's
+
+
+def test_the_active_algorithms_own_section_still_decides_and_is_named(tmp_path: Path) -> None:
+    from fedmetanas.checkpoint import CheckpointError, check_compatible, config_differences  # noqa: PLC0415
+
+    # Prepare: FedNAS retrains with the fedavg section, so a change there changes its run
+    saved, current = _saved("fednas"), _saved("fednas", "fedavg.lr=0.5")
+    state = {"config": saved, "next_round": 1, "partition_hash": "h"}
+
+    # Execute / Assert
+    assert config_differences(saved, current) == ["fedavg.lr"]
+    with pytest.raises(CheckpointError, match=r"different search: fedavg\.lr \(checkpoint 0\.025, now 0\.5\)"):
+        check_compatible(state, tmp_path / "round-000001.pt", current, "h")
+    # Another algorithm's checkpoint is refused by its name (and the sections the current one reads).
+    assert config_differences(_saved("fedavg"), saved)[:1] == ["algorithm.name"]

@@ -10,8 +10,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmetanas.config import (MIN_COLLECTIVE_TIMEOUT_S, TAU_FLOOR, Config, ConfigError, _UniqueKeyLoader,
-                               config_from_dict, load_config, section_classes, to_dict)
+from fedmetanas.algorithms import ALGORITHMS, declared_sections
+from fedmetanas.config import (MIN_COLLECTIVE_TIMEOUT_S, TAU_FLOOR, Config, ConfigError, _UniqueKeyLoader, all_sections,
+                               to_dict)
+from fedmetanas.configure import config_from_dict, default_config, load_config, section_classes
 from fedmetanas.search.genotypes import DARTS_V2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +29,9 @@ def _write(tmp_path: Path, text: str) -> Path:
 def test_defaults_load_without_a_file():
     cfg = load_config(None)
 
-    assert cfg == Config()
+    # Config() knows no registry: it holds the core defaults and no algorithm section, which is the
+    # default run as long as the default algorithm (fedmetanas) declares no section of its own.
+    assert cfg == Config() and cfg.algorithm.name == "fedmetanas" and cfg.sections == {}
     assert cfg.federated.num_clients == 8 and cfg.search.tau_schedule == "linear"
 
 
@@ -60,7 +64,7 @@ def test_a_yaml_file_round_trips_through_to_dict(tmp_path):
 
     assert again == cfg
     assert data["model"]["primitives"] == ["conv_3x3", "sep_conv_3x3"]  # tuples become lists
-    assert set(data) == set(section_classes())  # every section, the algorithms' own beside the core ones
+    assert set(data) == set(all_sections({}))  # the core sections: fedmetanas declares none of its own
 
 
 def test_the_shipped_default_config_loads_and_round_trips():
@@ -91,7 +95,7 @@ def test_the_baseline_configs_share_the_default_configs_data_clients_and_evaluat
 
 
 def test_fedavg_architecture_must_be_a_known_network_or_a_genotype_string():
-    assert load_config(None, ["fedavg.architecture=cnn"]).fedavg.architecture == "cnn"
+    assert load_config(None, ["algorithm.name=fedavg", "fedavg.architecture=cnn"]).fedavg.architecture == "cnn"
     with pytest.raises(ConfigError, match="fedavg.architecture"):
         load_config(None, ["fedavg.architecture=resnet"])
 
@@ -102,7 +106,50 @@ def test_an_algorithm_name_typo_names_the_field_and_the_nearest_choice():
 
 
 def test_an_empty_yaml_file_gives_the_defaults(tmp_path):
-    assert load_config(_write(tmp_path, "")) == Config()
+    assert load_config(_write(tmp_path, "")) == default_config()
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_a_config_holds_the_core_sections_and_only_its_algorithms_own(name):
+    cfg = load_config(None, [f"algorithm.name={name}"])
+
+    own = list(ALGORITHMS[name].sections)
+    assert list(cfg.sections) == own
+    assert list(to_dict(cfg)) == list(all_sections({k: ALGORITHMS[name].sections[k] for k in own}))
+    for other in set(declared_sections()) - set(own):
+        with pytest.raises(AttributeError, match=f"section '{other}'.*only its algorithm's sections"):
+            getattr(cfg, other)
+
+
+def test_another_algorithms_section_is_checked_but_not_kept():
+    # Prepare / Execute: fedavg's settings under FedMetaNAS, the default algorithm, which never reads them
+    cfg = load_config(None, ["fedavg.lr=0.5", "perfedavg.architecture=cnn"])
+
+    # Assert: the run is the default run; a typo or a bad value in such a section still fails at once
+    assert cfg == default_config()
+    with pytest.raises(ConfigError, match=r"^unknown config key 'fedavg\.lrr'; did you mean 'fedavg\.lr'\?$"):
+        load_config(None, ["fedavg.lrr=0.5"])
+    with pytest.raises(ConfigError, match=r"^fednas\.lr_w: -1\.0 is out of range"):
+        load_config(None, ["fednas.lr_w=-1.0"])
+    with pytest.raises(ConfigError, match=r"^unknown config key 'fedav'; did you mean 'fedavg'\?$"):
+        config_from_dict({"fedav": {"lr": 0.5}})
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_a_saved_config_yaml_holds_only_the_active_algorithms_sections_and_loads_back_the_same(tmp_path, name):
+    # Prepare: a config with a non-default value in each of the algorithm's own sections
+    overrides = [f"algorithm.name={name}", "federated.rounds=7"]
+    overrides += [f"{k}=" + "{local_steps: 4}" for k in ALGORITHMS[name].sections if k in ("fednas", "fedavg")]
+    cfg = load_config(None, overrides)
+
+    # Execute: what a run writes to its config.yaml (federated/callbacks.py), read back
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    again = load_config(_write(tmp_path, text))
+
+    # Assert
+    other = set(declared_sections()) - set(ALGORITHMS[name].sections)
+    assert not other & set(yaml.safe_load(text))
+    assert again == cfg
 
 
 def test_config_is_frozen():
@@ -503,7 +550,7 @@ def test_a_genotype_override_with_commas_survives_the_command_line():
     # What the shell passes for fedavg.architecture="{...}": the quotes are gone, the commas stay.
     text = DARTS_V2.to_string()
 
-    cfg = load_config(None, [f"fedavg.architecture={text}"])
+    cfg = load_config(None, ["algorithm.name=fedavg", f"fedavg.architecture={text}"])
 
     assert cfg.fedavg.architecture == text
 
@@ -529,3 +576,27 @@ def test_a_personalization_holdout_that_leaves_nothing_to_adapt_on_is_named(valu
 def test_personalization_adapts_the_discrete_net_with_frozen_bn_and_a_held_out_check_by_default():
     p = load_config(None).personalize
     assert (p.adapt, p.bn, p.holdout) == ("discrete", "frozen", 0.2)
+
+
+# -- layering: the config imports no algorithm -------------------------------------------------------------
+def _package_imports(path: Path) -> set[str]:
+    """The fedmetanas modules a file imports anywhere in it (inside functions too)."""
+    import ast  # noqa: PLC0415
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name.split(".")[0] == "fedmetanas"}
+
+
+def test_the_config_imports_no_algorithm_so_the_algorithms_may_read_it():
+    """Issue 22: config.py imported the registry, which imports every algorithm, which imports config.py.
+    The registry's sections now come in through fedmetanas.configure; config.py reaches only the search
+    space's leaf modules, which import nothing of the package."""
+    leaves = {"fedmetanas.search.operations", "fedmetanas.search.genotypes"}
+    assert _package_imports(REPO / "fedmetanas" / "config.py") <= leaves
+    for leaf in leaves:
+        assert _package_imports(REPO / (leaf.replace(".", "/") + ".py")) == set(), leaf

@@ -240,7 +240,8 @@ def test_a_runtime_devices_list_that_does_not_fit_the_node_is_refused(devices: t
 
 
 def test_runtime_devices_is_validated_by_the_config() -> None:
-    from fedmetanas.config import ConfigError, load_config
+    from fedmetanas.config import ConfigError
+    from fedmetanas.configure import load_config
 
     assert load_config(None, ["runtime.devices=[2, 0]"]).runtime.devices == (2, 0)
     for bad in ("runtime.devices=[]", "runtime.devices=[-1]", "runtime.devices=1"):

@@ -35,7 +35,7 @@ def test_a_two_round_search_writes_log_config_genotype_and_model(tiny_run: tuple
 
 def test_the_saved_discrete_model_reproduces_the_logged_final_accuracy(tiny_run: tuple[Path, str],
                                                                       data_root: Path) -> None:
-    from fedmetanas.config import config_from_dict
+    from fedmetanas.configure import config_from_dict
     from fedmetanas.data.datasets import load_dataset
     from fedmetanas.federated.evaluation import evaluate
     from fedmetanas.algorithms.phases import build_supernet

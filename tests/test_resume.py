@@ -5,6 +5,7 @@ and for a run its time budget ended (resumed with a larger budget, it continues 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -16,7 +17,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from fedmetanas import cli
+from fedmetanas.algorithms import ALGORITHMS, declared_sections
+from fedmetanas.algorithms.fedavg import FedAvg, FedAvgConfig
+from fedmetanas.config import all_sections, to_dict
+from fedmetanas.configure import load_config, section_classes
 from tests.helpers import launch, tiny_overrides
 from tests.helpers import rank_pid as _rank_pid
 from tests.helpers import start as _start
@@ -285,3 +292,93 @@ def test_a_full_disk_at_the_first_checkpoint_is_one_line_and_resumable(data_root
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     with h5py.File(tmp_path / "tiny" / "trajectory.h5", "r") as f:
         assert f["rounds/round"][()].tolist() == [0, 1]
+
+
+# -- a checkpoint outlives additions to the registry ----------------------------------------------------------
+FEDAVG = ["algorithm.name=fedavg", "fedavg.architecture=cnn", "fedavg.local_steps=2", "fedavg.batch_size=16",
+          "fedavg.lr=0.07", "federated.rounds=3", "checkpoint.keep=10", "personalize.steps=2", "personalize.lr=0.05"]
+_CLOCKS = ("time_", "wall_time", "memory_")  # measured, not computed: they differ between any two runs
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProxConfig:
+    mu: float = 0.01
+
+
+class _FedProx(FedAvg):
+    """A throwaway algorithm with a section of its own, as someone might add after a run started."""
+
+    name = "fedprox"
+    sections = {"fedavg": FedAvgConfig, "fedprox": _ProxConfig}
+
+
+def _fedavg_args(root: Path, out: Path, name: str) -> list[str]:
+    return tiny_overrides(root, out, name) + FEDAVG
+
+
+@pytest.fixture(scope="module")
+def fedavg_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 3-round FedAvg run (one process, in this one), every checkpoint kept."""
+    out = tmp_path_factory.mktemp("fedavg")
+    assert cli.main(_fedavg_args(data_root, out, "whole")) == 0
+    return out / "whole"
+
+
+def _datasets(path: Path) -> dict[str, np.ndarray]:
+    """Every computed dataset of an HDF5 log, by name."""
+    found: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: found.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset)
+                     and not name.split("/")[-1].startswith(_CLOCKS) else None)
+    return found
+
+
+def test_a_runs_config_yaml_and_checkpoint_hold_only_its_algorithms_sections(fedavg_run: Path, data_root: Path) -> None:
+    # Prepare: the config the run was started with
+    cfg = load_config(None, _fedavg_args(data_root, fedavg_run.parent, "whole"))
+    core = list(all_sections({}))
+    expected = core[:core.index("algorithm") + 1] + ["fedavg"] + core[core.index("algorithm") + 1:]
+
+    # Execute: what the run saved
+    saved = yaml.safe_load((fedavg_run / "config.yaml").read_text())
+    state = torch.load(fedavg_run / "checkpoints" / "round-000001.pt", weights_only=False)
+
+    # Assert: no other algorithm's section, and the file loads back to the very config
+    assert list(saved) == list(state["config"]) == expected
+    assert load_config(fedavg_run / "config.yaml") == cfg
+
+
+def test_a_checkpoint_from_before_an_algorithm_was_added_resumes_bit_identical(
+        fedavg_run: Path, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: the run as a kill after round 1's checkpoint leaves it, that checkpoint written as before this
+    # rule (its config holds every registered algorithm's section, not only the active one's) ...
+    cut = tmp_path / "cut"
+    shutil.copytree(fedavg_run, cut)
+    for path in (cut / "checkpoints").glob("round-*.pt"):
+        if int(path.stem.split("-")[1]) > 1:
+            path.unlink()
+    (cut / "model.pt").unlink()
+    ckpt = cut / "checkpoints" / "round-000001.pt"
+    state = torch.load(ckpt, weights_only=False)
+    state["config"] = {**state["config"], **{k: to_dict(cls()) for k, cls in declared_sections().items()
+                                             if k not in state["config"]}}
+    assert {"fednas", "perfedavg"} <= set(state["config"])
+    torch.save(state, ckpt)
+    # ... and an algorithm with a section of its own registered since.
+    monkeypatch.setitem(ALGORITHMS, "fedprox", _FedProx)
+    assert "fedprox" in section_classes()
+
+    # Execute
+    assert cli.main(_fedavg_args(data_root, tmp_path, "cut") + ["--resume"]) == 0, capsys.readouterr().err[-2000:]
+
+    # Assert: the same bits as the run never stopped: final model, every computed dataset of the log
+    want = torch.load(fedavg_run / "model.pt", weights_only=False)["state_dict"]
+    got = torch.load(cut / "model.pt", weights_only=False)["state_dict"]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    ref, log = _datasets(fedavg_run / "trajectory.h5"), _datasets(cut / "trajectory.h5")
+    assert log.keys() == ref.keys() and "rounds/discrete_acc" in ref and "personalization/acc_after" in ref
+    for name in ref:
+        assert torch.equal(torch.as_tensor(log[name]), torch.as_tensor(ref[name])), name
+    with h5py.File(cut / "trajectory.h5", "r") as f:
+        assert f["rounds/round"][()].tolist() == [0, 1, 2]

@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from fedmetanas.config import ConfigError, load_config
+from fedmetanas.config import ConfigError
+from fedmetanas.configure import load_config
 from fedmetanas.runtime import (
     CUBLAS_DETERMINISTIC,
     configure_determinism,

@@ -15,8 +15,11 @@ _REGISTERED: tuple[type[Algorithm], ...] = (FedMetaNASAlgorithm, FedNAS, FedAvg,
 
 ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in _REGISTERED}
 
-# Every section any registered algorithm declares, once, in registration order.
-SECTIONS: dict[str, type] = {k: v for cls in _REGISTERED for k, v in cls.sections.items()}
+
+def declared_sections() -> dict[str, type]:
+    """Every config section a registered algorithm declares (YAML key -> frozen dataclass), once, in
+    registration order. Derived from `ALGORITHMS` when asked, so the two never disagree."""
+    return {k: v for cls in ALGORITHMS.values() for k, v in cls.sections.items()}
 
 
 def get_algorithm(name: str) -> type[Algorithm]:

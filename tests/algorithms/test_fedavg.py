@@ -12,7 +12,8 @@ from fedmetanas.algorithms.common import LocalContext
 from fedmetanas.algorithms.fedavg import FedAvgLocal
 from fedmetanas.algorithms.fedavg import FedAvgConfig
 from fedmetanas.algorithms.fednas import FedNAS
-from fedmetanas.config import PersonalizeConfig, config_from_dict
+from fedmetanas.config import PersonalizeConfig
+from fedmetanas.configure import config_from_dict
 from fedmetanas.data.client_data import sample_batch
 from fedmetanas.data.datasets import TensorSplit
 from fedmetanas.search.discrete import CNN

@@ -17,7 +17,7 @@ from fedmetanas.algorithms.common import LocalContext
 from fedmetanas.algorithms.fednas import MiLeNAS, milenas_alpha_grads, split_train_val
 from fedmetanas.algorithms.fednas import FedNAS, FedNASConfig
 from fedmetanas.algorithms.phases import SearchPhase
-from fedmetanas.config import config_from_dict
+from fedmetanas.configure import config_from_dict
 from fedmetanas.data.client_data import sample_batch
 from fedmetanas.data.datasets import TensorSplit
 from fedmetanas.search.genotypes import DARTS_PRIMITIVES

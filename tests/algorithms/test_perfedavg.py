@@ -7,13 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from fedmetanas.algorithms import ALGORITHMS, SECTIONS
+from fedmetanas.algorithms import ALGORITHMS, declared_sections
 from fedmetanas.algorithms.base import ModelInputs
 from fedmetanas.algorithms.common import LocalContext
 from fedmetanas.algorithms.fedmetanas import FedMetaNAS
 from fedmetanas.algorithms.perfedavg import PerFedAvg
 from fedmetanas.algorithms.phases import TrainPhase
-from fedmetanas.config import AlgorithmConfig, ConfigError, config_from_dict
+from fedmetanas.config import AlgorithmConfig, ConfigError
+from fedmetanas.configure import config_from_dict
 from fedmetanas.data.datasets import TensorSplit
 from fedmetanas.search.discrete import DiscreteNet, FixedNet
 from fedmetanas.search.genotypes import DARTS_V2
@@ -97,7 +98,7 @@ def test_perfedavg_is_registered_with_its_own_section_and_trains_darts_v2_by_def
 
     (phase,) = ALGORITHMS["perfedavg"](cfg).phases()
 
-    assert ALGORITHMS["perfedavg"] is PerFedAvg and SECTIONS["perfedavg"] is type(cfg.perfedavg)
+    assert ALGORITHMS["perfedavg"] is PerFedAvg and declared_sections()["perfedavg"] is type(cfg.perfedavg)
     assert isinstance(phase, TrainPhase) and phase.needs_task and phase.genotype == DARTS_V2
     assert isinstance(phase.build_model(ModelInputs(1, 10, 28)), DiscreteNet)
     assert phase.span.rounds == cfg.federated.rounds

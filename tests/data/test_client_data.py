@@ -112,7 +112,7 @@ def test_a_batch_on_a_gpu_makes_no_host_sync_and_equals_the_cpu_batch(augment):
 def _batches(*overrides: str) -> list[tuple[str, int, int]]:
     """The batches the configured algorithm draws (its `batch_sizes()`)."""
     from fedmetanas.algorithms import get_algorithm
-    from fedmetanas.config import load_config
+    from fedmetanas.configure import load_config
 
     cfg = load_config(None, list(overrides))
     return get_algorithm(cfg.algorithm.name)(cfg).batch_sizes()

@@ -16,7 +16,8 @@ import torch
 from fedmetanas.algorithms.base import Span
 from fedmetanas.algorithms.fedmetanas import FedMetaNAS
 from fedmetanas.algorithms.phases import SearchSchedule
-from fedmetanas.config import AlgorithmConfig, SearchConfig, load_config
+from fedmetanas.config import AlgorithmConfig, SearchConfig
+from fedmetanas.configure import load_config
 from fedmetanas.search.genotypes import METANAS_PRIMITIVES
 from fedmetanas.search.relax import gumbel_noise, prune_on_evidence, relax, sparse_active, update_mask
 from fedmetanas.search.supernet import SuperNet, sample_arch
