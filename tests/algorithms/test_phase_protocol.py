@@ -7,7 +7,7 @@ from torch import nn
 
 from fedmetanas.algorithms.base import Phase, PhaseReport, RoundPlan, Span
 from fedmetanas.algorithms.server import RoundSums
-from fedmetanas.config import config_from_dict
+from fedmetanas.configure import config_from_dict
 
 
 def _phase(*overrides: str) -> Phase:
