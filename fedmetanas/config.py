@@ -284,7 +284,13 @@ def all_sections(algorithm_sections: typing.Mapping[str, type]) -> dict[str, typ
 
 # ---------------------------------------------------------------------------------------------
 # Range checks: (section, field) -> (predicate, what the value must be)
-_RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
+Range = tuple[typing.Callable[[Any], bool], str]  # (predicate, what the value must be)
+AT_LEAST_1: Range = (lambda v: v >= 1, "an integer >= 1")
+NON_NEGATIVE: Range = (lambda v: v >= 0, "a number >= 0")
+
+# The core sections' ranges. An algorithm's section declares its own next to it, as a class attribute
+# `ranges: ClassVar[dict[str, Range]]` (field -> range), read by the same check.
+_RANGES: dict[tuple[str, str], Range] = {
     ("data", "dirichlet_alpha"): (lambda v: v > 0, "a number > 0 (smaller is more non-IID)"),
     ("data", "min_samples"): (lambda v: v >= 1, "an integer >= 1"),
     ("data", "shards_per_client"): (lambda v: v >= 1, "an integer >= 1"),
@@ -342,17 +348,12 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("runtime", "master_addr"): (lambda v: v is None or (v.strip() != "" and not any(c.isspace() for c in v)),
                                  "null or rank 0's host name or address (no spaces)"),
 }
-_RANGES[("fednas", "stable_rounds")] = (lambda v: v >= 0, "an integer >= 0 (0: search all federated.rounds)")
-for _section, _names in (("fednas", ("local_steps", "batch_size", "retrain_rounds")),
-                         ("fedavg", ("local_steps", "batch_size")), ("personalize", ("batch_size",))):
+for _section, _names in (("personalize", ("batch_size",)),):
     for _name in _names:
-        _RANGES[(_section, _name)] = (lambda v: v >= 1, "an integer >= 1")
-for _section, _names in (("fednas", ("lr_w", "lr_w_min", "momentum", "weight_decay", "lr_alpha",
-                                     "alpha_weight_decay", "lambda_train", "grad_clip")),
-                         ("fedavg", ("lr", "lr_min", "momentum", "weight_decay", "grad_clip", "channels", "layers")),
-                         ("personalize", ("steps", "lr"))):
+        _RANGES[(_section, _name)] = AT_LEAST_1
+for _section, _names in (("personalize", ("steps", "lr")),):
     for _name in _names:
-        _RANGES[(_section, _name)] = (lambda v: v >= 0, "a number >= 0")
+        _RANGES[(_section, _name)] = NON_NEGATIVE
 for _name in ("inner_lr_w", "inner_lr_alpha", "meta_lr_w", "meta_lr_alpha", "reptile_lr_w",
               "reptile_lr_alpha", "weight_decay"):
     _RANGES[("algorithm", _name)] = (lambda v: v >= 0, "a number >= 0")
@@ -476,7 +477,7 @@ def _build(cls: type, data: Any, where: str, algorithm_sections: typing.Mapping[
             kwargs[key] = _build(tp, value, full)
         else:
             kwargs[key] = _coerce(value, tp, full)
-            check = _RANGES.get((where, key))
+            check = _RANGES.get((where, key)) or getattr(cls, "ranges", {}).get(key)
             if check is not None and not check[0](kwargs[key]):
                 raise ConfigError(f"{full}: {kwargs[key]!r} is out of range; use {check[1]}")
     if top:

@@ -7,6 +7,7 @@ same SGD, fine-tuning the weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -14,7 +15,7 @@ from fedmetanas.algorithms.base import Algorithm, Phase, Span
 from fedmetanas.algorithms.batched import ClientStack, StackedUpdate, in_equal_batches, steps_stacked
 from fedmetanas.algorithms.common import Forward, LocalContext, LocalResult, sgd_steps
 from fedmetanas.algorithms.phases import TrainPhase, check_fixed_net
-from fedmetanas.config import Config, PersonalizeConfig, check_architecture
+from fedmetanas.config import AT_LEAST_1, NON_NEGATIVE, Config, PersonalizeConfig, Range, check_architecture
 from fedmetanas.search.discrete import FixedNet
 from fedmetanas.search.relax import lr_factor
 
@@ -35,6 +36,11 @@ class FedAvgConfig:
     grad_clip: float = 5.0
     channels: int = 0  # cells' initial channels; 0: model.channels
     layers: int = 0  # cells; 0: model.layers
+
+    ranges: ClassVar[dict[str, Range]] = {
+        **dict.fromkeys(("local_steps", "batch_size"), AT_LEAST_1),
+        **dict.fromkeys(("lr", "lr_min", "momentum", "weight_decay", "grad_clip", "channels", "layers"),
+                        NON_NEGATIVE)}
 
     def check(self) -> None:
         check_architecture("fedavg.architecture", self.architecture)

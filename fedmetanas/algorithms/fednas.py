@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from fedmetanas.algorithms.common import LocalContext, LocalResult, clip_weight_
 from fedmetanas.algorithms.flat_optim import MaskedAdam, MaskedSGD
 from fedmetanas.algorithms.fedavg import FedAvgConfig, fedavg_batches, fedavg_phase
 from fedmetanas.algorithms.phases import SearchPhase
-from fedmetanas.config import Config, ConfigError, check_betas
+from fedmetanas.config import AT_LEAST_1, NON_NEGATIVE, Config, ConfigError, Range, check_betas
 from fedmetanas.search.genotypes import cell_kinds
 from fedmetanas.search.relax import lr_factor
 from fedmetanas.search.stacked import StackedSuperNet
@@ -53,6 +53,12 @@ class FedNASConfig:
     # The search ends once its genotype has stayed the same for this many rounds in a row (federated.rounds
     # is then the cap on search rounds); 0: search all federated.rounds (docs/method.md).
     stable_rounds: int = 3
+
+    ranges: ClassVar[dict[str, Range]] = {
+        "stable_rounds": (lambda v: v >= 0, "an integer >= 0 (0: search all federated.rounds)"),
+        **dict.fromkeys(("local_steps", "batch_size", "retrain_rounds"), AT_LEAST_1),
+        **dict.fromkeys(("lr_w", "lr_w_min", "momentum", "weight_decay", "lr_alpha", "alpha_weight_decay",
+                         "lambda_train", "grad_clip"), NON_NEGATIVE)}
 
     def check(self) -> None:
         check_betas("fednas.alpha_betas", self.alpha_betas)
