@@ -98,6 +98,7 @@ class Loop:
         self.stages.phases[index].enter(previous)
         self.cur = PhaseRun.enter(self.cfg, self.setup, self.ctx, index, self.stages.phases[index],
                                   self.cur.executors if self.cur is not None else [])
+        self.work.batching = None  # a new phase says how it runs its clients again
 
     @property
     def phase(self) -> Phase:
