@@ -9,9 +9,11 @@ from fedmetanas.algorithms.base import Algorithm
 from fedmetanas.algorithms.fedavg import FedAvg
 from fedmetanas.algorithms.fedmetanas import FedMetaNASAlgorithm
 from fedmetanas.algorithms.fednas import FedNAS
+from fedmetanas.algorithms.fedprox import FedProx
 from fedmetanas.algorithms.perfedavg import PerFedAvg
+from fedmetanas.algorithms.scaffold import Scaffold
 
-_REGISTERED: tuple[type[Algorithm], ...] = (FedMetaNASAlgorithm, FedNAS, FedAvg, PerFedAvg)
+_REGISTERED: tuple[type[Algorithm], ...] = (FedMetaNASAlgorithm, FedNAS, FedAvg, PerFedAvg, FedProx, Scaffold)
 
 ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in _REGISTERED}
 

@@ -84,14 +84,26 @@ def clip_weight_grads(model: nn.Module, max_norm: float) -> None:
         nn.utils.clip_grad_norm_(model.weights(), max_norm)
 
 
+def add_to_grads(params: list[torch.Tensor], terms: list[torch.Tensor], alpha: float = 1.0) -> None:
+    """p.grad += alpha * term for every parameter the loss reached; one it did not reach keeps no gradient,
+    so SGD leaves it as it would without the term."""
+    pairs = [(p.grad, t) for p, t in zip(params, terms) if p.grad is not None]
+    if pairs:
+        grads, added = zip(*pairs)
+        torch._foreach_add_(list(grads), list(added), alpha=alpha)
+
+
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
 def sgd_steps(model: nn.Module, ctx: LocalContext, steps: int, batch_size: int, lr: float, momentum: float,
               weight_decay: float, grad_clip: float,
-              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
+              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+              adjust: Callable[[], None] | None = None) -> list[torch.Tensor]:
     """Supervised SGD of `loss_fn` (default cross-entropy) on a fixed-architecture net (`model(x)`);
-    returns the batch losses."""
+    returns the batch losses. `adjust`, called after clipping and before each step, may add a term to
+    the weights' gradients (FedProx's proximal pull, SCAFFOLD's drift correction); like weight decay,
+    that term is not clipped."""
     opt = torch.optim.SGD(model.weights(), lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
     losses = []
     for _ in range(steps):
@@ -100,6 +112,8 @@ def sgd_steps(model: nn.Module, ctx: LocalContext, steps: int, batch_size: int, 
         model.zero_grad(set_to_none=True)
         loss.backward()
         clip_weight_grads(model, grad_clip)
+        if adjust is not None:
+            adjust()
         opt.step()
         losses.append(loss.detach())
     return losses

@@ -7,7 +7,7 @@ same SGD, fine-tuning the weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -59,9 +59,14 @@ class FedAvgLocal:
 
     def local_update(self, model: FixedNet, task: FixedNet | None, ctx: LocalContext) -> LocalResult:  # noqa: ARG002
         """`local_steps` SGD steps from the global weights (fresh momentum every round)."""
+        return self.train(model, ctx)
+
+    def train(self, model: FixedNet, ctx: LocalContext, adjust: Callable[[], None] | None = None) -> LocalResult:
+        """The local steps at the round's rate; `adjust` adds a term to the weights' gradients before each step
+        (`sgd_steps`): the hook of the rules built on this one (FedProx, SCAFFOLD)."""
         c = self.cfg
         losses = sgd_steps(model, ctx, c.local_steps, c.batch_size, c.lr * ctx.lr_scale, c.momentum,
-                           c.weight_decay, c.grad_clip, self.loss)
+                           c.weight_decay, c.grad_clip, self.loss, adjust)
         return LocalResult(loss=float(torch.stack(losses).mean()), steps=c.local_steps)
 
     def local_update_batch(self, model: FixedNet, ctxs: list[LocalContext]) -> StackedUpdate:
@@ -93,17 +98,22 @@ def fedavg_batches(cfg: Config) -> list[tuple[str, int, int]]:
     return out
 
 
-def fedavg_phase(algo: Algorithm, span: Span, architecture: str | None) -> TrainPhase:
-    """A FedAvg training phase over `span`: cosine learning rate from `fedavg.lr` to `fedavg.lr_min`."""
-    cfg, f = algo.cfg, algo.cfg.fedavg
+def fedavg_phase(algo: Algorithm, span: Span, architecture: str | None, rule: FedAvgLocal | None = None,
+                 phase_class: type[TrainPhase] = TrainPhase) -> TrainPhase:
+    """A FedAvg training phase over `span`: cosine learning rate from `lr` to `lr_min` of the rule's settings
+    (`rule.cfg`; default FedAvg's own rule on the `fedavg` section). FedProx passes its rule, SCAFFOLD its
+    rule and phase class."""
+    cfg = algo.cfg
+    rule = rule or FedAvgLocal(cfg.fedavg, cfg.personalize)
+    f = rule.cfg
 
     def lr_scale(rnd: int) -> float:
         # The phase's span as it is when the round runs: an earlier phase that ended early moved it.
         s = phase.span
         return lr_factor("cosine", f.lr_min / f.lr if f.lr > 0 else 1.0, rnd - s.first, s.rounds)
 
-    phase = TrainPhase(cfg, span, FedAvgLocal(f, cfg.personalize), architecture=architecture, lr_scale=lr_scale,
-                       base_lr=f.lr, channels=f.channels, layers=f.layers)
+    phase = phase_class(cfg, span, rule, architecture=architecture, lr_scale=lr_scale, base_lr=f.lr,
+                        channels=f.channels, layers=f.layers)
     return phase
 
 

@@ -5,52 +5,23 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from fedmetanas.algorithms import ALGORITHMS, declared_sections
 from fedmetanas.algorithms.base import ModelInputs
-from fedmetanas.algorithms.common import LocalContext
 from fedmetanas.algorithms.fedmetanas import FedMetaNAS
 from fedmetanas.algorithms.perfedavg import PerFedAvg
 from fedmetanas.algorithms.phases import TrainPhase
 from fedmetanas.config import AlgorithmConfig, ConfigError
 from fedmetanas.configure import config_from_dict
-from fedmetanas.data.datasets import TensorSplit
-from fedmetanas.search.discrete import DiscreteNet, FixedNet
+from fedmetanas.search.discrete import DiscreteNet
 from fedmetanas.search.genotypes import DARTS_V2
+from tests.helpers import LINEAR_ROWS as N
+from tests.helpers import Linear
+from tests.helpers import full_batch_grad as _loss_grad
+from tests.helpers import linear_ctx as _ctx
+from tests.helpers import linear_split as _split
 
-N, CLASSES = 6, 3
 INNER_LR, META_LR = 0.01, 0.1
-
-
-class Linear(FixedNet):
-    """The smallest fixed network: a linear map of the flattened image."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(16, CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(x, 1))
-
-
-def _split() -> TensorSplit:
-    gen = torch.Generator().manual_seed(1)
-    return TensorSplit(torch.randint(0, 256, (N, 1, 4, 4), generator=gen, dtype=torch.uint8),
-                       torch.arange(N) % CLASSES, (0.5,), (0.25,), num_classes=CLASSES)
-
-
-def _ctx(split: TensorSplit) -> LocalContext:
-    return LocalContext(split, torch.arange(N), None, float("nan"), "expected", torch.Generator().manual_seed(3),
-                        torch.Generator().manual_seed(0))
-
-
-def _loss_grad(net: Linear, split: TensorSplit) -> tuple[torch.Tensor, ...]:
-    """The full-batch gradient (a batch of N draws every row: the order does not change the mean)."""
-    x, y = split.batch(torch.arange(N))
-    net.zero_grad()
-    nn.functional.cross_entropy(net(x), y).backward()
-    return tuple(p.grad.clone() for p in net.parameters())
 
 
 def test_one_meta_step_is_first_order_maml_computed_by_hand():
