@@ -140,3 +140,14 @@ def launch_all(data_root: Path, out: Path, plans: dict[str, tuple[list[str], int
 def saved_model(run_dir: Path, file: str = "model.pt") -> dict[str, Any]:
     """The state dict a finished run saved."""
     return torch.load(run_dir / file, weights_only=False)["state_dict"]
+
+
+def killed_after(args: list[str], np: int, checkpoint: Path) -> None:
+    """Start a run and SIGKILL every rank (no handler runs) as soon as `checkpoint` lands."""
+    import os  # noqa: PLC0415 - only the kill tests need it
+    import signal  # noqa: PLC0415
+
+    proc = start(args, np)
+    wait_for(checkpoint, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)

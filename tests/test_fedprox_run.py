@@ -4,14 +4,12 @@ another under the default `runtime.client_batch: auto`."""
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import EVAL_LOSS, assert_same_run, launch, start, tiny_overrides, trained_model, wait_for
+from tests.helpers import EVAL_LOSS, assert_same_run, killed_after, launch, tiny_overrides, trained_model
 
 ROUNDS = 3
 COMMON = [f"federated.rounds={ROUNDS}", "federated.participation=0.5", "fedavg.local_steps=2", "fedavg.batch_size=16",
@@ -46,12 +44,9 @@ def test_fedprox_with_mu_zero_is_fedavg_s_run_to_the_bit(runs: dict[str, Path]) 
 @pytest.mark.mpi
 def test_fedprox_killed_after_a_checkpoint_resumes_bit_identical(runs: dict[str, Path], data_root: Path,
                                                                  tmp_path: Path) -> None:
-    # Prepare: SIGKILL every rank (no handler runs) as soon as round 1's checkpoint lands (of 3 rounds)
+    # Prepare: killed as soon as round 1's checkpoint lands (of 3 rounds)
     args = tiny_overrides(data_root, tmp_path, "np2") + COMMON + PROX
-    proc = start(args, 2)
-    wait_for(tmp_path / "np2" / "checkpoints" / "round-000001.pt", proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    killed_after(args, 2, tmp_path / "np2" / "checkpoints" / "round-000001.pt")
     assert not (tmp_path / "np2" / "model.pt").exists()
 
     # Execute
