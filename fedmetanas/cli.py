@@ -14,7 +14,7 @@ from fedmetanas.checkpoint import CheckpointError
 from fedmetanas.config import ConfigError
 from fedmetanas.configure import load_config
 from fedmetanas.data.errors import DataError
-from fedmetanas.dist import CollectiveError, DistError, init_distributed, placement_from_env, shutdown
+from fedmetanas.dist import CollectiveError, DistError, init_distributed, leave, placement_from_env, shutdown
 from fedmetanas.reporting.hdf5 import close_open_logs
 from fedmetanas.rundir import OutOfSpaceError, RunDirError
 from fedmetanas.signals import EXIT_INTERRUPTED, SETUP_STOPPED, exit_code
@@ -85,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if ctx.world_size > 1:
                 with contextlib.suppress(RuntimeError):
                     name = "SIGINT" if "SIGINT" in ctx.all_gather_objects(name) else name
+                leave(exit_code(name))  # the files are closed: skip the interpreter's slow teardown
             return exit_code(name)
         except KeyboardInterrupt:
             # A second Ctrl-C: end now. The log is closed (a plain h5py reader can open it); the last

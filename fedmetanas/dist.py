@@ -22,10 +22,11 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as tdist
@@ -446,3 +447,18 @@ def shutdown() -> None:
     if _CONTEXT is not None:
         _CONTEXT.close()
     _CONTEXT = None
+
+
+def leave(code: int) -> NoReturn:
+    """End the process now with `code`: the process group closed, MPI finalized, stdio flushed, then
+    `os._exit`, skipping the interpreter's teardown of torch's modules (~2 s on this 2-core machine for
+    a 2-rank job: 9.4 s from start to exit against 6.4 s with this). For a run that stopped on a signal,
+    whose files are closed: under MPICH's mpiexec a second Ctrl-C during those seconds is its "force
+    abort" (exit 255, the proxies' assertion messages) although the run had already stopped cleanly."""
+    shutdown()
+    mpi = sys.modules.get("mpi4py.MPI")  # only where a launcher initialised it (`init_distributed`)
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

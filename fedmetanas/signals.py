@@ -1,11 +1,20 @@
-"""Signals that ask a run to stop: finish the round, write a checkpoint, exit (resume with --resume).
+"""Signals that ask a run to stop: write a checkpoint, exit (resume with --resume).
 
-SIGTERM and SIGUSR1 (a scheduler's preemption notice) and SIGINT (Ctrl-C) only set a flag that the
-round loop reads once per round and shares with the other ranks through its all-reduce, so every
-rank stops after the same round. Ctrl-C therefore no longer kills one rank mid-collective while the
-others wait for it until `runtime.collective_timeout_s`. A second Ctrl-C is for a user who will not
-wait for the round to end: it raises KeyboardInterrupt at once (the CLI exits 130; the last
-checkpoint written is kept).
+SIGTERM and SIGUSR1 (a scheduler's preemption notice) only set a flag that the round loop reads once
+per round and shares with the other ranks through its all-reduce, so every rank stops after the same
+round: a scheduler's notice leaves time (slurm/launch.sh asks for 120 s), and the round's work is kept.
+
+Ctrl-C (SIGINT) is a user at a terminal who wants the prompt back. While a rank runs its clients
+(`StopFlag.droppable`, the loop's local work on one lane) the first Ctrl-C raises `RoundDropped` there
+and then: the rank stops computing, the round's all-reduce tells every rank that the round is dropped,
+and the run stops as of the round before (its checkpoint), which `--resume` reruns bit-identically
+because every draw comes from (seed, round, client). A Ctrl-C that lands elsewhere (the all-reduce,
+the evaluation) sets the flag like the other signals. Why drop rather than finish: a round of the
+default search is tens of seconds on a CPU, and a user who sees nothing happen presses again; under
+MPICH's `mpiexec` a second Ctrl-C is its "force abort", which kills the ranks before they can close
+the log. Every rank stops in the same round either way: the flag travels in the all-reduce, and a
+rank that was not signalled finishes its clients and learns it there. A second Ctrl-C still raises
+KeyboardInterrupt at once (the CLI exits 130; the last checkpoint written is kept).
 
 Before the loop takes over, Ctrl-C is not turned into an exception at all (`exit_on_ctrl_c`, installed
 by `launch/main.py` before torch loads): an asynchronous KeyboardInterrupt inside an import can leave a
@@ -18,6 +27,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -56,6 +67,12 @@ def exit_on_ctrl_c() -> None:
     signal.signal(signal.SIGINT, _exit_now)
 
 
+class RoundDropped(BaseException):
+    """The first Ctrl-C while a rank runs its clients: the round in progress is dropped.
+
+    A BaseException, as KeyboardInterrupt is, so that no `except Exception` in a local rule swallows it."""
+
+
 class StopFlag:
     """Set from a signal handler; the round loop reads `requested` once per round.
 
@@ -68,6 +85,8 @@ class StopFlag:
         self.requested = False
         self.signal_name = ""  # the first signal received here ("" until one arrives)
         self.interrupts = 0  # SIGINTs received
+        self.dropped = False  # a Ctrl-C has dropped a round (raised RoundDropped)
+        self._droppable = False
         self._previous: dict[signal.Signals, Any] = {}
 
     def install(self) -> None:
@@ -83,6 +102,22 @@ class StopFlag:
         while self._previous:
             sig, handler = self._previous.popitem()
             signal.signal(sig, signal.default_int_handler if handler is _exit_now else handler)
+
+    @contextmanager
+    def droppable(self) -> Iterator[None]:
+        """Within it, Ctrl-C drops the round at once: `RoundDropped` is raised from the handler, or on
+        entry when a Ctrl-C came before (between the all-reduce and here) and has not dropped one yet.
+
+        Only code that writes nothing shared may run inside: no collective (a rank leaving one half-way
+        would desynchronize the ranks), no file, no global model; a rank's own clients on one lane."""
+        if self.interrupts and not self.dropped:
+            self.dropped = True
+            raise RoundDropped
+        self._droppable = True
+        try:
+            yield
+        finally:
+            self._droppable = False
 
     def __enter__(self) -> StopFlag:
         self.install()
@@ -100,3 +135,6 @@ class StopFlag:
         self.requested = True
         if not self.signal_name:
             self.signal_name = name
+        if name == "SIGINT" and self._droppable:
+            self._droppable, self.dropped = False, True
+            raise RoundDropped

@@ -37,9 +37,9 @@ def logged_numbers(run_dir: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def trained_model(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The final model a fixed-network run saved (model.pt)."""
-    return torch.load(run_dir / "model.pt", weights_only=False)["state_dict"]
+def trained_model(run_dir: Path, file: str = "model.pt") -> dict[str, torch.Tensor]:
+    """The final model a run saved: model.pt (a fixed network), supernet.pt (a search)."""
+    return torch.load(run_dir / file, weights_only=False)["state_dict"]
 
 
 # A round's test loss, summed by each rank over its shard of the evaluation set in float32 batches: another
@@ -47,9 +47,9 @@ def trained_model(run_dir: Path) -> dict[str, torch.Tensor]:
 EVAL_LOSS = "rounds/discrete_loss"
 
 
-def assert_same_run(run_dir: Path, reference: Path, rounding: tuple[str, ...] = ()) -> None:
-    """The two runs logged the same numbers and saved the same model, to the bit; the datasets in
-    `rounding` to float32 rounding."""
+def assert_same_run(run_dir: Path, reference: Path, rounding: tuple[str, ...] = (), model: str = "model.pt") -> None:
+    """The two runs logged the same numbers and saved the same model (file `model`), to the bit; the
+    datasets in `rounding` to float32 rounding."""
     got, want = logged_numbers(run_dir), logged_numbers(reference)
     assert got.keys() == want.keys()
     for name, value in want.items():
@@ -57,7 +57,7 @@ def assert_same_run(run_dir: Path, reference: Path, rounding: tuple[str, ...] = 
             np.testing.assert_allclose(got[name], value, rtol=1e-6, err_msg=name)
         else:
             assert np.array_equal(got[name], value, equal_nan=value.dtype.kind == "f"), name
-    got_model, want_model = trained_model(run_dir), trained_model(reference)
+    got_model, want_model = trained_model(run_dir, model), trained_model(reference, model)
     assert got_model.keys() == want_model.keys()
     for key, value in want_model.items():
         assert torch.equal(got_model[key], value), key

@@ -253,8 +253,10 @@ CASES: dict[str, tuple[Prepare, str]] = {
 # Rows of docs/errors.md tested elsewhere: case -> (docs section, "test file::test function").
 ELSEWHERE: dict[str, tuple[str, str]] = {
     "run-started-twice": ("data safety", "tests/test_rundir.py::test_the_same_name_started_twice_runs_once"),
-    "ctrl-c-to-rank-0": ("hangs", "tests/test_interrupt.py::test_ctrl_c_to_rank_0_checkpoints_the_round_and_exits_130"),
+    "ctrl-c-to-rank-0": ("hangs", "tests/test_interrupt.py::"
+                         "test_ctrl_c_to_rank_0_drops_the_round_and_the_resumed_run_equals_an_uninterrupted_one"),
     "ctrl-c-to-the-job": ("hangs", "tests/test_interrupt.py::test_ctrl_c_to_the_whole_job_exits_130_with_a_readable_log"),
+    "two-ctrl-c-to-the-job": ("hangs", "tests/test_interrupt.py::test_two_ctrl_c_to_the_job_a_second_apart_stop_it_cleanly"),
     "second-ctrl-c": ("hangs", "tests/test_interrupt.py::test_a_second_ctrl_c_ends_the_run_at_once"),
     "report-on-truncated-log": ("hangs", "tests/reporting/test_report.py::test_a_truncated_log_is_one_error_line_never_a_hang"),
     "every-update-nonfinite": ("accepted bad input",

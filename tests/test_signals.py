@@ -1,5 +1,6 @@
-"""The stop flag: SIGTERM, SIGUSR1 and a first Ctrl-C ask the run to stop after its round; a second Ctrl-C
-stops it at once; the handlers before it are put back."""
+"""The stop flag: SIGTERM, SIGUSR1 and a first Ctrl-C ask the run to stop after its round, except that a
+Ctrl-C while the rank runs its clients drops the round at once; a second Ctrl-C stops it at once; the
+handlers before it are put back."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 
 import pytest
 
-from fedmetanas.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, STOP_SIGNALS, StopFlag, exit_code
+from fedmetanas.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, STOP_SIGNALS, RoundDropped, StopFlag, exit_code
 
 
 def _deliver(sig: signal.Signals) -> None:
@@ -55,3 +56,46 @@ def test_leaving_the_flag_puts_back_the_handlers_it_replaced() -> None:
 def test_ctrl_c_exits_130_and_preemption_75() -> None:
     assert exit_code("SIGINT") == EXIT_INTERRUPTED == 130
     assert exit_code("SIGTERM") == exit_code("SIGUSR1") == exit_code("") == EXIT_PREEMPTED == 75
+
+
+def test_ctrl_c_while_the_clients_run_drops_the_round_at_once() -> None:
+    with StopFlag() as flag:
+        with pytest.raises(RoundDropped), flag.droppable():
+            _deliver(signal.SIGINT)
+            pytest.fail("the clients' work went on after Ctrl-C")
+
+    assert flag.requested and flag.dropped and flag.signal_name == "SIGINT"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_schedulers_notice_while_the_clients_run_lets_the_round_finish(sig: signal.Signals) -> None:
+    with StopFlag() as flag:
+        with flag.droppable():
+            _deliver(sig)
+
+    assert flag.requested and not flag.dropped
+
+
+def test_a_ctrl_c_between_rounds_drops_the_next_round_on_entry_once() -> None:
+    """A Ctrl-C during the all-reduce or the evaluation: the next round's clients never start."""
+    with StopFlag() as flag:
+        _deliver(signal.SIGINT)
+        with pytest.raises(RoundDropped), flag.droppable():
+            pytest.fail("entered a round after Ctrl-C")
+        with flag.droppable():
+            pass  # one Ctrl-C drops one round, not every later one
+
+
+def test_a_second_ctrl_c_after_the_drop_still_ends_at_once() -> None:
+    with StopFlag() as flag:
+        with pytest.raises(RoundDropped), flag.droppable():
+            _deliver(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            _deliver(signal.SIGINT)
+
+
+def test_outside_the_clients_work_ctrl_c_only_sets_the_flag() -> None:
+    with StopFlag() as flag:
+        _deliver(signal.SIGINT)
+
+    assert flag.requested and not flag.dropped

@@ -67,9 +67,10 @@ class FlatLayout:
 
 def round_layout(n_params: int, num_clients: int, world_size: int,
                  extra: tuple[tuple[str, int], ...] = ()) -> FlatLayout:
-    """The round's buffer: [sum n*params | sum n | stop | client loss | client flag | client excluded |
-    rank seconds | rank peak host memory | rank peak GPU memory | what the phase declared (`extra`)]."""
-    return FlatLayout.of(("params", n_params), ("n", 1), ("stop", 1), ("loss", num_clients),
+    """The round's buffer: [sum n*params | sum n | stop | dropped | client loss | client flag | client excluded |
+    rank seconds | rank peak host memory | rank peak GPU memory | what the phase declared (`extra`)].
+    `stop`: ranks asked to stop after the round (a signal); `dropped`: ranks whose clients a Ctrl-C cut short."""
+    return FlatLayout.of(("params", n_params), ("n", 1), ("stop", 1), ("dropped", 1), ("loss", num_clients),
                          ("flag", num_clients), ("excluded", num_clients), ("rank_seconds", world_size),
                          ("rank_mib", world_size), ("rank_gpu_mib", world_size), *extra)
 

@@ -10,6 +10,8 @@ count.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +93,9 @@ class LocalWork:
         self._choices: dict[tuple[int, str], BatchChoice] = {}
         self.batching: BatchChoice | None = None  # how the last round ran its clients (logged on change)
         self._slots: dict[int, int] = {}
+        # Entered around the clients' computation on one lane (`StopFlag.droppable`: a Ctrl-C drops the
+        # round there); the batch probe's collective stays outside it.
+        self.droppable: Callable[[], AbstractContextManager[None]] = nullcontext
 
     def context(self, run: PhaseRun, cid: int, plan: RoundPlan, *coords: int) -> LocalContext:
         """Client `cid`'s context; its randomness comes from (seed, coords, cid) alone."""
@@ -112,8 +117,15 @@ class LocalWork:
             log.info("round %d: %s (%s)", rnd + 1, f"clients in batches of {choice.k}" if choice.k > 1
                      else "clients one after another", choice.why)
         self.batching = choice
-        if choice.k > 1:
-            return self._batched(run, rnd, plan, selected, choice.k)
+        # On several lanes the clients run on threads the main thread's Ctrl-C cannot stop: finish there.
+        with self.droppable() if len(run.executors) == 1 else nullcontext():
+            if choice.k > 1:
+                return self._batched(run, rnd, plan, selected, choice.k)
+            return self._one_by_one(run, rnd, plan, selected)
+
+    def _one_by_one(self, run: PhaseRun, rnd: int, plan: RoundPlan, selected: list[int]) -> torch.Tensor:
+        """The round's clients one after another on a lane (concurrently on several lanes)."""
+        fed = self.cfg.federated
         ranks = assign_to_ranks(selected, [1.0] * fed.num_clients, self.ctx.world_size)
 
         def client(ex: ClientExecutor, cid: int) -> None:

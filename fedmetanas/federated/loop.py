@@ -21,7 +21,8 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ import yaml
 
 from fedmetanas.algorithms import get_algorithm
 from fedmetanas.algorithms.base import Phase, PhaseOutcome, RoundPlan
-from fedmetanas.checkpoint import CheckpointError
+from fedmetanas.checkpoint import CheckpointError, checkpoint_path, list_checkpoints
 from fedmetanas.config import Config, ConfigError, to_dict
 from fedmetanas.dist import DistContext
 from fedmetanas.federated.batching import refuse_unbatchable
@@ -47,7 +48,7 @@ from fedmetanas.federated.stopping import Preempted, nonfinite_fault, training_s
 from fedmetanas.data.client_data import check_batch_sizes
 from fedmetanas.rundir import RunDirError, RunLock, acquire_run_dir
 from fedmetanas.runtime import peak_memory_mib, synchronize
-from fedmetanas.signals import StopFlag
+from fedmetanas.signals import RoundDropped, StopFlag
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class Loop:
         self.lock: RunLock | None = None  # rank 0's hold on the run directory
         self.callbacks = Callbacks(self.setup.run_path)
         self.work = LocalWork(cfg, self.setup, ctx)
+        self.work.droppable = self.stop.droppable
         self.cur: PhaseRun | None = None
         self._enter(0, None)
         # The log's model facts are the first phase's, also after a resume in a later one.
@@ -174,7 +176,7 @@ class Loop:
     def run(self) -> RunResult:
         """The round loop; returns the final evaluation (identical on every rank)."""
         try:
-            with self.stop:  # SIGTERM / SIGUSR1 / SIGINT: finish the round, checkpoint, stop
+            with self.stop:  # SIGTERM / SIGUSR1: finish the round, checkpoint, stop; Ctrl-C: drop it (signals)
                 return self._run()
         finally:
             close_executors(self.cur.executors)
@@ -195,6 +197,8 @@ class Loop:
         while self.stopped_by == "rounds" and rnd < self.stages.total:
             plan = self.phase.round_plan(rnd)
             row, stopping = self.run_round(rnd, plan, t_start)
+            if row is None:
+                self._stop_dropped(rnd)
             self.end_round = rnd + 1
             early = self.phase.end_early(rnd, row)  # asked every round: the phase may count something
             phase_ends = self.stages.has_next and (early or rnd == self.phase.span.end - 1)
@@ -215,6 +219,18 @@ class Loop:
                                 f"{rnd + 1}; checkpoint written, continue with --resume", self.stop.signal_name)
             rnd += 1
         return self._finish(t_start)
+
+    def _stop_dropped(self, rnd: int) -> NoReturn:
+        """A Ctrl-C dropped round `rnd` on some rank: the run stops as of the round before. Its checkpoint
+        is written unless it already is (`checkpoint.every` 1); before any round there is none, and
+        --resume starts the run afresh."""
+        written = [p.name for p in list_checkpoints(self.setup.run_path / "checkpoints")[:1]]
+        if rnd > 0 and written != [checkpoint_path(Path(), rnd).name]:  # (the callback is rank 0's)
+            self.callbacks.emit("on_round_end", rnd, self.rows[-1][1]["wall_time"], True, False)
+        self.callbacks.emit("on_stop")
+        after = f"round {rnd} is the last one kept" if rnd > 0 else "no round had finished: it starts afresh"
+        raise Preempted(f"stopped by SIGINT in round {rnd + 1}, which is dropped ({after}); continue with --resume",
+                        "SIGINT")
 
     def _over_budget(self, wall_time: float) -> bool:
         """Whether the run's training time (wall time less the rounds' evaluation time: how often the
@@ -237,23 +253,30 @@ class Loop:
                  outcome.genotype.to_string() if outcome.genotype else "no genotype", nxt.span.kind, nxt.span.rounds)
         self._enter(index, outcome)
 
-    def run_round(self, rnd: int, plan: RoundPlan, t_start: float) -> tuple[dict[str, Any], bool]:
+    def run_round(self, rnd: int, plan: RoundPlan, t_start: float) -> tuple[dict[str, Any] | None, bool]:
         """One round: local work, one all-reduce, server update, evaluation, log row.
 
-        Returns the round's log row and whether any rank was asked to stop (signal).
+        Returns the round's log row and whether any rank was asked to stop (signal); no row where a
+        Ctrl-C dropped the round on any rank (nothing of it was applied, on any rank).
         """
         cfg, phase, lay, net = self.cfg, self.phase, self.cur.buffer.layout, self.cur.net
         t_round = time.perf_counter()
-        buf = self.work(self.cur, rnd, plan)
+        try:
+            buf, dropped = self.work(self.cur, rnd, plan), False
+        except RoundDropped:  # this rank's clients cut short: its share is void, the others learn it below
+            buf, dropped = lay.zeros(self.ctx.device), True
         synchronize(self.ctx.device)
         t_local = time.perf_counter() - t_round
         seg = lay.split(buf)
         seg["rank_seconds"][self.ctx.rank] = t_local
         seg["rank_mib"][self.ctx.rank], seg["rank_gpu_mib"][self.ctx.rank] = peak_memory_mib(self.ctx.device)
         seg["stop"][0] = float(self.stop.requested)
+        seg["dropped"][0] = float(dropped)
         t_comm = self.ctx.timed_all_reduce_sum(buf)
 
         out = {k: v.cpu().numpy() for k, v in lay.split(buf).items() if k != "params"}
+        if out["dropped"][0] > 0:
+            return None, True
         flags, excluded = out["flag"] > 0, out["excluded"] > 0
         fault = nonfinite_fault(rnd, flags, excluded, cfg.federated.nonfinite)
         if fault is not None:

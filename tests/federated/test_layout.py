@@ -45,12 +45,12 @@ def test_summing_two_encoded_buffers_sums_every_segment():
     assert total["rank_seconds"].tolist() == [2.0, 5.0]
 
 
-def test_the_rounds_layout_is_parameters_count_stop_clients_then_ranks():
+def test_the_rounds_layout_is_parameters_count_stop_dropped_clients_then_ranks():
     layout = round_layout(n_params=10, num_clients=4, world_size=3)
 
-    assert [name for name, _ in layout.segments] == ["params", "n", "stop", "loss", "flag", "excluded",
+    assert [name for name, _ in layout.segments] == ["params", "n", "stop", "dropped", "loss", "flag", "excluded",
                                                      "rank_seconds", "rank_mib", "rank_gpu_mib"]
-    assert layout.size == 10 + 1 + 1 + 3 * 4 + 3 * 3
+    assert layout.size == 10 + 1 + 1 + 1 + 3 * 4 + 3 * 3
 
 
 def test_metrics_layout_has_three_sums_per_named_forward():

@@ -37,7 +37,7 @@ def _tensors(seed: int) -> list[torch.Tensor]:
 def test_a_phase_that_declares_nothing_sends_the_segments_it_always_did():
     buf = RoundBuffer(_Declares(), MODEL, CLIENTS, SLOTS, world_size=2)
 
-    assert [n for n, _ in buf.layout.segments] == ["params", "n", "stop", "loss", "flag", "excluded",
+    assert [n for n, _ in buf.layout.segments] == ["params", "n", "stop", "dropped", "loss", "flag", "excluded",
                                                    "rank_seconds", "rank_mib", "rank_gpu_mib"]
     assert buf.layout.length("params") == MODEL
 
