@@ -221,17 +221,10 @@ def measure_net(net: Net, args: argparse.Namespace, cfg, device: torch.device, d
             two = measure(make(2), device, args.ops, args.repeats)
             fig = per_client_step(one, two, k, local_steps)
             rows[name] = fig
-            timed = not net.ops_only and fig["s"] > 0
-            print(f"{net.name:8s} {mode_name:10s} {name:11s}"
-                  + (f" ops/client-step {fig['ops']:9.0f}" if args.ops else "")
-                  + (f"  kernels {fig['kernels']:7.0f}  GPU busy {fig['busy_s'] * 1e3:7.2f} ms"
-                     if args.ops and device.type == "cuda" else "")
-                  + (f"  client-steps/s {1.0 / fig['s']:8.2f}" if timed else ""), flush=True)
-        seq = rows["sequential"]
-        for name, fig in rows.items():
+            seq = rows["sequential"]  # measured first
             timed = not net.ops_only and fig["s"] > 0
             counted = args.ops and device.type == "cuda"
-            results["rows"].append({
+            results["rows"].append({  # at once: a budget that runs out later keeps this row
                 "net": net.name, "mode": mode_name, "variant": name, "ops": fig.get("ops"),
                 "ops_vs_sequential": fig["ops"] / seq["ops"] if args.ops else None,
                 "kernels": fig["kernels"] if counted else None,
@@ -239,6 +232,11 @@ def measure_net(net: Net, args: argparse.Namespace, cfg, device: torch.device, d
                 "client_steps_per_s": 1.0 / fig["s"] if timed else None,
                 "speed_vs_sequential": seq["s"] / fig["s"] if timed else None,
                 "gpu_busy_share": fig["busy_s"] / fig["s"] if counted and fig["s"] > 0 else None})
+            print(f"{net.name:8s} {mode_name:10s} {name:11s}"
+                  + (f" ops/client-step {fig['ops']:9.0f}" if args.ops else "")
+                  + (f"  kernels {fig['kernels']:7.0f}  GPU busy {fig['busy_s'] * 1e3:7.2f} ms"
+                     if args.ops and device.type == "cuda" else "")
+                  + (f"  client-steps/s {1.0 / fig['s']:8.2f}" if timed else ""), flush=True)
 
 
 def table(results: dict[str, Any]) -> str:
