@@ -184,30 +184,33 @@ def check_syncs(ctx: SectionContext) -> dict[str, Any]:
 def check_step(ctx: SectionContext) -> dict[str, Any]:
     """ms per local step of the paper-size supernet (dense soft), 1 vs 4 lanes, deterministic on and off.
 
-    Trimmed to one wave of 4 clients, 1 local step each after a warm-up: lanes were measured not to pay at
-    this size (0.86x on an H200, docs/gpu.md), so this section confirms, it does not explore."""
+    Trimmed to one wave of 4 clients, 1 local step each after a warm-up, the lanes built once for both
+    switches: lanes were measured not to pay at this size (0.86x on an H200, docs/gpu.md), so this
+    section confirms, it does not explore."""
     device = torch_device(ctx)
     net, clients = (TINY, 4) if ctx.quick else (PAPER, 4)
     work = Workload(net, device, clients)
     ctx.record.update(net=dataclasses.asdict(net), clients=clients)
-    for deterministic in (True, False):
-        configure_determinism(deterministic)
-        for count in (1, 4):
-            key = f"{'det' if deterministic else 'free'}/lanes{count}"
-            ctx.deadline.check(key)
-            executors = lanes(count, net, device)
-            work.run(executors, "soft", local_steps=1, deterministic=deterministic, clients=count)  # warm-up
-            synchronize(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
-            _, steps = work.run(executors, "soft", local_steps=1, deterministic=deterministic)
-            synchronize(device)
-            seconds = time.perf_counter() - start
-            close_executors(executors)
-            ctx.record[key] = {"ms_per_step": 1000 * seconds / steps, "clients_per_s": clients / seconds,
-                               "gpu_mib": peak_memory_mib(device)[1]}
-    configure_determinism(True)
+    built = {count: lanes(count, net, device) for count in (1, 4)}
+    try:
+        for deterministic in (True, False):
+            configure_determinism(deterministic)
+            for count, executors in built.items():
+                key = f"{'det' if deterministic else 'free'}/lanes{count}"
+                ctx.deadline.check(key)
+                work.run(executors, "soft", local_steps=1, deterministic=deterministic, clients=count)  # warm-up
+                synchronize(device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                start = time.perf_counter()
+                _, steps = work.run(executors, "soft", local_steps=1, deterministic=deterministic)
+                synchronize(device)
+                seconds = time.perf_counter() - start
+                ctx.record[key] = {"ms_per_step": 1000 * seconds / steps, "clients_per_s": clients / seconds,
+                                   "gpu_mib": peak_memory_mib(device)[1]}
+    finally:
+        configure_determinism(True)
+        close_executors(built[1] + built[4])
     rec = ctx.record
     for mode in ("det", "free"):
         rec[f"{mode}/speedup"] = rec[f"{mode}/lanes1"]["ms_per_step"] / rec[f"{mode}/lanes4"]["ms_per_step"]
