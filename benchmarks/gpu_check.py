@@ -41,6 +41,7 @@ from gpu_common import (  # noqa: E402
     Record,
     SectionContext,
     SectionTimeout,
+    child_env,
     kill_group,
     run_bounded,
     write_json,
@@ -147,7 +148,7 @@ def run_section(section: Section, args: argparse.Namespace, out_dir: Path) -> di
     cmd = [sys.executable, str(Path(__file__).resolve()), "section", "--runner", section.runner,
            "--result", str(result), "--deadline", f"{start + budget - CHILD_RESERVE_S:.3f}", "--device", args.device,
            "--out", str(out_dir), "--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), start_new_session=True)
     killed = False
     try:
         proc.wait(timeout=budget)

@@ -13,7 +13,7 @@ set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-runs/gpu_check}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+# OMP_NUM_THREADS: as set, else 4 on a host of 8 cores or more and 1 below (gpu_common.default_threads).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout, whatever the venv has installed
 mkdir -p "$OUT"
 start=$SECONDS
