@@ -13,12 +13,14 @@ FedMetaNAS's dual learner on configs/default.yaml's supernet under the dense sof
 each client its own Gumbel weights, tau 1; the batchable relaxation), with `--local-steps` meta-steps.
 
     .venv/bin/python benchmarks/clients_batched.py [--clients 10] [--batches 5 10] [--repeats 3] [--device cpu]
+        [--workloads fedavg_cnn ...] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import sys
 import time
@@ -40,9 +42,12 @@ PER_CLIENT = 300
 
 
 def contexts(train, clients: int, device: torch.device) -> list[LocalContext]:  # noqa: ANN001 - a TensorSplit
+    """Each client's context. The generators are CPU ones on any device, as a run's are
+    (`seeding.torch_generator`): the draws are made on the host and copied (a CUDA generator here made
+    the soft-supernet workload crash on a GPU, passed to a CPU `torch.rand`)."""
     return [LocalContext(train, torch.arange(c * PER_CLIENT, (c + 1) * PER_CLIENT, device=device), None,
-                         float("nan"), "expected", torch.Generator(device).manual_seed(c),
-                         torch.Generator(device).manual_seed(1000 + c), client_id=c) for c in range(clients)]
+                         float("nan"), "expected", torch.Generator().manual_seed(c),
+                         torch.Generator().manual_seed(1000 + c), client_id=c) for c in range(clients)]
 
 
 def synchronize(device: torch.device) -> None:
@@ -61,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workloads", nargs="+",
                    default=["fedavg_cnn", "fedavg_darts_v2", "perfedavg_darts_v2", "fedmetanas_soft"])
     p.add_argument("--local-steps", type=int, default=3, help="meta-steps of the soft-supernet workload")
+    p.add_argument("--json", help="write the figures here (clients/s, s/round, ratio to sequential per variant)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -87,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"clients/s of one lane: {args.clients} clients, {args.device}, {args.threads} thread(s), "
           f"median of {args.repeats} (real Fashion-MNIST, {PER_CLIENT} images per client)")
+    results: dict[str, object] = {"device": str(device), "clients": args.clients, "repeats": args.repeats,
+                                  "threads": args.threads, "workloads": {}}
     for name in args.workloads:
         build, rule = workloads[name]
         torch.manual_seed(0)
@@ -123,9 +131,15 @@ def main(argv: list[str] | None = None) -> int:
                 times[key].append(time.perf_counter() - t)
         seq = statistics.median(times["sequential"])
         print(f"  {name}")
+        figures = {}
         for key, ts in times.items():
             s = statistics.median(ts)
             print(f"    {key:12s} {args.clients / s:8.2f} clients/s   {s:7.3f} s/round   {seq / s:5.2f} x sequential")
+            figures[key] = {"clients_per_s": args.clients / s, "s_per_round": s, "vs_sequential": seq / s}
+        results["workloads"][name] = figures  # type: ignore[index]
+        if args.json:  # after each workload: a caller that kills this at its time limit keeps what was done
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
     return 0
 
 

@@ -22,7 +22,11 @@ throughput is reported (`--paper-ops-only false` to time it). Not below batch 16
 backend runs a grouped 1x1 convolution one group at a time on smaller batches (725 aten ops instead of 8).
 
     .venv/bin/python benchmarks/kernels.py [--nets default paper] [--batches 10 50] [--device cpu|cuda]
-        [--json out.json] [--quick]
+        [--modes soft_top2 hard soft_dense] [--no-ops] [--memory] [--budget-s S] [--json out.json] [--quick]
+
+`--memory` (GPU) adds the peak memory of a batch of 1 and of 2 clients per net and relaxation: the bytes
+one more batched client costs and the largest batch in 80% of the device (benchmarks/gpu_check.py's
+paper section); `--budget-s` lets a caller with a time limit keep what was measured before it ran out.
 """
 
 from __future__ import annotations
@@ -43,12 +47,14 @@ from fedmetanas.algorithms.fedmetanas import FedMetaNAS
 from fedmetanas.algorithms.phases import build_supernet
 from fedmetanas.configure import load_config
 from fedmetanas.data.datasets import TensorSplit, load_dataset
+from fedmetanas.federated.batching import MEMORY_SHARE, fit_client_batch
 from fedmetanas.launcher import REPO
 from fedmetanas.search.genotypes import resolve_primitives
 from fedmetanas.search.supernet import SuperNet
 
 PER_CLIENT = 300
-MODES = {"soft_top2": ("soft", 2), "hard": ("hard", 0)}  # the shipped search: soft top-2 then hard (50/50)
+# The shipped search: soft top-2 then hard (50/50); configs/paper/*: dense soft (every op on every edge).
+MODES = {"soft_top2": ("soft", 2), "hard": ("hard", 0), "soft_dense": ("soft", 0)}
 
 
 @dataclasses.dataclass
@@ -113,8 +119,36 @@ def per_client_step(one: dict[str, float], two: dict[str, float], clients: int, 
     return out
 
 
+class OutOfTime(Exception):
+    """`--budget-s` is spent: the figures measured so far are written with status `timeout`."""
+
+
+def memory_per_client(net: Net, rule: Callable[[int], FedMetaNAS], glob: SuperNet, mode: str, topk: int,
+                      device: torch.device, masks) -> dict[str, Any]:  # noqa: ANN001
+    """Peak GPU memory of a batched local update of 1 and of 2 clients (2 meta-steps, so the optimizer
+    state is held), the bytes one more client costs, and the largest batch that fits MEMORY_SHARE of the
+    device: the probe `client_batch: auto` makes (fedmetanas/federated/batching.py), on this net alone."""
+    if device.type != "cuda":
+        return {"status": "unavailable", "why": "a CPU has no peak-memory counter to reset per batch"}
+    peaks = {}
+    for k in (1, 2):
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        rule(2).local_update_batch(glob, contexts(net, k, mode, topk, device, masks))
+        torch.cuda.synchronize(device)
+        peaks[k] = torch.cuda.max_memory_allocated(device)
+    per_client = max(peaks[2] - peaks[1], 1)
+    total = torch.cuda.get_device_properties(device).total_memory
+    largest = fit_client_batch(per_client, peaks[1] - per_client, total, 10**9)
+    return {"status": "ok", "peak_batch1_mib": peaks[1] / 2**20, "peak_batch2_mib": peaks[2] / 2**20,
+            "per_client_mib": per_client / 2**20, "total_gib": total / 2**30, "share": MEMORY_SHARE,
+            "largest_batch": largest}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
+    deadline = time.time() + args.budget_s if args.budget_s else float("inf")
     cfg = load_config(str(REPO / "configs" / "default.yaml"))
     local_steps = cfg.algorithm.local_steps
     clients_max = max(args.batches + [2])
@@ -136,51 +170,73 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         nets.append(Net("paper", paper, synthetic(clients_max * PER_CLIENT, 3, size).to(device), batch, ops_only))
     results: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads(), "local_steps": local_steps,
-                               "rows": []}
-    for net in nets:
-        glob, worker, task = (net.build().to(device) for _ in range(3))
-        masks = glob.initial_masks()
-        for mode_name, (mode, topk) in MODES.items():
-            def rule(steps: int) -> FedMetaNAS:
-                return FedMetaNAS(dataclasses.replace(cfg.algorithm, local_steps=steps, batch_size=net.batch,
-                                                      query_batch_size=net.batch))
-
-            def sequential(steps: int, n: int = 2) -> Callable[[], None]:
-                def go() -> None:
-                    r = rule(steps)
-                    for ctx in contexts(net, n, mode, topk, device, masks):
-                        copy_state(worker, glob)
-                        r.local_update(worker, task, ctx)
-                return go
-
-            def batched(steps: int, k: int) -> Callable[[], None]:
-                def go() -> None:
-                    rule(steps).local_update_batch(glob, contexts(net, k, mode, topk, device, masks))
-                return go
-
-            variants = {"sequential": (2, sequential)}
-            variants.update({f"batch {k}": (k, lambda s, k=k: batched(s, k)) for k in args.batches})
-            rows = {}
-            for name, (k, make) in variants.items():
-                one = measure(make(1), device, True, args.repeats)
-                two = measure(make(2), device, True, args.repeats)
-                fig = per_client_step(one, two, k, local_steps)
-                rows[name] = fig
-                print(f"{net.name:8s} {mode_name:10s} {name:11s} ops/client-step {fig['ops']:9.0f}"
-                      + (f"  kernels {fig['kernels']:7.0f}  GPU busy {fig['busy_s'] * 1e3:7.2f} ms"
-                         if device.type == "cuda" else "")
-                      + ("" if net.ops_only or fig["s"] <= 0 else f"  client-steps/s {1.0 / fig['s']:8.2f}"),
-                      flush=True)
-            seq = rows["sequential"]
-            for name, fig in rows.items():
-                results["rows"].append({
-                    "net": net.name, "mode": mode_name, "variant": name, "ops": fig["ops"],
-                    "ops_vs_sequential": fig["ops"] / seq["ops"], "kernels": fig.get("kernels", 0.0),
-                    "gpu_busy_ms": fig.get("busy_s", 0.0) * 1e3,
-                    "client_steps_per_s": None if net.ops_only or fig["s"] <= 0 else 1.0 / fig["s"],
-                    "speed_vs_sequential": None if net.ops_only or fig["s"] <= 0 else seq["s"] / fig["s"],
-                    "gpu_busy_share": (fig["busy_s"] / fig["s"]) if device.type == "cuda" else None})
+                               "count_ops": args.ops, "rows": [], "memory": [], "status": "ok"}
+    try:
+        for net in nets:
+            measure_net(net, args, cfg, device, deadline, results)
+    except OutOfTime:
+        results["status"] = "timeout"
     return results
+
+
+def measure_net(net: Net, args: argparse.Namespace, cfg, device: torch.device, deadline: float,  # noqa: ANN001
+                results: dict[str, Any]) -> None:
+    """Every mode and variant of one net into `results` (rows, memory), stopping at `deadline`."""
+    local_steps = cfg.algorithm.local_steps
+    glob, worker, task = (net.build().to(device) for _ in range(3))
+    masks = glob.initial_masks()
+    for mode_name in args.modes:
+        mode, topk = MODES[mode_name]
+
+        def rule(steps: int) -> FedMetaNAS:
+            return FedMetaNAS(dataclasses.replace(cfg.algorithm, local_steps=steps, batch_size=net.batch,
+                                                  query_batch_size=net.batch))
+
+        if args.memory:
+            if time.time() > deadline:
+                raise OutOfTime
+            results["memory"].append({"net": net.name, "mode": mode_name,
+                                      **memory_per_client(net, rule, glob, mode, topk, device, masks)})
+
+        def sequential(steps: int, n: int = 2) -> Callable[[], None]:
+            def go() -> None:
+                r = rule(steps)
+                for ctx in contexts(net, n, mode, topk, device, masks):
+                    copy_state(worker, glob)
+                    r.local_update(worker, task, ctx)
+            return go
+
+        def batched(steps: int, k: int) -> Callable[[], None]:
+            def go() -> None:
+                rule(steps).local_update_batch(glob, contexts(net, k, mode, topk, device, masks))
+            return go
+
+        variants = {"sequential": (2, sequential)}
+        variants.update({f"batch {k}": (k, lambda s, k=k: batched(s, k)) for k in args.batches})
+        rows = {}
+        for name, (k, make) in variants.items():
+            if time.time() > deadline:
+                raise OutOfTime
+            one = measure(make(1), device, args.ops, args.repeats)
+            two = measure(make(2), device, args.ops, args.repeats)
+            fig = per_client_step(one, two, k, local_steps)
+            rows[name] = fig
+            seq = rows["sequential"]  # measured first
+            timed = not net.ops_only and fig["s"] > 0
+            counted = args.ops and device.type == "cuda"
+            results["rows"].append({  # at once: a budget that runs out later keeps this row
+                "net": net.name, "mode": mode_name, "variant": name, "ops": fig.get("ops"),
+                "ops_vs_sequential": fig["ops"] / seq["ops"] if args.ops else None,
+                "kernels": fig["kernels"] if counted else None,
+                "gpu_busy_ms": fig["busy_s"] * 1e3 if counted else None,
+                "client_steps_per_s": 1.0 / fig["s"] if timed else None,
+                "speed_vs_sequential": seq["s"] / fig["s"] if timed else None,
+                "gpu_busy_share": fig["busy_s"] / fig["s"] if counted and fig["s"] > 0 else None})
+            print(f"{net.name:8s} {mode_name:10s} {name:11s}"
+                  + (f" ops/client-step {fig['ops']:9.0f}" if args.ops else "")
+                  + (f"  kernels {fig['kernels']:7.0f}  GPU busy {fig['busy_s'] * 1e3:7.2f} ms"
+                     if args.ops and device.type == "cuda" else "")
+                  + (f"  client-steps/s {1.0 / fig['s']:8.2f}" if timed else ""), flush=True)
 
 
 def table(results: dict[str, Any]) -> str:
@@ -190,8 +246,9 @@ def table(results: dict[str, Any]) -> str:
     for r in results["rows"]:
         cps = "-" if r["client_steps_per_s"] is None else f"{r['client_steps_per_s']:.2f}"
         speed = "-" if r["speed_vs_sequential"] is None else f"{r['speed_vs_sequential']:.2f}x"
-        lines.append(f"| {r['net']} | {r['mode']} | {r['variant']} | {r['ops']:.0f} | "
-                     f"1/{1 / r['ops_vs_sequential']:.1f} | {cps} | {speed} |")
+        ops = "-" if r["ops"] is None else f"{r['ops']:.0f}"
+        ratio = "-" if not r["ops_vs_sequential"] else f"1/{1 / r['ops_vs_sequential']:.1f}"
+        lines.append(f"| {r['net']} | {r['mode']} | {r['variant']} | {ops} | {ratio} | {cps} | {speed} |")
     return "\n".join(lines)
 
 
@@ -206,11 +263,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paper-ops-only", type=lambda v: v == "true", default=None,
                    help="true/false: count the paper-size net's ops at batch 2, 8x8 only (default: on a CPU)")
     p.add_argument("--quick", action="store_true", help="small batches (a dry run of the script)")
+    p.add_argument("--modes", nargs="+", default=["soft_top2", "hard"], choices=list(MODES),
+                   help="relaxations to measure (default: the shipped search's two)")
+    p.add_argument("--no-ops", dest="ops", action="store_false",
+                   help="time only: no profiler pass (aten ops, CUDA kernels, GPU busy)")
+    p.add_argument("--memory", action="store_true",
+                   help="on a GPU, peak memory of a batch of 1 and 2 clients: bytes per client, largest batch")
+    p.add_argument("--budget-s", type=float, default=0.0,
+                   help="stop starting new measurements after this many seconds; what was measured is "
+                        "written with status timeout (0: no budget)")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = run(args)
     print(table(results))
+    for m in results["memory"]:
+        if m["status"] == "ok":
+            print(f"{m['net']} {m['mode']}: {m['per_client_mib']:.0f} MiB per batched client, largest batch "
+                  f"{m['largest_batch']} in {m['share']:.0%} of {m['total_gib']:.0f} GiB", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
