@@ -50,7 +50,7 @@ from fedmetanas.data.datasets import TensorSplit, load_dataset
 from fedmetanas.federated.batching import MEMORY_SHARE, fit_client_batch
 from fedmetanas.launcher import REPO
 from fedmetanas.search.genotypes import resolve_primitives
-from fedmetanas.search.supernet import SuperNet
+from fedmetanas.search.supernet import ArchMasks, SuperNet
 
 PER_CLIENT = 300
 # The shipped search: soft top-2 then hard (50/50); configs/paper/*: dense soft (every op on every edge).
@@ -73,8 +73,9 @@ def synthetic(n: int, channels: int, size: int, classes: int = 10) -> TensorSpli
                        num_classes=classes)
 
 
-def contexts(net: Net, clients: int, mode: str, topk: int, device: torch.device, masks) -> list[LocalContext]:  # noqa: ANN001
-    return [LocalContext(net.split, torch.arange(c * PER_CLIENT, (c + 1) * PER_CLIENT, device=device), masks, 1.0,
+def contexts(net: Net, clients: int, mode: str, topk: int, device: torch.device, masks,  # noqa: ANN001
+             tau: float = 1.0) -> list[LocalContext]:
+    return [LocalContext(net.split, torch.arange(c * PER_CLIENT, (c + 1) * PER_CLIENT, device=device), masks, tau,
                          mode, torch.Generator().manual_seed(c), torch.Generator().manual_seed(1000 + c),
                          client_id=c, soft_topk=topk) for c in range(clients)]
 
@@ -179,12 +180,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def load_state(model: SuperNet, path: str) -> tuple[ArchMasks, float]:
+    """A run's checkpoint into `model` (weights and logits); its masks and its last round's temperature.
+
+    Without it every op of every edge is a candidate (the first round); a search prunes most of them within
+    its first rounds (configs/default.yaml at round 13: 12 and 10 of 63 ops kept), and a client computes
+    only unpruned ops: the state makes the count the search's at that round."""
+    state = torch.load(path, weights_only=False, map_location="cpu")
+    model.load_state_dict(state["model"])
+    masks = state["masks"]
+    return ArchMasks(masks["ops"], masks["pairs"]), float(state["rows"][-1][1]["tau"])
+
+
 def measure_net(net: Net, args: argparse.Namespace, cfg, device: torch.device, deadline: float,  # noqa: ANN001
                 results: dict[str, Any]) -> None:
     """Every mode and variant of one net into `results` (rows, memory), stopping at `deadline`."""
     local_steps = cfg.algorithm.local_steps
     glob, worker, task = (net.build().to(device) for _ in range(3))
-    masks = glob.initial_masks()
+    masks, tau = glob.initial_masks(), 1.0
+    if args.state and net.name == "default":
+        masks, tau = load_state(glob, args.state)
+        glob.to(device)
     for mode_name in args.modes:
         mode, topk = MODES[mode_name]
 
@@ -201,14 +217,14 @@ def measure_net(net: Net, args: argparse.Namespace, cfg, device: torch.device, d
         def sequential(steps: int, n: int = 2) -> Callable[[], None]:
             def go() -> None:
                 r = rule(steps)
-                for ctx in contexts(net, n, mode, topk, device, masks):
+                for ctx in contexts(net, n, mode, topk, device, masks, tau):
                     copy_state(worker, glob)
                     r.local_update(worker, task, ctx)
             return go
 
         def batched(steps: int, k: int) -> Callable[[], None]:
             def go() -> None:
-                rule(steps).local_update_batch(glob, contexts(net, k, mode, topk, device, masks))
+                rule(steps).local_update_batch(glob, contexts(net, k, mode, topk, device, masks, tau))
             return go
 
         variants = {"sequential": (2, sequential)}
@@ -272,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=0.0,
                    help="stop starting new measurements after this many seconds; what was measured is "
                         "written with status timeout (0: no budget)")
+    p.add_argument("--state", help="a run's checkpoint (round-NNNNNN.pt) for the default net: its weights, logits, "
+                                    "masks and temperature instead of the first round's")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
