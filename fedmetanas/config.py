@@ -144,9 +144,12 @@ class PersonalizeConfig:
     # 23): "batch" lowered 5 of 10 MNIST Dirichlet-0.1 clients (98.1% -> 81.8% for a client of one class).
     bn: Literal["frozen", "batch"] = "frozen"
     # FedMetaNAS's discrete adaptation: this fraction of a client's train split is held out (never its test
-    # split); a client keeps the global weights unless the adapted ones are at least as accurate there.
+    # split); a client keeps the global weights unless the adapted ones do better there (`holdout_z`).
     # 0: always adapt on the whole train split.
     holdout: float = 0.2
+    # How much better: by at least this many standard errors of McNemar's paired test on the held-out
+    # samples the two nets disagree on (1.645: one-sided 5%); 0: whenever they are at least as accurate.
+    holdout_z: float = 1.645
     lr: float = 0.0  # weights' learning rate of the adaptation; 0: the algorithm's rate in its last round
     batch_size: int = 32  # the baselines' batches (FedMetaNAS uses algorithm.batch_size)
     # At most this many clients personalize (0: all): a seeded uniform sample of the clients with a local test
@@ -321,6 +324,7 @@ _RANGES: dict[tuple[str, str], Range] = {
     ("algorithm", "lr_min_factor"): (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     ("personalize", "max_clients"): (lambda v: v >= 0, "an integer >= 0 (0: every client)"),
     ("personalize", "holdout"): (lambda v: 0 <= v < 1, "a fraction in [0, 1) (0: no held-out check)"),
+    ("personalize", "holdout_z"): (lambda v: 0 <= v < float("inf"), "a number >= 0 (standard errors; 0: plain comparison)"),
     ("federated", "num_clients"): (lambda v: v >= 1, "an integer >= 1"),
     ("federated", "clients_per_round"): (lambda v: v >= 0, "an integer >= 0 (0: use participation)"),
     ("federated", "participation"): (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),

@@ -575,7 +575,13 @@ def test_a_personalization_holdout_that_leaves_nothing_to_adapt_on_is_named(valu
 
 def test_personalization_adapts_the_discrete_net_with_frozen_bn_and_a_held_out_check_by_default():
     p = load_config(None).personalize
-    assert (p.adapt, p.bn, p.holdout) == ("discrete", "frozen", 0.2)
+    assert (p.adapt, p.bn, p.holdout, p.holdout_z) == ("discrete", "frozen", 0.2, 1.645)
+
+
+@pytest.mark.parametrize("value", ["-1", "inf", "nan"])
+def test_a_held_out_threshold_that_is_not_a_number_of_standard_errors_is_named(value):
+    with pytest.raises(ConfigError, match=r"^personalize\.holdout_z: "):
+        load_config(None, [f"personalize.holdout_z={value}"])
 
 
 # -- layering: the config imports no algorithm -------------------------------------------------------------

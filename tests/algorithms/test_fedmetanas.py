@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedmetanas.algorithms.fedmetanas import FedMetaNAS, LocalContext, holdout_split
+from fedmetanas.algorithms.fedmetanas import FedMetaNAS, LocalContext, adaptation_wins, holdout_split, paired_outcomes
 from fedmetanas.config import AlgorithmConfig, PersonalizeConfig
 from fedmetanas.data.client_data import sample_batch
 from fedmetanas.data.datasets import TensorSplit
@@ -386,6 +386,24 @@ def test_a_client_keeps_the_global_weights_when_adaptation_does_worse_on_its_hel
     model.eval(), task.eval()
     x, _ = split.batch(test_idx)
     assert torch.equal(forward(x), _global_forward(model, ctx)(x))
+
+
+def test_paired_outcomes_count_the_samples_only_one_net_gets_right():
+    adapted = torch.tensor([True, True, False, False, True])
+    global_ = torch.tensor([True, False, True, False, False])
+    assert paired_outcomes(adapted, global_) == (2, 1)
+
+
+@pytest.mark.parametrize(("won", "lost", "z", "adapts"), [
+    (30, 0, 1.645, True),     # label skew: adapting wins by far
+    (12, 8, 1.645, False),    # noise: 4 more of 20 disagreements is 0.9 standard errors
+    (20, 8, 1.645, True),     # 12 more of 28: 2.3 standard errors
+    (0, 0, 1.645, False),     # no evidence at all: keep the global weights
+    (5, 5, 0.0, True),        # z 0: at least as accurate is enough (the earlier rule)
+    (4, 5, 0.0, False),
+])
+def test_a_client_adapts_only_on_significant_held_out_evidence(won, lost, z, adapts):
+    assert adaptation_wins(won, lost, z) is adapts
 
 
 def test_holdout_split_is_a_seeded_partition_of_the_clients_train_indices():
