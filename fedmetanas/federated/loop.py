@@ -29,6 +29,8 @@ import yaml
 
 from fedmetanas.algorithms import get_algorithm
 from fedmetanas.algorithms.base import Phase, PhaseOutcome, RoundPlan
+from fedmetanas.capture import STATS as CAPTURE_STATS
+from fedmetanas.capture import refuse_capture
 from fedmetanas.checkpoint import CheckpointError
 from fedmetanas.config import Config, ConfigError, to_dict
 from fedmetanas.dist import DistContext
@@ -69,6 +71,7 @@ class Loop:
 
     def __init__(self, cfg: Config, ctx: DistContext) -> None:
         self.cfg, self.ctx = cfg, ctx
+        refuse_capture(cfg.runtime.capture, ctx.device)  # before the data loads: a device error, not a data one
         self.setup: Setup = prepare(cfg, ctx)
         algorithm = get_algorithm(cfg.algorithm.name)(cfg)
         # Every rank checks the same clients: all fail alike, none waits for another.
@@ -131,6 +134,8 @@ class Loop:
         self.start_round = self.end_round = found.next_round
         self.wall_offset = float(found.state["wall_time"])
         self.rows = [tuple(r) for r in found.state["rows"]]
+        for _, row in self.rows:  # a checkpoint from before runtime.capture existed ran nothing captured
+            row.setdefault("capture", "off")
         log.info("resumed from %s at round %d", found.path, self.start_round + 1)
 
     def _snapshot(self, next_round: int, wall_time: float) -> dict[str, Any]:
@@ -284,6 +289,7 @@ class Loop:
             # What a real deployment moves: each participant downloads and uploads the model (float32).
             "bytes_clients": int(2 * int(flags.sum()) * lay.length("params") * 4),
             "client_batch": self.work.batching.k if self.work.batching is not None else 1,  # 1: one at a time
+            "capture": self.work.capture.mode,  # how the step's arithmetic ran: off, compile, graphs
             **phase.record(net, plan)}
         self.rows.append((phase.span.group, row))
         self.callbacks.emit("on_round", phase.span.group, row)
@@ -307,6 +313,9 @@ class Loop:
                      cfg.federated.time_budget_s, self.stages.index + 1)
         else:
             log.info("stopped_by=rounds after round %d", end)
+        if CAPTURE_STATS.graphs:
+            log.info("captured step: %d graphs compiled on rank 0 (%.1f s in the compiler, forward graphs)",
+                     CAPTURE_STATS.graphs, CAPTURE_STATS.seconds)
         net = self.cur.net
         metrics = self._evaluate(phase.forwards(net, plan), final_idx)
         final = phase.final_record(metrics, self.previous, time.perf_counter() - t_start)
