@@ -1,0 +1,250 @@
+"""The captured step (`runtime.capture`) against eager: compile time, steady ms per client-step, ops, s/round.
+
+Two parts, printed side by side with ratios (compiled / eager):
+
+- **steps** (in this process, one thread): a client's local update one after another, as a lane runs it —
+  FedMetaNAS's dual learner on configs/default.yaml's supernet under each relaxation of the shipped search
+  (sparse soft top-2, hard; captured unit `op`), FedAvg on the CNN and on DARTS_V2 (unit `fixed`), and with
+  `--batches K` the same K clients at once (units `stacked_op`, `fixed_batched`). For each: the first call
+  (an update of one client-step: compile time is `first - steady`), the steady seconds per client-step (a
+  client's local step: a meta-step, support and query, for the search; an SGD step for FedAvg)
+  (median of `--repeats` updates of `--steps` client-steps, after a warm-up), the aten ops the profiler
+  records per client-step (nested calls counted) and the kernels inductor generated that ran (`cpp_fused_*`
+  on a CPU, `triton_*` on a GPU, with their CUDA launches), and the graphs the unit compiled so far.
+- **runs** (`--runs`): short real runs (`launch/main.py`, `federated.rounds=3`, `mpirun -np 2`) of the
+  default search and of FedAvg on DARTS_V2, eager and compiled: local seconds of round 1 (which pays the
+  compilation) and the mean of rounds 2-3, and the graphs rank 0 compiled over the run.
+
+Inductor's caches live in a fresh folder per variant unless `--warm-cache` (a first run on a machine pays
+the cold compile; a later run of the same shapes finds its kernels on disk and pays far less).
+
+    .venv/bin/python benchmarks/capture.py [--cases search fedavg] [--batches 10] [--runs] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import h5py
+import numpy as np
+import torch
+import torch._inductor.config
+from torch.profiler import ProfilerActivity, profile
+
+from fedmetanas.algorithms.base import ModelInputs
+from fedmetanas.algorithms.common import LocalContext, copy_state
+from fedmetanas.algorithms.fedavg import FedAvgLocal
+from fedmetanas.algorithms.fedmetanas import FedMetaNAS
+from fedmetanas.algorithms.phases import build_fixed, build_supernet, parse_architecture
+from fedmetanas.configure import load_config
+from fedmetanas.data.datasets import load_dataset
+from fedmetanas.launcher import REPO, launch
+
+PER_CLIENT = 300
+MODES = {"soft_top2": ("soft", 2), "hard": ("hard", 0)}  # the shipped search: soft top-2 then hard
+
+
+def _fresh_cache() -> None:
+    """Point inductor at an empty cache folder (and the FX graph cache with it): a cold compile."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="capture-bench-inductor-")
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    unit: str
+    clients: int  # stepped together (1: one after another)
+    update: Callable[[int, str, int], None]  # (local steps, capture mode, clients) -> runs the local update(s)
+
+
+def contexts(split: Any, clients: int, masks: Any, mode: str, topk: int, capture: str) -> list[LocalContext]:  # noqa: ANN401
+    return [LocalContext(split, torch.arange(c * PER_CLIENT, (c + 1) * PER_CLIENT), masks, 1.0, mode,
+                         torch.Generator().manual_seed(c), torch.Generator().manual_seed(1000 + c), client_id=c,
+                         soft_topk=topk, capture=capture) for c in range(clients)]
+
+
+def cases(args: argparse.Namespace) -> list[Case]:
+    cfg = load_config(str(REPO / "configs" / "default.yaml"))
+    train, _ = load_dataset("fashion_mnist", args.data_root, False)
+    out: list[Case] = []
+    if "search" in args.cases:
+        glob, worker, task = (build_supernet(cfg, 1, 10) for _ in range(3))
+        masks = glob.initial_masks()
+        for mode_name, (mode, topk) in MODES.items():
+            def update(steps: int, capture: str, k: int, mode: str = mode, topk: int = topk) -> None:
+                rule = FedMetaNAS(dataclasses.replace(cfg.algorithm, local_steps=steps))
+                ctxs = contexts(train, k, masks, mode, topk, capture)
+                if k > 1:
+                    rule.local_update_batch(glob, ctxs)
+                    return
+                copy_state(worker, glob)
+                rule.local_update(worker, task, ctxs[0])
+            out.append(Case(f"default search {mode_name}", "op", 1, update))
+            out += [Case(f"default search {mode_name}", "stacked_op", k, update) for k in args.batches]
+    if "fedavg" in args.cases:
+        for arch in ("cnn", "darts_v2"):
+            fcfg = load_config(str(REPO / "configs" / "default.yaml"), ["algorithm.name=fedavg",
+                                                                         f"fedavg.architecture={arch}"])
+            net = build_fixed(fcfg, parse_architecture(arch), ModelInputs(1, 10, 28))
+            worker = build_fixed(fcfg, parse_architecture(arch), ModelInputs(1, 10, 28))
+
+            def update(steps: int, capture: str, k: int, net: Any = net, worker: Any = worker,  # noqa: ANN401
+                       fcfg: Any = fcfg) -> None:  # noqa: ANN401
+                rule = FedAvgLocal(dataclasses.replace(fcfg.fedavg, local_steps=steps))
+                ctxs = contexts(train, k, None, "expected", 0, capture)
+                if k > 1:
+                    rule.local_update_batch(net, ctxs)
+                    return
+                copy_state(worker, net)
+                rule.local_update(worker, None, ctxs[0])
+            out.append(Case(f"fedavg {arch}", "fixed", 1, update))
+            out += [Case(f"fedavg {arch}", "fixed_batched", k, update) for k in args.batches]
+    return out
+
+
+def count_ops(fn: Callable[[], None], device: torch.device) -> dict[str, float]:
+    """Aten ops (nested calls counted), inductor kernels and CUDA launches of one call of `fn`."""
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.events()
+    return {"ops": sum(1 for e in events if e.name.startswith("aten::")),
+            "fused": sum(1 for e in events if re.search(r"cpp_fused|triton_", e.name)),
+            "launches": sum(1 for e in events if str(getattr(e, "device_type", "")).endswith("CUDA"))}
+
+
+def measure(case: Case, capture: str, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """First call, steady seconds, ops per client-step of `case` under `capture`."""
+    from fedmetanas import capture as cap  # noqa: PLC0415
+
+    k = case.clients
+    unit_before = cap._UNITS.get((case.unit, capture))
+    graphs_before = unit_before.graphs if unit_before is not None else 0  # a unit is the process's: count this case's
+    per_update = lambda steps: steps * k  # noqa: E731 - client-steps of one update
+    t = time.perf_counter()
+    case.update(1, capture, k)
+    first = time.perf_counter() - t
+    case.update(1, capture, k)  # a second warm-up: a backward compiled at its first use is compiled now
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        case.update(args.steps, capture, k)
+        times.append((time.perf_counter() - t) / per_update(args.steps))
+    steady = statistics.median(times)
+    one, two = (count_ops(lambda s=s: case.update(s, capture, k), device) for s in (1, 2))
+    counted = {key: (two[key] - one[key]) / per_update(1) for key in one}  # marginal: set-up left out
+    unit = cap._UNITS.get((case.unit, capture))
+    return {"first_s": first, "compile_s": max(first - steady * per_update(1), 0.0), "steady_ms": steady * 1e3,
+            **counted, "graphs": (unit.graphs if unit is not None else 0) - graphs_before}
+
+
+def steps_part(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    rows = []
+    for case in cases(args):
+        if not args.warm_cache:
+            _fresh_cache()
+        fig = {mode: measure(case, mode, args, device) for mode in ("off", "compile")}
+        e, c = fig["off"], fig["compile"]
+        row = {"case": case.name, "unit": case.unit, "clients": case.clients, "eager": e, "compile": c,
+               "speed": e["steady_ms"] / c["steady_ms"], "ops_ratio": c["ops"] / e["ops"],
+               "break_even_steps": (c["compile_s"] / ((e["steady_ms"] - c["steady_ms"]) / 1e3)
+                                    if e["steady_ms"] > c["steady_ms"] else float("inf"))}
+        rows.append(row)
+        print(f"{case.name:24s} {case.unit:13s} K={case.clients:<3d} eager {e['steady_ms']:8.2f} ms/client-step "
+              f"{e['ops']:7.0f} ops | compile {c['steady_ms']:8.2f} ms {c['ops']:6.0f} ops + {c['fused']:5.0f} fused, "
+              f"first call {c['first_s']:6.1f} s, {c['graphs']} graphs | speed {row['speed']:.2f}x, "
+              f"break-even after {row['break_even_steps']:.0f} client-steps", flush=True)
+    return rows
+
+
+RUNS = {"default search": [], "fedavg darts_v2": ["algorithm.name=fedavg", "fedavg.architecture=darts_v2"]}
+
+
+def runs_part(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    out = Path(tempfile.mkdtemp(prefix="capture-bench-runs-"))
+    for name, extra in RUNS.items():
+        fig = {}
+        for mode in ("off", "compile"):
+            if not args.warm_cache:
+                _fresh_cache()
+            run = f"{name.replace(' ', '-')}-{mode}"
+            proc = launch(["--config", str(REPO / "configs" / "default.yaml"), f"output.dir={out}", f"output.name={run}",
+                           "federated.rounds=3", f"data.root={args.data_root}", f"runtime.capture={mode}",
+                           "eval.final_full=false", "personalize.steps=0", *extra], np=2, timeout=3600)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{run} failed:\n{proc.stderr[-3000:]}")
+            with h5py.File(out / run / "trajectory.h5", "r") as f:
+                local = f["rounds/time_local"][()]
+            graphs = re.search(r"captured step: (\d+) graphs compiled on rank 0", proc.stderr)
+            fig[mode] = {"round1_s": float(local[0]), "rounds23_s": float(np.mean(local[1:])),
+                         "graphs_rank0": int(graphs.group(1)) if graphs else 0}
+        e, c = fig["off"], fig["compile"]
+        rows.append({"run": name, "eager": e, "compile": c, "speed_rounds23": e["rounds23_s"] / c["rounds23_s"]})
+        print(f"{name:18s} local s/round, round 1: eager {e['round1_s']:6.1f} compile {c['round1_s']:6.1f}; "
+              f"rounds 2-3: eager {e['rounds23_s']:6.2f} compile {c['rounds23_s']:6.2f} "
+              f"({rows[-1]['speed_rounds23']:.2f}x); graphs on rank 0: {c['graphs_rank0']}", flush=True)
+    return rows
+
+
+def table(results: dict[str, Any]) -> str:
+    """The markdown tables docs/batched.md keeps."""
+    lines = ["| case | unit | clients | eager ms / client-step | compiled | speed | aten ops eager -> compiled "
+             "(+ fused kernels) | first call (compile) | graphs | break-even |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results.get("steps", []):
+        e, c = r["eager"], r["compile"]
+        lines.append(f"| {r['case']} | `{r['unit']}` | {r['clients']} | {e['steady_ms']:.1f} | {c['steady_ms']:.1f} | "
+                     f"{r['speed']:.2f}x | {e['ops']:.0f} -> {c['ops']:.0f} (+{c['fused']:.0f}) | "
+                     f"{c['first_s']:.0f} s | {c['graphs']} | "
+                     + ("never" if not np.isfinite(r["break_even_steps"]) else f"{r['break_even_steps']:.0f} client-steps")
+                     + " |")
+    if results.get("runs"):
+        lines += ["", "| run (3 rounds, 2 ranks) | local s, round 1: eager | compiled | rounds 2-3: eager | compiled "
+                  "| speed | graphs (rank 0) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in results["runs"]:
+            e, c = r["eager"], r["compile"]
+            lines.append(f"| {r['run']} | {e['round1_s']:.1f} | {c['round1_s']:.1f} | {e['rounds23_s']:.2f} | "
+                         f"{c['rounds23_s']:.2f} | {r['speed_rounds23']:.2f}x | {c['graphs_rank0']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", nargs="*", default=["search", "fedavg"], choices=["search", "fedavg"])
+    p.add_argument("--batches", type=int, nargs="*", default=[], help="also K clients at once (client_batch K)")
+    p.add_argument("--steps", type=int, default=5, help="local steps of a timed update")
+    p.add_argument("--repeats", type=int, default=3, help="timed updates per variant (median)")
+    p.add_argument("--runs", action="store_true", help="also 3-round real runs under mpirun -np 2")
+    p.add_argument("--warm-cache", action="store_true", help="reuse inductor's on-disk caches (default: cold)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data-root", default=str(REPO / "data"))
+    p.add_argument("--json", help="write the figures here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch._inductor.config.cpp.enable_kernel_profile = True  # fused kernels appear in the profiler
+    device = torch.device("cpu")
+    results: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads(),
+                               "date": time.strftime("%Y-%m-%d"), "steps": steps_part(args, device) if args.cases else []}
+    if args.runs:
+        results["runs"] = runs_part(args)
+    print(table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
