@@ -75,6 +75,10 @@ def choose_capture(setting: str, device: torch.device) -> CaptureChoice:
     return CaptureChoice(setting, f"runtime.capture {setting}")  # type: ignore[arg-type]
 
 
+class CaptureError(RuntimeError):
+    """A captured unit met more shapes than `RECOMPILE_LIMIT` graphs cover (never silently run eagerly)."""
+
+
 @dataclass
 class CaptureStats:
     """What the captured units of this process compiled: graphs (every recompile included) and the
@@ -95,16 +99,14 @@ class Captured:
         if mode == "off":
             raise ValueError("Captured: mode off is the plain function")
         import torch._dynamo  # noqa: PLC0415 - the compiler loads only where something is captured
-        from torch._inductor import list_mode_options  # noqa: PLC0415
 
         self.name, self.mode, self.graphs = name, mode, 0
-        options = list_mode_options("reduce-overhead" if mode == "graphs" else "default")
+        # What torch.compile(mode=...) itself hands dynamo: inductor with the mode's options (graphs: CUDA graphs).
+        inductor = torch._TorchCompileInductorWrapper("reduce-overhead" if mode == "graphs" else None, None, False)
 
         def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
-            from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415 - loads inductor on first use
-
             t = time.perf_counter()
-            compiled = compile_fx(gm, example_inputs, config_patches=options)
+            compiled = inductor(gm, example_inputs)
             self.graphs += 1
             STATS.graphs += 1
             STATS.seconds += time.perf_counter() - t
@@ -113,9 +115,14 @@ class Captured:
         self._fn = torch.compile(fn, backend=backend, dynamic=False)
 
     def __call__(self, *args: Any) -> Any:
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True,
-                                        accumulated_recompile_limit=16 * RECOMPILE_LIMIT):
-            return self._fn(*args)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True,
+                                            accumulated_recompile_limit=16 * RECOMPILE_LIMIT):
+                return self._fn(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as err:
+            raise CaptureError(f"runtime.capture: {self.mode}: the captured unit {self.name!r} would need more than "
+                               f"{RECOMPILE_LIMIT} graphs (one per shape and op); set runtime.capture: off for this "
+                               "run") from err
 
 
 _UNITS: dict[tuple[str, str], Captured] = {}

@@ -49,6 +49,22 @@ def test_an_explicit_mode_is_taken_and_graphs_needs_cuda() -> None:
     capture.refuse_capture("compile", CPU)  # no error
 
 
+def test_a_unit_that_needs_more_graphs_than_the_limit_fails_instead_of_falling_back_to_eager(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a unit of its own (dynamo keeps graphs per code object) allowed one graph
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return x * 2.0
+
+    monkeypatch.setattr(capture, "RECOMPILE_LIMIT", 1)
+    unit = capture.Captured("double", double, "compile")
+    assert torch.equal(unit(torch.ones(3)), torch.full((3,), 2.0))
+
+    # Execute / Assert: a second shape would be a second graph
+    with pytest.raises(capture.CaptureError, match=r"'double' would need more than 1 graphs.*runtime.capture: off"):
+        unit(torch.ones(4))
+    assert unit.graphs == 1
+
+
 # -- each unit against the eager step --------------------------------------------------------------------
 SIZE, CLASSES, PER_CLIENT = 8, 3, 24
 # Two nodes, ops with and without parameters (BN statistics moved inside the graph), one cell: few graphs.
