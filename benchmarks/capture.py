@@ -68,20 +68,24 @@ class Case:
 
 
 def contexts(split: Any, clients: int, masks: Any, mode: str, topk: int, capture: str) -> list[LocalContext]:  # noqa: ANN401
-    return [LocalContext(split, torch.arange(c * PER_CLIENT, (c + 1) * PER_CLIENT), masks, 1.0, mode,
+    """Client c: rows [c * PER_CLIENT, (c + 1) * PER_CLIENT) of `split` (on its device), CPU generators."""
+    device = split.images.device
+    return [LocalContext(split, torch.arange(c * PER_CLIENT, (c + 1) * PER_CLIENT, device=device), masks, 1.0, mode,
                          torch.Generator().manual_seed(c), torch.Generator().manual_seed(1000 + c), client_id=c,
                          soft_topk=topk, capture=capture) for c in range(clients)]
 
 
-def cases(args: argparse.Namespace) -> list[Case]:
+def cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
     cfg = load_config(str(REPO / "configs" / "default.yaml"))
-    train, _ = load_dataset("fashion_mnist", args.data_root, False)
+    train = load_dataset("fashion_mnist", args.data_root, False)[0].to(device)
     out: list[Case] = []
     if "search" in args.cases:
-        glob, worker, task = (build_supernet(cfg, 1, 10) for _ in range(3))
-        masks = glob.initial_masks()
+        nets = tuple(build_supernet(cfg, 1, 10).to(device) for _ in range(3))
+        masks = nets[0].initial_masks()
         for mode_name, (mode, topk) in MODES.items():
-            def update(steps: int, capture: str, k: int, mode: str = mode, topk: int = topk) -> None:
+            def update(steps: int, capture: str, k: int, mode: str = mode, topk: int = topk,
+                       nets: tuple[Any, ...] = nets) -> None:
+                glob, worker, task = nets
                 rule = FedMetaNAS(dataclasses.replace(cfg.algorithm, local_steps=steps))
                 ctxs = contexts(train, k, masks, mode, topk, capture)
                 if k > 1:
@@ -95,8 +99,8 @@ def cases(args: argparse.Namespace) -> list[Case]:
         for arch in ("cnn", "darts_v2"):
             fcfg = load_config(str(REPO / "configs" / "default.yaml"), ["algorithm.name=fedavg",
                                                                          f"fedavg.architecture={arch}"])
-            net = build_fixed(fcfg, parse_architecture(arch), ModelInputs(1, 10, 28))
-            worker = build_fixed(fcfg, parse_architecture(arch), ModelInputs(1, 10, 28))
+            net, worker = (build_fixed(fcfg, parse_architecture(arch), ModelInputs(1, 10, 28)).to(device)
+                           for _ in range(2))
 
             def update(steps: int, capture: str, k: int, net: Any = net, worker: Any = worker,  # noqa: ANN401
                        fcfg: Any = fcfg) -> None:  # noqa: ANN401
@@ -125,47 +129,62 @@ def count_ops(fn: Callable[[], None], device: torch.device) -> dict[str, float]:
             "launches": sum(1 for e in events if str(getattr(e, "device_type", "")).endswith("CUDA"))}
 
 
-def measure(case: Case, capture: str, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    """First call, steady seconds, ops per client-step of `case` under `capture`."""
+def measure(case: Case, args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, float]]:
+    """First call, steady seconds and ops per client-step of `case`, eager (`off`) and `compile`; the timed
+    updates alternate between the two, so a change in the machine's load falls on both alike."""
     from fedmetanas import capture as cap  # noqa: PLC0415
 
-    k = case.clients
-    unit_before = cap._UNITS.get((case.unit, capture))
-    graphs_before = unit_before.graphs if unit_before is not None else 0  # a unit is the process's: count this case's
+    k, modes = case.clients, ("off", *args.modes)
     per_update = lambda steps: steps * k  # noqa: E731 - client-steps of one update
-    t = time.perf_counter()
-    case.update(1, capture, k)
-    first = time.perf_counter() - t
-    case.update(1, capture, k)  # a second warm-up: a backward compiled at its first use is compiled now
-    times = []
-    for _ in range(args.repeats):
+    def graphs(mode: str) -> int:  # what the process's one instance of the unit compiled so far
+        unit = cap._UNITS.get((case.unit, mode))
+        return unit.graphs if unit is not None else 0
+
+    before = {mode: graphs(mode) for mode in modes}  # count this case's graphs only
+    sync = lambda: torch.cuda.synchronize(device) if device.type == "cuda" else None  # noqa: E731
+    fig: dict[str, dict[str, float]] = {}
+    for mode in modes:
         t = time.perf_counter()
-        case.update(args.steps, capture, k)
-        times.append((time.perf_counter() - t) / per_update(args.steps))
-    steady = statistics.median(times)
-    one, two = (count_ops(lambda s=s: case.update(s, capture, k), device) for s in (1, 2))
-    counted = {key: (two[key] - one[key]) / per_update(1) for key in one}  # marginal: set-up left out
-    unit = cap._UNITS.get((case.unit, capture))
-    return {"first_s": first, "compile_s": max(first - steady * per_update(1), 0.0), "steady_ms": steady * 1e3,
-            **counted, "graphs": (unit.graphs if unit is not None else 0) - graphs_before}
+        case.update(1, mode, k)
+        sync()
+        fig[mode] = {"first_s": time.perf_counter() - t}
+        case.update(1, mode, k)  # a second warm-up: a backward compiled at its first use is compiled now
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(args.repeats):
+        for mode in modes:
+            sync()
+            t = time.perf_counter()
+            case.update(args.steps, mode, k)
+            sync()
+            times[mode].append((time.perf_counter() - t) / per_update(args.steps))
+    for mode in modes:
+        steady = statistics.median(times[mode])
+        one, two = (count_ops(lambda s=s: case.update(s, mode, k), device) for s in (1, 2))
+        fig[mode].update({key: (two[key] - one[key]) / per_update(1) for key in one})  # marginal: no set-up
+        fig[mode].update({"steady_ms": steady * 1e3, "compile_s": max(fig[mode]["first_s"] - steady * per_update(1), 0.0),
+                          "graphs": graphs(mode) - before[mode]})
+    return fig
 
 
 def steps_part(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     rows = []
-    for case in cases(args):
+    for case in cases(args, device):
         if not args.warm_cache:
             _fresh_cache()
-        fig = {mode: measure(case, mode, args, device) for mode in ("off", "compile")}
-        e, c = fig["off"], fig["compile"]
-        row = {"case": case.name, "unit": case.unit, "clients": case.clients, "eager": e, "compile": c,
-               "speed": e["steady_ms"] / c["steady_ms"], "ops_ratio": c["ops"] / e["ops"],
-               "break_even_steps": (c["compile_s"] / ((e["steady_ms"] - c["steady_ms"]) / 1e3)
-                                    if e["steady_ms"] > c["steady_ms"] else float("inf"))}
-        rows.append(row)
-        print(f"{case.name:24s} {case.unit:13s} K={case.clients:<3d} eager {e['steady_ms']:8.2f} ms/client-step "
-              f"{e['ops']:7.0f} ops | compile {c['steady_ms']:8.2f} ms {c['ops']:6.0f} ops + {c['fused']:5.0f} fused, "
-              f"first call {c['first_s']:6.1f} s, {c['graphs']} graphs | speed {row['speed']:.2f}x, "
-              f"break-even after {row['break_even_steps']:.0f} client-steps", flush=True)
+        fig = measure(case, args, device)
+        e = fig["off"]
+        for mode in args.modes:
+            c = fig[mode]
+            row = {"case": case.name, "unit": case.unit, "clients": case.clients, "mode": mode, "eager": e,
+                   "compile": c, "speed": e["steady_ms"] / c["steady_ms"], "ops_ratio": c["ops"] / e["ops"],
+                   "break_even_steps": (c["compile_s"] / ((e["steady_ms"] - c["steady_ms"]) / 1e3)
+                                        if e["steady_ms"] > c["steady_ms"] else float("inf"))}
+            rows.append(row)
+            launches = f", {e['launches']:.0f} -> {c['launches']:.0f} CUDA launches" if device.type == "cuda" else ""
+            print(f"{case.name:24s} {case.unit:13s} K={case.clients:<3d} eager {e['steady_ms']:8.2f} ms/client-step "
+                  f"{e['ops']:7.0f} ops | {mode} {c['steady_ms']:8.2f} ms {c['ops']:6.0f} ops + {c['fused']:5.0f} "
+                  f"fused{launches}, first call {c['first_s']:6.1f} s, {c['graphs']} graphs | speed {row['speed']:.2f}x, "
+                  f"break-even after {row['break_even_steps']:.0f} client-steps", flush=True)
     return rows
 
 
@@ -177,13 +196,14 @@ def runs_part(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = Path(tempfile.mkdtemp(prefix="capture-bench-runs-"))
     for name, extra in RUNS.items():
         fig = {}
-        for mode in ("off", "compile"):
+        for mode in ("off", *args.modes):
             if not args.warm_cache:
                 _fresh_cache()
             run = f"{name.replace(' ', '-')}-{mode}"
             proc = launch(["--config", str(REPO / "configs" / "default.yaml"), f"output.dir={out}", f"output.name={run}",
                            "federated.rounds=3", f"data.root={args.data_root}", f"runtime.capture={mode}",
-                           "eval.final_full=false", "personalize.steps=0", *extra], np=2, timeout=3600)
+                           f"runtime.device={args.device}", "eval.final_full=false", "personalize.steps=0", *extra],
+                          np=args.np, timeout=3600)
             if proc.returncode != 0:
                 raise RuntimeError(f"{run} failed:\n{proc.stderr[-3000:]}")
             with h5py.File(out / run / "trajectory.h5", "r") as f:
@@ -191,32 +211,37 @@ def runs_part(args: argparse.Namespace) -> list[dict[str, Any]]:
             graphs = re.search(r"captured step: (\d+) graphs compiled on rank 0", proc.stderr)
             fig[mode] = {"round1_s": float(local[0]), "rounds23_s": float(np.mean(local[1:])),
                          "graphs_rank0": int(graphs.group(1)) if graphs else 0}
-        e, c = fig["off"], fig["compile"]
-        rows.append({"run": name, "eager": e, "compile": c, "speed_rounds23": e["rounds23_s"] / c["rounds23_s"]})
-        print(f"{name:18s} local s/round, round 1: eager {e['round1_s']:6.1f} compile {c['round1_s']:6.1f}; "
-              f"rounds 2-3: eager {e['rounds23_s']:6.2f} compile {c['rounds23_s']:6.2f} "
-              f"({rows[-1]['speed_rounds23']:.2f}x); graphs on rank 0: {c['graphs_rank0']}", flush=True)
+        e = fig["off"]
+        for mode in args.modes:
+            c = fig[mode]
+            rows.append({"run": name, "mode": mode, "eager": e, "compile": c,
+                         "speed_rounds23": e["rounds23_s"] / c["rounds23_s"]})
+            print(f"{name:18s} local s/round, round 1: eager {e['round1_s']:6.1f} {mode} {c['round1_s']:6.1f}; "
+                  f"rounds 2-3: eager {e['rounds23_s']:6.2f} {mode} {c['rounds23_s']:6.2f} "
+                  f"({rows[-1]['speed_rounds23']:.2f}x); graphs on rank 0: {c['graphs_rank0']}", flush=True)
     return rows
 
 
 def table(results: dict[str, Any]) -> str:
     """The markdown tables docs/batched.md keeps."""
-    lines = ["| case | unit | clients | eager ms / client-step | compiled | speed | aten ops eager -> compiled "
+    lines = ["| case | unit | clients | mode | eager ms / client-step | captured | speed | aten ops eager -> captured "
              "(+ fused kernels) | first call (compile) | graphs | break-even |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results.get("steps", []):
         e, c = r["eager"], r["compile"]
-        lines.append(f"| {r['case']} | `{r['unit']}` | {r['clients']} | {e['steady_ms']:.1f} | {c['steady_ms']:.1f} | "
+        lines.append(f"| {r['case']} | `{r['unit']}` | {r['clients']} | {r['mode']} | {e['steady_ms']:.1f} | "
+                     f"{c['steady_ms']:.1f} | "
                      f"{r['speed']:.2f}x | {e['ops']:.0f} -> {c['ops']:.0f} (+{c['fused']:.0f}) | "
                      f"{c['first_s']:.0f} s | {c['graphs']} | "
                      + ("never" if not np.isfinite(r["break_even_steps"]) else f"{r['break_even_steps']:.0f} client-steps")
                      + " |")
     if results.get("runs"):
-        lines += ["", "| run (3 rounds, 2 ranks) | local s, round 1: eager | compiled | rounds 2-3: eager | compiled "
-                  "| speed | graphs (rank 0) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", f"| run (3 rounds, {results['np']} ranks) | mode | local s, round 1: eager | captured | "
+                  "rounds 2-3: eager | captured | speed | graphs (rank 0) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in results["runs"]:
             e, c = r["eager"], r["compile"]
-            lines.append(f"| {r['run']} | {e['round1_s']:.1f} | {c['round1_s']:.1f} | {e['rounds23_s']:.2f} | "
+            lines.append(f"| {r['run']} | {r['mode']} | {e['round1_s']:.1f} | {c['round1_s']:.1f} | {e['rounds23_s']:.2f} | "
                          f"{c['rounds23_s']:.2f} | {r['speed_rounds23']:.2f}x | {c['graphs_rank0']} |")
     return "\n".join(lines)
 
@@ -226,17 +251,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", nargs="*", default=["search", "fedavg"], choices=["search", "fedavg"])
     p.add_argument("--batches", type=int, nargs="*", default=[], help="also K clients at once (client_batch K)")
     p.add_argument("--steps", type=int, default=5, help="local steps of a timed update")
-    p.add_argument("--repeats", type=int, default=3, help="timed updates per variant (median)")
-    p.add_argument("--runs", action="store_true", help="also 3-round real runs under mpirun -np 2")
+    p.add_argument("--repeats", type=int, default=5, help="timed updates per variant (median)")
+    p.add_argument("--runs", action="store_true", help="also 3-round real runs (mpirun -np --np)")
+    p.add_argument("--np", type=int, default=2, help="ranks of the real runs")
     p.add_argument("--warm-cache", action="store_true", help="reuse inductor's on-disk caches (default: cold)")
+    p.add_argument("--modes", nargs="+", default=None, choices=["compile", "graphs"],
+                   help="captured modes beside eager (default: compile, and graphs on CUDA; graphs on a CPU is a dry "
+                        "run: inductor skips CUDA graphs for CPU tensors)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-root", default=str(REPO / "data"))
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch._inductor.config.cpp.enable_kernel_profile = True  # fused kernels appear in the profiler
-    device = torch.device("cpu")
-    results: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads(),
+    device = torch.device(args.device)
+    args.modes = args.modes or (["compile", "graphs"] if device.type == "cuda" else ["compile"])
+    results: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads(), "np": args.np,
                                "date": time.strftime("%Y-%m-%d"), "steps": steps_part(args, device) if args.cases else []}
     if args.runs:
         results["runs"] = runs_part(args)

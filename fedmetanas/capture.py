@@ -103,6 +103,7 @@ class Captured:
         self.name, self.mode, self.graphs = name, mode, 0
         # What torch.compile(mode=...) itself hands dynamo: inductor with the mode's options (graphs: CUDA graphs).
         inductor = torch._TorchCompileInductorWrapper("reduce-overhead" if mode == "graphs" else None, None, False)
+        self.options = dict(inductor.config)  # graphs: {"triton.cudagraphs": True}; compile: inductor's defaults
 
         def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
             t = time.perf_counter()

@@ -65,6 +65,25 @@ def test_a_unit_that_needs_more_graphs_than_the_limit_fails_instead_of_falling_b
     assert unit.graphs == 1
 
 
+def test_graphs_mode_dry_run_on_a_cpu_compiles_with_cuda_graphs_on_and_computes_what_compile_does() -> None:
+    # Prepare: the plumbing of `graphs` on CPU tensors (inductor skips CUDA graphs for them); on a GPU the
+    # gpu-marked test below runs it for real
+    def step(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ w).sum()
+
+    graphs, compiled = capture.Captured("dry_run", step, "graphs"), capture.Captured("dry_run", step, "compile")
+    x, w = torch.randn(8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(8, 8, requires_grad=True)
+
+    # Execute
+    got, want = graphs(x, w), compiled(x, w)
+
+    # Assert
+    assert graphs.options == {"triton.cudagraphs": True} and compiled.options == {}
+    assert graphs.graphs == 1 and compiled.graphs == 1
+    assert torch.equal(got, want)
+    assert torch.equal(torch.autograd.grad(got, w)[0], torch.autograd.grad(want, w)[0])
+
+
 # -- each unit against the eager step --------------------------------------------------------------------
 SIZE, CLASSES, PER_CLIENT = 8, 3, 24
 # Two nodes, ops with and without parameters (BN statistics moved inside the graph), one cell: few graphs.
