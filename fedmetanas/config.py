@@ -389,6 +389,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("off" if not value else "on") in choices:
+            return "off" if not value else "on"  # YAML 1.1 reads an unquoted off / on as a boolean
         if value in choices:
             return value
         hint = [] if value is None else difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)

@@ -39,6 +39,19 @@ def test_auto_is_off_on_a_cpu_and_on_a_gpu_and_says_why() -> None:
     assert "not captured until measured on a GPU" in capture.choose_capture("auto", CUDA).why
 
 
+def test_capture_off_unquoted_is_the_mode_off_not_a_boolean(tmp_path: Path) -> None:
+    # YAML 1.1 reads an unquoted off as false: in a file and in an override, it still means the mode
+    from fedmetanas.configure import load_config  # noqa: PLC0415
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text("runtime:\n  capture: off\n")
+    assert load_config(str(path)).runtime.capture == "off"
+    assert load_config(None, ["runtime.capture=off"]).runtime.capture == "off"
+    assert load_config(None, []).runtime.capture == "auto"
+    with pytest.raises(ConfigError, match=r"runtime.capture: 'of' is not valid.*did you mean 'off'"):
+        load_config(None, ["runtime.capture=of"])
+
+
 def test_an_explicit_mode_is_taken_and_graphs_needs_cuda() -> None:
     assert capture.choose_capture("compile", CPU) == capture.CaptureChoice("compile", "runtime.capture compile")
     assert capture.choose_capture("off", CUDA).mode == "off"
