@@ -49,6 +49,7 @@ from fedmetanas.algorithms.phases import build_fixed, build_supernet, parse_arch
 from fedmetanas.configure import load_config
 from fedmetanas.data.datasets import load_dataset
 from fedmetanas.launcher import REPO, launch
+from fedmetanas.runtime import configure_determinism
 
 PER_CLIENT = 300
 MODES = {"soft_top2": ("soft", 2), "hard": ("hard", 0)}  # the shipped search: soft top-2 then hard
@@ -67,51 +68,58 @@ class Case:
     update: Callable[[int, str, int], None]  # (local steps, capture mode, clients) -> runs the local update(s)
 
 
-def contexts(split: Any, clients: int, masks: Any, mode: str, topk: int, capture: str) -> list[LocalContext]:  # noqa: ANN401
+def contexts(split: Any, clients: int, masks: Any, mode: str, topk: int, capture: str,  # noqa: ANN401
+             channels_last: bool) -> list[LocalContext]:
     """Client c: rows [c * PER_CLIENT, (c + 1) * PER_CLIENT) of `split` (on its device), CPU generators."""
     device = split.images.device
     return [LocalContext(split, torch.arange(c * PER_CLIENT, (c + 1) * PER_CLIENT, device=device), masks, 1.0, mode,
-                         torch.Generator().manual_seed(c), torch.Generator().manual_seed(1000 + c), client_id=c,
-                         soft_topk=topk, capture=capture) for c in range(clients)]
+                         torch.Generator().manual_seed(c), torch.Generator().manual_seed(1000 + c),
+                         channels_last=channels_last, client_id=c, soft_topk=topk, capture=capture)
+            for c in range(clients)]
 
 
 def cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
+    """What a run of configs/default.yaml computes: its nets in its memory format (`model.channels_last`), under
+    its determinism switches (`runtime.deterministic`: inductor compiles other kernels under them)."""
     cfg = load_config(str(REPO / "configs" / "default.yaml"))
+    configure_determinism(cfg.runtime.deterministic)
+    last = cfg.model.channels_last
+    fmt = torch.channels_last if last else torch.contiguous_format
     train = load_dataset("fashion_mnist", args.data_root, False)[0].to(device)
     out: list[Case] = []
     if "search" in args.cases:
-        nets = tuple(build_supernet(cfg, 1, 10).to(device) for _ in range(3))
+        nets = tuple(build_supernet(cfg, 1, 10).to(device, memory_format=fmt) for _ in range(3))
         masks = nets[0].initial_masks()
         for mode_name, (mode, topk) in MODES.items():
             def update(steps: int, capture: str, k: int, mode: str = mode, topk: int = topk,
                        nets: tuple[Any, ...] = nets) -> None:
                 glob, worker, task = nets
                 rule = FedMetaNAS(dataclasses.replace(cfg.algorithm, local_steps=steps))
-                ctxs = contexts(train, k, masks, mode, topk, capture)
+                ctxs = contexts(train, k, masks, mode, topk, capture, last)
                 if k > 1:
                     rule.local_update_batch(glob, ctxs)
                     return
                 copy_state(worker, glob)
                 rule.local_update(worker, task, ctxs[0])
-            out.append(Case(f"default search {mode_name}", "op", 1, update))
+            out += [Case(f"default search {mode_name}", "op", 1, update)] if not args.batched_only else []
             out += [Case(f"default search {mode_name}", "stacked_op", k, update) for k in args.batches]
     if "fedavg" in args.cases:
         for arch in ("cnn", "darts_v2"):
             fcfg = load_config(str(REPO / "configs" / "default.yaml"), ["algorithm.name=fedavg",
                                                                          f"fedavg.architecture={arch}"])
-            net, worker = (build_fixed(fcfg, parse_architecture(arch), ModelInputs(1, 10, 28)).to(device)
-                           for _ in range(2))
+            net, worker = (build_fixed(fcfg, parse_architecture(arch), ModelInputs(1, 10, 28)).to(
+                device, memory_format=fmt) for _ in range(2))
 
             def update(steps: int, capture: str, k: int, net: Any = net, worker: Any = worker,  # noqa: ANN401
                        fcfg: Any = fcfg) -> None:  # noqa: ANN401
                 rule = FedAvgLocal(dataclasses.replace(fcfg.fedavg, local_steps=steps))
-                ctxs = contexts(train, k, None, "expected", 0, capture)
+                ctxs = contexts(train, k, None, "expected", 0, capture, last)
                 if k > 1:
                     rule.local_update_batch(net, ctxs)
                     return
                 copy_state(worker, net)
                 rule.local_update(worker, None, ctxs[0])
-            out.append(Case(f"fedavg {arch}", "fixed", 1, update))
+            out += [Case(f"fedavg {arch}", "fixed", 1, update)] if not args.batched_only else []
             out += [Case(f"fedavg {arch}", "fixed_batched", k, update) for k in args.batches]
     return out
 
@@ -250,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", nargs="*", default=["search", "fedavg"], choices=["search", "fedavg"])
     p.add_argument("--batches", type=int, nargs="*", default=[], help="also K clients at once (client_batch K)")
+    p.add_argument("--batched-only", action="store_true", help="only the K-client cases of --batches")
     p.add_argument("--steps", type=int, default=5, help="local steps of a timed update")
     p.add_argument("--repeats", type=int, default=5, help="timed updates per variant (median)")
     p.add_argument("--runs", action="store_true", help="also 3-round real runs (mpirun -np --np)")

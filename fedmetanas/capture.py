@@ -116,10 +116,15 @@ class Captured:
         self._fn = torch.compile(fn, backend=backend, dynamic=False)
 
     def __call__(self, *args: Any) -> Any:
+        # Dynamo checks the limit when a call misses its cache. Set for the process, where only these units
+        # compile (as a `config.patch` around every call it cost 24 us a call).
+        config = torch._dynamo.config
+        if config.recompile_limit != RECOMPILE_LIMIT or not config.fail_on_recompile_limit_hit:
+            config.recompile_limit = RECOMPILE_LIMIT
+            config.accumulated_recompile_limit = 16 * RECOMPILE_LIMIT
+            config.fail_on_recompile_limit_hit = True
         try:
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True,
-                                            accumulated_recompile_limit=16 * RECOMPILE_LIMIT):
-                return self._fn(*args)
+            return self._fn(*args)
         except torch._dynamo.exc.FailOnRecompileLimitHit as err:
             raise CaptureError(f"runtime.capture: {self.mode}: the captured unit {self.name!r} would need more than "
                                f"{RECOMPILE_LIMIT} graphs (one per shape and op); set runtime.capture: off for this "
