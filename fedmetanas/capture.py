@@ -38,11 +38,11 @@ from fedmetanas.config import ConfigError
 
 CaptureMode = Literal["off", "compile", "graphs"]
 # Graphs one unit may compile (per code object: dynamo keeps its cache there). The default search's op
-# unit needs ~40 (7 ops x 5 shapes, and the shorter batch of a client with fewer rows than a batch).
+# unit compiled 32 over a whole run (7 ops at the cells' shapes and strides).
 RECOMPILE_LIMIT = 64
 
 # Why `auto` is off on a CPU (docs/batched.md, "The captured step": measured on this 2-core machine).
-CPU_AUTO_WHY = ("auto on a CPU: compiling costs more than it saves over a run here "
+CPU_AUTO_WHY = ("auto on a CPU: the compiled step measured slower here (0.7-0.9x) and compiling takes minutes "
                 "(docs/batched.md, the captured step)")
 CUDA_AUTO_WHY = ("auto on a GPU: not captured until measured on a GPU (docs/batched.md, the captured step; "
                  "runtime.capture: graphs or compile to try it)")

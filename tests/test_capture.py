@@ -102,7 +102,7 @@ SIZE, CLASSES, PER_CLIENT = 8, 3, 24
 # Two nodes, ops with and without parameters (BN statistics moved inside the graph), one cell: few graphs.
 SMALL = Genotype([[("sep_conv_3x3", 0), ("max_pool_3x3", 1)], [("skip_connect", 0), ("avg_pool_3x3", 2)]], [2, 3],
                  [], [])
-PRIMITIVES = ("sep_conv_3x3", "max_pool_3x3", "skip_connect")
+PRIMITIVES = ("sep_conv_3x3", "conv_3x3", "max_pool_3x3", "skip_connect")
 
 
 def _split(clients: int) -> TensorSplit:
@@ -123,12 +123,13 @@ def _supernet() -> nn.Module:
 
 
 def _contexts(model: nn.Module, clients: int, mode: str, device: torch.device = CPU) -> list[LocalContext]:
-    """Client c: its own rows and (CPU) generators, as the loop derives them, its data on `device`."""
+    """Client c: its own rows and (CPU) generators, as the loop derives them, its data on `device`, in the
+    memory format a default run uses (`model.channels_last`)."""
     masks = model.initial_masks() if isinstance(model, SuperNet) else None
     split = _split(clients).to(device)
     return [LocalContext(split, torch.arange(c * PER_CLIENT, (c + 1) * PER_CLIENT, device=device), masks, 1.0, "soft",
-                         torch.Generator().manual_seed(100 + c), torch.Generator().manual_seed(200 + c), client_id=c,
-                         soft_topk=2, capture=mode) for c in range(clients)]
+                         torch.Generator().manual_seed(100 + c), torch.Generator().manual_seed(200 + c),
+                         channels_last=True, client_id=c, soft_topk=2, capture=mode) for c in range(clients)]
 
 
 FEDAVG = FedAvgLocal(FedAvgConfig(local_steps=3, batch_size=8, lr=0.05))
@@ -144,14 +145,15 @@ UNIT_FNS = {"fixed": capture.fixed_loss, "fixed_batched": stacked_losses, "op": 
 def _update(unit: str, mode: str, build: Callable[[], nn.Module], device: torch.device = CPU) -> torch.Tensor:
     """Every client's aggregated tensors after its local update from `build()`, flattened and concatenated."""
     _, rule, k = UNITS[unit]
-    glob = build().to(device)
+    last = torch.channels_last  # a compiled backward hands back grads in other strides in it (a bug found so)
+    glob = build().to(device, memory_format=last)
     ctxs = _contexts(glob, 2, mode, device)
     if k > 1:
         update = rule.local_update_batch(glob, ctxs)
         return torch.cat([torch.cat([t.reshape(-1) for t in update.client(c)]) for c in range(len(ctxs))])
     out = []
     for ctx in ctxs:
-        worker, task = build().to(device), build().to(device)
+        worker, task = build().to(device, memory_format=last), build().to(device, memory_format=last)
         copy_state(worker, glob)
         rule.local_update(worker, task, ctx)
         out.append(torch.cat([t.detach().reshape(-1) for t in aggregated_tensors(worker)]))

@@ -248,7 +248,7 @@ def stacked_loss_grad(net: StackedSuperNet, ctxs: list[LocalContext], x: torch.T
     if wrt == "alphas":  # the logits' part of the buffer only (they lead no weight: they follow them)
         alphas = [net.views[g] for g in net.plan.alphas.values()]
         got = torch.autograd.grad(losses.sum(), alphas, allow_unused=True, materialize_grads=True)
-        return losses.detach(), torch.cat([g.view(-1) for g in got]), net.use_columns(use.params)[net.n_weight:]
+        return losses.detach(), torch.cat([g.reshape(-1) for g in got]), net.use_columns(use.params)[net.n_weight:]
     grads = torch.autograd.grad(losses.sum(), net.views, allow_unused=True, materialize_grads=True)
-    grad = torch.cat([g.view(-1) for g in grads])
+    grad = torch.cat([g.reshape(-1) for g in grads])  # a compiled backward may hand back other strides
     return losses.detach(), grad, net.use_columns(use.params)
