@@ -37,9 +37,10 @@ import torch
 from fedmetanas.config import ConfigError
 
 CaptureMode = Literal["off", "compile", "graphs"]
-# Graphs one unit may compile (per code object: dynamo keeps its cache there). The default search's op
-# unit compiled 32 over a whole run (7 ops at the cells' shapes and strides).
-RECOMPILE_LIMIT = 64
+# Graphs one unit may compile (per code object: dynamo keeps its cache there). Measured on the default search:
+# the op unit 32 over a whole run (7 ops at the cells' shapes and strides), stacked_op 56 at one batch size (a
+# graph per op, shape, edge count and K: a last, smaller batch of a round adds as many again).
+RECOMPILE_LIMIT = 256
 
 # Why `auto` is off on a CPU (docs/batched.md, "The captured step": measured on this 2-core machine).
 CPU_AUTO_WHY = ("auto on a CPU: the compiled step measured slower here (0.7-0.9x) and compiling takes minutes "
