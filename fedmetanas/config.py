@@ -209,6 +209,10 @@ class RuntimeConfig:
     # search (search/stacked.py) and fixed networks (torch.func). auto: on a GPU as many as memory holds, on
     # a CPU one after another (measured faster there); 1: always one after another; K: batches of K.
     client_batch: int | Literal["auto"] = "auto"
+    # The local step's arithmetic compiled once per shape and replayed (docs/batched.md, the captured step):
+    # compile (torch.compile, inductor), graphs (plus CUDA graphs: CUDA only), off. auto: off on a CPU (it did
+    # not pay there: measured) and, until measured on a GPU, off there too.
+    capture: Literal["auto", "off", "compile", "graphs"] = "auto"
     # GPU id for each local rank (index into the visible GPUs); None: local rank % visible GPUs
     devices: tuple[int, ...] | None = None
     # Bit-identical results on a GPU whatever the number of lanes: deterministic cuDNN/cuBLAS kernels, no
@@ -389,6 +393,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("off" if not value else "on") in choices:
+            return "off" if not value else "on"  # YAML 1.1 reads an unquoted off / on as a boolean
         if value in choices:
             return value
         hint = [] if value is None else difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)

@@ -7,8 +7,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import h5py
 import numpy as np
 import torch
@@ -151,3 +149,16 @@ def killed_after(args: list[str], np: int, checkpoint: Path) -> None:
     wait_for(checkpoint, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+def nudged(build, seed: int = 5):  # noqa: ANN001, ANN201 - test helper
+    """`build` with every weight moved by float32 rounding (a relative 1e-7): how far a result itself moves
+    under rounding-sized differences, the yardstick for "equal to float rounding" (batched, captured)."""
+    def make():  # noqa: ANN202
+        net = build()
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(1 + 1e-7 * torch.randn(p.shape, generator=gen))
+        return net
+    return make

@@ -233,6 +233,8 @@ CASES: dict[str, tuple[Prepare, str]] = {
     "warmup-the-whole-search": (lambda t, r: _base(t, r, "search.warmup_fraction=1"), "search.warmup_fraction"),
     "prune-patience-zero": (lambda t, r: _base(t, r, "search.prune_patience=0"), "search.prune_patience"),
     "client-batch-zero": (lambda t, r: _base(t, r, "runtime.client_batch=0"), "runtime.client_batch"),
+    "capture-graphs-on-a-cpu": (lambda t, r: _base(t, r, "runtime.capture=graphs", "runtime.device=cpu"),
+                                "runtime.capture: graphs needs CUDA graphs"),
     # -- issue 21: hostile input, third pass
     "quoted-boolean": (lambda t, r: _base(t, r, 'data.download="false"'), "write false without quotes"),
     "multi-document-yaml": (lambda t, r: _base(t, r, "--config", str(_yaml(t, "federated:\n  rounds: 2\n---\nmodel:\n"

@@ -379,6 +379,6 @@ def test_a_checkpoint_from_before_an_algorithm_was_added_resumes_bit_identical(
     ref, log = _datasets(fedavg_run / "trajectory.h5"), _datasets(cut / "trajectory.h5")
     assert log.keys() == ref.keys() and "rounds/discrete_acc" in ref and "personalization/acc_after" in ref
     for name in ref:
-        assert torch.equal(torch.as_tensor(log[name]), torch.as_tensor(ref[name])), name
+        assert np.array_equal(log[name], ref[name]), name  # numbers and text (/rounds/capture) alike
     with h5py.File(cut / "trajectory.h5", "r") as f:
         assert f["rounds/round"][()].tolist() == [0, 1, 2]

@@ -29,6 +29,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from fedmetanas.algorithms.common import LocalContext, draw_batch
+from fedmetanas.capture import CaptureMode, unit
 from fedmetanas.data.client_data import sample_rows
 from fedmetanas.search.relax import RelaxMode
 from fedmetanas.search.stacked import StackedSuperNet, sample_stacked, step_use
@@ -101,6 +102,14 @@ class ClientStack:
         parameters. In training mode BN statistics are updated in place, per client."""
         return self._forward(self.params, self.buffers, x)
 
+    def losses(self, x: torch.Tensor, y: torch.Tensor, loss: LossFn, capture: CaptureMode = "off") -> torch.Tensor:
+        """Each client's `loss` of its batch ((K, batch, ...) inputs, (K, batch) labels): shape (K,). Under
+        `capture` as the `fixed_batched` unit (`fedmetanas.capture`), the same computation compiled."""
+        if capture == "off":
+            return vmap(loss)(self(x), y)
+        return unit("fixed_batched", stacked_losses, capture)(self.model, self.param_names, self.buffer_names,
+                                                               self.params, self.buffers, x, y, loss)
+
     def clone(self) -> "ClientStack":
         """A copy with its own tensors (a task learner's starting point)."""
         other = object.__new__(ClientStack)
@@ -114,6 +123,17 @@ class ClientStack:
         """The stacks as the clients' update; `losses` (steps, K): each client's mean over its steps."""
         floating = [b for b in self.buffers if b.is_floating_point()]
         return StackedUpdate([p.detach() for p in self.params] + floating, losses.mean(0).tolist(), steps)
+
+
+def stacked_losses(model: nn.Module, param_names: list[str], buffer_names: list[str], params: list[torch.Tensor],
+                   buffers: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, loss: LossFn) -> torch.Tensor:
+    """The captured unit `fixed_batched`: `ClientStack.losses` as one function of the stacked tensors (a
+    module-level function: one code object, so the unit's graphs do not depend on which stack calls it)."""
+    def one(p: list[torch.Tensor], b: list[torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+        state = dict(zip(param_names, p)) | dict(zip(buffer_names, b))
+        return functional_call(model, state, (xi,), tie_weights=False, strict=True)
+
+    return vmap(loss)(vmap(one, in_dims=(0, 0, 0), randomness="error")(params, buffers, x), y)
 
 
 def in_equal_batches(ctxs: list[LocalContext], batch_sizes: tuple[int, ...],
@@ -165,7 +185,7 @@ def stacked_grads(stack: ClientStack, ctxs: list[LocalContext], batch_size: int,
     parameter's `.grad` set to the clients' own gradients (None where no client's forward used it);
     `loss` (the rule's own; default cross-entropy) mapped over the clients. Returns the K losses."""
     x, y = draw_stacked(ctxs, batch_size)
-    losses = vmap(loss or nn.functional.cross_entropy)(stack(x), y)
+    losses = stack.losses(x, y, loss or nn.functional.cross_entropy, ctxs[0].capture)
     grads = torch.autograd.grad(losses.sum(), stack.params, allow_unused=True)
     for p, g in zip(stack.params, grads):
         p.grad = g
@@ -224,11 +244,11 @@ def stacked_loss_grad(net: StackedSuperNet, ctxs: list[LocalContext], x: torch.T
     sample = sample_stacked(net.template, net.logits, c.masks, tau, mode, [x.gumbel_gen for x in ctxs],
                             c.soft_topk, c.soft_eps)
     use = step_use(net.plan, sample, net.k)
-    losses = vmap(loss)(net(x, sample, use), y)
+    losses = vmap(loss)(net(x, sample, use, c.capture), y)
     if wrt == "alphas":  # the logits' part of the buffer only (they lead no weight: they follow them)
         alphas = [net.views[g] for g in net.plan.alphas.values()]
         got = torch.autograd.grad(losses.sum(), alphas, allow_unused=True, materialize_grads=True)
-        return losses.detach(), torch.cat([g.view(-1) for g in got]), net.use_columns(use.params)[net.n_weight:]
+        return losses.detach(), torch.cat([g.reshape(-1) for g in got]), net.use_columns(use.params)[net.n_weight:]
     grads = torch.autograd.grad(losses.sum(), net.views, allow_unused=True, materialize_grads=True)
-    grad = torch.cat([g.view(-1) for g in grads])
+    grad = torch.cat([g.reshape(-1) for g in grads])  # a compiled backward may hand back other strides
     return losses.detach(), grad, net.use_columns(use.params)

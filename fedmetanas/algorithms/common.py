@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fedmetanas.capture import CaptureMode, fixed_loss, op_runner, unit
 from fedmetanas.data.client_data import sample_batch
 from fedmetanas.data.datasets import TensorSplit
 from fedmetanas.search.relax import RelaxMode
@@ -34,6 +35,8 @@ class LocalContext:
     soft_eps: float = 0.0
     # The client's own state from earlier rounds (`Phase.client_state`; zeros before its first round).
     state: dict[str, torch.Tensor] = field(default_factory=dict)
+    # How the step's arithmetic runs (`runtime.capture` resolved, `fedmetanas.capture`): off, compile, graphs.
+    capture: CaptureMode = "off"
 
 
 @dataclass
@@ -67,15 +70,22 @@ def supervised_step(model: nn.Module, ctx: LocalContext, batch_size: int,
     """Forward + backward of `loss_fn` (the rule's; default cross-entropy) on one sampled batch under one
     relaxed sample (a supernet) or through the network itself (a fixed architecture, `ctx.masks` None)."""
     x, y = draw_batch(ctx, ctx.train_idx, batch_size)
+    loss_fn = loss_fn or nn.functional.cross_entropy
     if ctx.masks is None:  # a fixed architecture: nothing to sample
-        logits = model(x)
-    else:
-        logits = model(x, sample_arch(model, ctx.masks, ctx.tau, ctx.relax_mode, ctx.gumbel_gen,
-                                      topk=ctx.soft_topk, eps=ctx.soft_eps))
-    loss = (loss_fn or nn.functional.cross_entropy)(logits, y)
+        loss = fixed_step_loss(model, x, y, loss_fn, ctx.capture)
+    else:  # the sample is drawn on the host, outside any captured region; the ops run captured or not
+        arch = sample_arch(model, ctx.masks, ctx.tau, ctx.relax_mode, ctx.gumbel_gen, topk=ctx.soft_topk,
+                           eps=ctx.soft_eps)
+        loss = loss_fn(model(x, arch, run_op=op_runner(ctx.capture)), y)
     model.zero_grad(set_to_none=True)
     loss.backward()
     return loss.detach()
+
+
+def fixed_step_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], capture: CaptureMode) -> torch.Tensor:
+    """`loss_fn(model(x), y)` on a fixed network, as the `fixed` unit under `capture` (plainly when off)."""
+    return unit("fixed", fixed_loss, capture)(model, x, y, loss_fn)
 
 
 def clip_weight_grads(model: nn.Module, max_norm: float) -> None:
@@ -108,7 +118,7 @@ def sgd_steps(model: nn.Module, ctx: LocalContext, steps: int, batch_size: int, 
     losses = []
     for _ in range(steps):
         x, y = draw_batch(ctx, ctx.train_idx, batch_size)
-        loss = (loss_fn or nn.functional.cross_entropy)(model(x), y)
+        loss = fixed_step_loss(model, x, y, loss_fn or nn.functional.cross_entropy, ctx.capture)
         model.zero_grad(set_to_none=True)
         loss.backward()
         clip_weight_grads(model, grad_clip)

@@ -24,6 +24,7 @@ from fedmetanas.algorithms.common import LocalContext, LocalResult, clip_weight_
 from fedmetanas.algorithms.flat_optim import MaskedAdam, MaskedSGD
 from fedmetanas.algorithms.fedavg import FedAvgConfig, fedavg_batches, fedavg_phase
 from fedmetanas.algorithms.phases import SearchPhase
+from fedmetanas.capture import op_runner
 from fedmetanas.config import AT_LEAST_1, NON_NEGATIVE, Config, ConfigError, Range, check_betas
 from fedmetanas.search.genotypes import cell_kinds
 from fedmetanas.search.relax import lr_factor
@@ -76,8 +77,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def softmax_loss(model: SuperNet, ctx: LocalContext, x: torch.Tensor, y: torch.Tensor,
                  loss: LossFn = nn.functional.cross_entropy) -> torch.Tensor:
-    """`loss` (the rule's; cross-entropy) under the softmax relaxation (temperature 1, the run's masks)."""
-    return loss(model(x, sample_arch(model, ctx.masks, 1.0, "expected")), y)
+    """`loss` (the rule's; cross-entropy) under the softmax relaxation (temperature 1, the run's masks); the
+    edges' ops run as `ctx.capture` says (`fedmetanas.capture`)."""
+    return loss(model(x, sample_arch(model, ctx.masks, 1.0, "expected"), run_op=op_runner(ctx.capture)), y)
 
 
 def milenas_alpha_grads(model: SuperNet, ctx: LocalContext, train: tuple[torch.Tensor, torch.Tensor],

@@ -19,6 +19,7 @@ from torch import nn
 
 from fedmetanas.algorithms.base import Phase, RoundPlan
 from fedmetanas.algorithms.common import LocalContext, LocalResult, copy_state
+from fedmetanas.capture import CaptureChoice, choose_capture
 from fedmetanas.config import Config
 from fedmetanas.dist import DistContext
 from fedmetanas.federated.aggregation import aggregated_tensors, flatten64, numel, write_flat
@@ -92,6 +93,7 @@ class LocalWork:
         self.cfg, self.setup, self.ctx = cfg, setup, ctx
         self._choices: dict[tuple[int, str], BatchChoice] = {}
         self.batching: BatchChoice | None = None  # how the last round ran its clients (logged on change)
+        self.capture: CaptureChoice = choose_capture(cfg.runtime.capture, ctx.device)  # how their steps run
         self._slots: dict[int, int] = {}
         # Entered around the clients' computation on one lane (`StopFlag.droppable`: a Ctrl-C drops the
         # round there); the batch probe's collective stays outside it.
@@ -104,7 +106,7 @@ class LocalWork:
                             torch_generator(cfg.federated.seed, Purpose.BATCHES, *coords, cid),
                             torch_generator(cfg.federated.seed, Purpose.GUMBEL, *coords, cid),
                             cfg.data.augment, cfg.model.channels_last, plan.lr_scale, cid, plan.train_arch,
-                            plan.soft_topk, plan.soft_eps, run.client_states.of(cid))
+                            plan.soft_topk, plan.soft_eps, run.client_states.of(cid), self.capture.mode)
 
     def __call__(self, run: PhaseRun, rnd: int, plan: RoundPlan) -> torch.Tensor:
         """Run this rank's clients of round `rnd` (concurrently on GPU streams, in batches of
@@ -114,8 +116,8 @@ class LocalWork:
         self._slots = {cid: slot for slot, cid in enumerate(selected)}  # ascending ids: the same on every rank
         choice = self._client_batch(run, rnd, plan, selected)
         if choice != self.batching:
-            log.info("round %d: %s (%s)", rnd + 1, f"clients in batches of {choice.k}" if choice.k > 1
-                     else "clients one after another", choice.why)
+            log.info("round %d: %s (%s); %s", rnd + 1, f"clients in batches of {choice.k}" if choice.k > 1
+                     else "clients one after another", choice.why, self._capture_line(run, choice.k))
         self.batching = choice
         # On several lanes the clients run on threads the main thread's Ctrl-C cannot stop: finish there.
         with self.droppable() if len(run.executors) == 1 else nullcontext():
@@ -135,6 +137,14 @@ class LocalWork:
                       result)
 
         return run_clients(run.executors, ranks[self.ctx.rank], client, deterministic=self.cfg.runtime.deterministic)
+
+    def _capture_line(self, run: PhaseRun, k: int) -> str:
+        """What the console says of the captured step: the unit (`fedmetanas.capture`) and why."""
+        if not self.capture.captured:
+            return f"step not captured ({self.capture.why})"
+        supernet = run.phase.masks() is not None
+        unit = ("stacked_op" if k > 1 else "op") if supernet else ("fixed_batched" if k > 1 else "fixed")
+        return f"step captured: {self.capture.mode}, unit {unit} ({self.capture.why})"
 
     def _client_batch(self, run: PhaseRun, rnd: int, plan: RoundPlan, selected: list[int]) -> BatchChoice:
         """`runtime.client_batch` resolved for this phase and relaxation (`batching.choose`; a GPU's probe

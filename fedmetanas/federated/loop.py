@@ -30,6 +30,7 @@ import yaml
 
 from fedmetanas.algorithms import get_algorithm
 from fedmetanas.algorithms.base import Phase, PhaseOutcome, RoundPlan
+from fedmetanas.capture import log_compiled, refuse_capture
 from fedmetanas.checkpoint import CheckpointError, checkpoint_path, list_checkpoints
 from fedmetanas.config import Config, ConfigError, to_dict
 from fedmetanas.dist import DistContext
@@ -44,7 +45,7 @@ from fedmetanas.federated.personalization import personalize_final
 from fedmetanas.federated import resume
 from fedmetanas.federated.setup import Setup, prepare
 from fedmetanas.federated.stages import Stages
-from fedmetanas.federated.stopping import Preempted, nonfinite_fault, training_seconds
+from fedmetanas.federated.stopping import Preempted, log_stop_rule, nonfinite_fault, training_seconds
 from fedmetanas.data.client_data import check_batch_sizes
 from fedmetanas.rundir import RunDirError, RunLock, acquire_run_dir
 from fedmetanas.runtime import peak_memory_mib, synchronize
@@ -70,6 +71,7 @@ class Loop:
 
     def __init__(self, cfg: Config, ctx: DistContext) -> None:
         self.cfg, self.ctx = cfg, ctx
+        refuse_capture(cfg.runtime.capture, ctx.device)  # before the data loads: a device error, not a data one
         self.setup: Setup = prepare(cfg, ctx)
         algorithm = get_algorithm(cfg.algorithm.name)(cfg)
         # Every rank checks the same clients: all fail alike, none waits for another.
@@ -132,7 +134,7 @@ class Loop:
         resume.restore(self.cur, found.state, self.ctx.device)
         self.start_round = self.end_round = found.next_round
         self.wall_offset = float(found.state["wall_time"])
-        self.rows = [tuple(r) for r in found.state["rows"]]
+        self.rows = found.rows
         log.info("resumed from %s at round %d", found.path, self.start_round + 1)
 
     def _snapshot(self, next_round: int, wall_time: float) -> dict[str, Any]:
@@ -307,6 +309,7 @@ class Loop:
             # What a real deployment moves: each participant downloads and uploads the model (float32).
             "bytes_clients": int(2 * int(flags.sum()) * lay.length("params") * 4),
             "client_batch": self.work.batching.k if self.work.batching is not None else 1,  # 1: one at a time
+            "capture": self.work.capture.mode,  # how the step's arithmetic ran: off, compile, graphs
             **phase.record(net, plan)}
         self.rows.append((phase.span.group, row))
         self.callbacks.emit("on_round", phase.span.group, row)
@@ -324,12 +327,9 @@ class Loop:
         final_idx = torch.arange(len(s.test)) if cfg.eval.final_full else s.eval_idx
         end = self.end_round  # the run's last round is `end - 1` (the last planned one unless stopped early)
         plan = phase.round_plan(end - 1)
-        if self.stopped_by == "time_budget":
-            log.info("stopped_by=time_budget after round %d of %d: training time %.3f s >= federated.time_budget_s "
-                     "%g s; finalizing in phase %d", end, self.stages.total, self.training_seconds,
-                     cfg.federated.time_budget_s, self.stages.index + 1)
-        else:
-            log.info("stopped_by=rounds after round %d", end)
+        log_stop_rule(self.stopped_by, end, self.stages.total, self.training_seconds, cfg.federated.time_budget_s,
+                      self.stages.index + 1)
+        log_compiled()
         net = self.cur.net
         metrics = self._evaluate(phase.forwards(net, plan), final_idx)
         final = phase.final_record(metrics, self.previous, time.perf_counter() - t_start)

@@ -33,6 +33,15 @@ class Resume:
     switch_pending: bool  # saved at the end of a phase whose successor was not entered (the run stopped there)
 
     @property
+    def rows(self) -> list[tuple[str, dict[str, Any]]]:
+        """The log's rows so far; a row of a checkpoint written before `runtime.capture` existed reads `off`
+        (nothing of that run was captured)."""
+        rows = [tuple(r) for r in self.state["rows"]]
+        for _, row in rows:
+            row.setdefault("capture", "off")
+        return rows  # type: ignore[return-value]
+
+    @property
     def previous(self) -> PhaseOutcome:
         """The outcome the saved phase started from (the genotype and summary of the phase before it)."""
         genotype = self.state.get("genotype")

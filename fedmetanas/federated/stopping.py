@@ -45,3 +45,13 @@ def training_seconds(wall_time: float, rows: list[tuple[str, dict[str, Any]]]) -
     """The run's training time: wall time less the rounds' evaluation time (how often the model is
     measured is not the method's cost)."""
     return wall_time - sum(float(row["time_eval"]) for _, row in rows)
+
+
+def log_stop_rule(stopped_by: str, end: int, total: int, seconds: float, budget: float, phase: int) -> None:
+    """Say which stop rule ended the run after round `end` (of `total` planned); `seconds` is the training
+    time the budget rule compared with `federated.time_budget_s`, `phase` the (1-based) phase it ends in."""
+    if stopped_by == "time_budget":
+        log.info("stopped_by=time_budget after round %d of %d: training time %.3f s >= federated.time_budget_s "
+                 "%g s; finalizing in phase %d", end, total, seconds, budget, phase)
+    else:
+        log.info("stopped_by=rounds after round %d", end)

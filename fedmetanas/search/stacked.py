@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedmetanas.capture import CaptureMode, unit
 from fedmetanas.search.genotypes import CELL_KINDS
 from fedmetanas.search.operations import FactorizedReduce, Zero
 from fedmetanas.search.relax import RelaxMode, relaxed_weights, sampled_onehot, sparse_active
@@ -400,6 +401,8 @@ class StackedSuperNet:
         self._bcols = torch.from_numpy(np.concatenate([w.reshape(-1) for w in where]) if where else
                                        np.zeros(0, dtype=np.int64))
         self.momentum = self._bn_momentum()
+        self._shared: dict[str, torch.Tensor] = {}  # see `_state`
+        self._captured_op: Callable[..., tuple[torch.Tensor, int]] | None = None  # see `__call__`
 
     def _block(self, flat: torch.Tensor, g: Group) -> torch.Tensor:
         """Group g's (K, members, *shape) block of a group-major flat buffer (a view)."""
@@ -475,10 +478,13 @@ class StackedSuperNet:
         return {name: self.views[g][:, 0] for name, g in self.plan.alphas.items()}
 
     # -- the forward pass ---------------------------------------------------------------------------
-    def __call__(self, x: torch.Tensor, sample: StackedSample, use: StepUse) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sample: StackedSample, use: StepUse,
+                 capture: CaptureMode = "off") -> torch.Tensor:
         """Logits (K, batch, classes) of inputs (K, batch, C, H, W): client k's batch through its parameters
-        under its relaxed architecture. BN statistics move where `use.buffers` says (training mode)."""
+        under its relaxed architecture. BN statistics move where `use.buffers` says (training mode). Under
+        `capture` each op of a state runs as the captured unit `stacked_op` (`fedmetanas.capture`)."""
         k, b = x.shape[0], x.shape[1]
+        self._captured_op = None if capture == "off" else unit("stacked_op", stacked_op, capture)
         self._set_sample(sample)
         with torch.no_grad():
             if self.bviews:
@@ -531,18 +537,23 @@ class StackedSuperNet:
         computed = self._state_ops(st)
         if not computed:
             return None
-        self._relu, self._relu_wide = None, None
+        self._shared = {}  # the state's ReLU (and its copy per member), shared by the ops that begin with one
         outs = []
         for op in st.ops:
             if op.prim not in computed:
                 continue
             mod = op.module
-            inp = x
-            if _starts_with_relu(mod):  # one ReLU of the state for every op that begins with one
-                if self._relu is None:
-                    self._relu = F.relu(x)
-                inp = self._relu
-            y, g = self._run(mod, inp, 1, e, op, "", skip_first_relu=_starts_with_relu(mod))
+            relu_first = _starts_with_relu(mod)
+            if self._captured_op is not None and not isinstance(mod, nn.Identity):
+                m = self._members(op)  # the op's own tensors as inputs: one graph per op and shape, any union
+                y, g = self._captured_op(mod, x, self.k, e, self.momentum, m.params, m.buffers, relu_first)
+            else:
+                inp = x
+                if relu_first:  # one ReLU of the state for every op that begins with one
+                    if "relu" not in self._shared:
+                        self._shared["relu"] = F.relu(x)
+                    inp = self._shared["relu"]
+                y, g = self._run(mod, inp, 1, e, op, "", skip_first_relu=relu_first)
             bsz, _, hh, ww = y.shape
             outs.append(y.view(bsz, k, g, -1, hh, ww).expand(bsz, k, e, y.shape[1] // (k * g), hh, ww))
         w = self._state_weights[id(st)]  # (K, E, computed ops, 1, 1, 1)
@@ -554,74 +565,12 @@ class StackedSuperNet:
     # -- one template module on K x E members --------------------------------------------------------
     def _run(self, mod: nn.Module, x: torch.Tensor, g: int, e: int, slot: OpSlot, prefix: str,
              skip_first_relu: bool = False) -> tuple[torch.Tensor, int]:
-        """`mod` applied to every client and member: `x` is (B, K*g*C, H, W) with g = 1 (one input for all
-        members) or g = e (one per member); returns the output and its g."""
-        k = self.k
-        if isinstance(mod, nn.Sequential):
-            for idx, (name, child) in enumerate(mod.named_children()):
-                x, g = self._run(child, x, g, e, slot, f"{prefix}{name}.", skip_first_relu and idx == 0)
-            return x, g
-        if isinstance(mod, nn.ReLU):  # skipped: the state's shared ReLU is the input already
-            return (x if skip_first_relu else F.relu(x)), g
-        if isinstance(mod, Zero):  # `none`: zeros of the output's shape, as the sequential op computes them
-            return mod(x), g
-        if isinstance(mod, nn.Identity):
-            return x, g
-        if isinstance(mod, nn.Conv2d):
-            w = self.views[slot.params[f"{prefix}weight"]]  # (K, E, Cout, Cin/groups, kh, kw)
-            if mod.groups > 1 and g == 1 and e > 1:  # a per-member depthwise conv needs its own input copy
-                if skip_first_relu and x is self._relu and self._relu_wide is not None:
-                    x = self._relu_wide  # the state's ReLU, already copied per member by another op
-                else:
-                    bsz, _, hh, ww = x.shape
-                    wide = x.view(bsz, k, 1, -1, hh, ww).expand(bsz, k, e, x.shape[1] // k, hh, ww).reshape(
-                        bsz, k * e * (x.shape[1] // k), hh, ww)
-                    if skip_first_relu and x is self._relu:
-                        self._relu_wide = wide
-                    x = wide
-                g = e
-            groups = k * g * mod.groups if g == e else k
-            y = F.conv2d(x, w.reshape(-1, *w.shape[3:]), None, mod.stride, mod.padding, mod.dilation, groups)
-            return y, e
-        if isinstance(mod, nn.BatchNorm2d):
-            return self._bn(mod, x, g, e, slot, prefix), g
-        if isinstance(mod, nn.MaxPool2d):
-            return F.max_pool2d(x, mod.kernel_size, mod.stride, mod.padding), g
-        if isinstance(mod, nn.AvgPool2d):
-            return F.avg_pool2d(x, mod.kernel_size, mod.stride, mod.padding, count_include_pad=mod.count_include_pad), g
-        if isinstance(mod, FactorizedReduce):
-            if not skip_first_relu:
-                x = F.relu(x)
-            shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
-            a, _ = self._run(mod.conv1, x, g, e, slot, f"{prefix}conv1.")
-            c, _ = self._run(mod.conv2, shifted, g, e, slot, f"{prefix}conv2.")
-            bsz, _, hh, ww = a.shape
-            y = torch.cat([a.view(bsz, k * e, -1, hh, ww), c.view(bsz, k * e, -1, hh, ww)], 2).view(bsz, -1, hh, ww)
-            return self._bn(mod.bn, y, e, e, slot, f"{prefix}bn."), e
-        raise TypeError(f"stacked supernet: no stacked form of {type(mod).__name__}")
+        """`mod` applied to every client and member (`Members.run`), with the slot's tensors of this net."""
+        return self._members(slot).run(mod, x, g, e, prefix, skip_first_relu)
 
-    def _bn(self, mod: nn.BatchNorm2d, x: torch.Tensor, g: int, e: int, slot: OpSlot, prefix: str) -> torch.Tensor:
-        """Training-mode BN per channel (per client, member and channel); the running statistics of each
-        (client, member) move only where its sequential step ran the op (`StepUse.buffers`)."""
-        k = self.k
-        weight = bias = None
-        if mod.affine:
-            weight = self.views[slot.params[f"{prefix}weight"]].reshape(-1)
-            bias = self.views[slot.params[f"{prefix}bias"]].reshape(-1)
-            if g != e:
-                raise ValueError("stacked supernet: an affine BN shared across edges")
-        rm = self.bscratch_views[slot.buffers[f"{prefix}running_mean"]]
-        rv = self.bscratch_views[slot.buffers[f"{prefix}running_var"]]
-        if g == e:  # one native call: its own statistics update, into the scratch copy
-            return F.batch_norm(x, rm.view(-1), rv.view(-1), weight, bias, True, self.momentum, mod.eps)
-        # One input for every member (after pooling): normalized once; each member's statistics move
-        # towards the same batch statistics from its own running values.
-        y = F.batch_norm(x, None, None, weight, bias, True, 0.0, mod.eps)
-        with torch.no_grad():
-            var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), correction=1)
-            rm.lerp_(mean.view(k, g, -1), self.momentum)
-            rv.lerp_(var.view(k, g, -1), self.momentum)
-        return y
+    def _members(self, slot: OpSlot) -> "Members":
+        return Members(self.k, self.momentum, {n: self.views[gi] for n, gi in slot.params.items()},
+                       {n: self.bscratch_views[gi] for n, gi in slot.buffers.items()}, self._shared)
 
     def _set_sample(self, sample: StackedSample) -> None:
         """Which ops the forward computes on each state's edges (those any client computes there), and
@@ -650,6 +599,98 @@ class StackedSuperNet:
                     if width:
                         self._state_weights[id(same)] = picked[:, at:at + width].view(self.k, len(st.edges), n, 1, 1, 1)
                 at += width
+
+
+@dataclass
+class Members:
+    """One template module's tensors for every client and member — `params` and `buffers` by the module's own
+    names, (K, members, *shape) each — and the forward of the module on all of them."""
+
+    k: int
+    momentum: float
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    shared: dict[str, torch.Tensor] | None = None  # the state's ReLU and its per-member copy, if shared
+
+    def run(self, mod: nn.Module, x: torch.Tensor, g: int, e: int, prefix: str = "",
+            skip_first_relu: bool = False) -> tuple[torch.Tensor, int]:
+        """`mod` applied to every client and member: `x` is (B, K*g*C, H, W) with g = 1 (one input for all
+        members) or g = e (one per member); returns the output and its g."""
+        k = self.k
+        shared = self.shared if self.shared is not None else {}
+        if isinstance(mod, nn.Sequential):
+            for idx, (name, child) in enumerate(mod.named_children()):
+                x, g = self.run(child, x, g, e, f"{prefix}{name}.", skip_first_relu and idx == 0)
+            return x, g
+        if isinstance(mod, nn.ReLU):  # skipped: the state's shared ReLU is the input already
+            return (x if skip_first_relu else F.relu(x)), g
+        if isinstance(mod, Zero):  # `none`: zeros of the output's shape, as the sequential op computes them
+            return mod(x), g
+        if isinstance(mod, nn.Identity):
+            return x, g
+        if isinstance(mod, nn.Conv2d):
+            w = self.params[f"{prefix}weight"]  # (K, E, Cout, Cin/groups, kh, kw)
+            if mod.groups > 1 and g == 1 and e > 1:  # a per-member depthwise conv needs its own input copy
+                if skip_first_relu and x is shared.get("relu") and "relu_wide" in shared:
+                    x = shared["relu_wide"]  # the state's ReLU, already copied per member by another op
+                else:
+                    bsz, _, hh, ww = x.shape
+                    wide = x.view(bsz, k, 1, -1, hh, ww).expand(bsz, k, e, x.shape[1] // k, hh, ww).reshape(
+                        bsz, k * e * (x.shape[1] // k), hh, ww)
+                    if skip_first_relu and x is shared.get("relu"):
+                        shared["relu_wide"] = wide
+                    x = wide
+                g = e
+            groups = k * g * mod.groups if g == e else k
+            y = F.conv2d(x, w.reshape(-1, *w.shape[3:]), None, mod.stride, mod.padding, mod.dilation, groups)
+            return y, e
+        if isinstance(mod, nn.BatchNorm2d):
+            return self.bn(mod, x, g, e, prefix), g
+        if isinstance(mod, nn.MaxPool2d):
+            return F.max_pool2d(x, mod.kernel_size, mod.stride, mod.padding), g
+        if isinstance(mod, nn.AvgPool2d):
+            return F.avg_pool2d(x, mod.kernel_size, mod.stride, mod.padding, count_include_pad=mod.count_include_pad), g
+        if isinstance(mod, FactorizedReduce):
+            if not skip_first_relu:
+                x = F.relu(x)
+            shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
+            a, _ = self.run(mod.conv1, x, g, e, f"{prefix}conv1.")
+            c, _ = self.run(mod.conv2, shifted, g, e, f"{prefix}conv2.")
+            bsz, _, hh, ww = a.shape
+            y = torch.cat([a.view(bsz, k * e, -1, hh, ww), c.view(bsz, k * e, -1, hh, ww)], 2).view(bsz, -1, hh, ww)
+            return self.bn(mod.bn, y, e, e, f"{prefix}bn."), e
+        raise TypeError(f"stacked supernet: no stacked form of {type(mod).__name__}")
+
+    def bn(self, mod: nn.BatchNorm2d, x: torch.Tensor, g: int, e: int, prefix: str) -> torch.Tensor:
+        """Training-mode BN per channel (per client, member and channel); the running statistics of each
+        (client, member) move only where its sequential step ran the op (`StepUse.buffers`)."""
+        k = self.k
+        weight = bias = None
+        if mod.affine:
+            weight = self.params[f"{prefix}weight"].reshape(-1)
+            bias = self.params[f"{prefix}bias"].reshape(-1)
+            if g != e:
+                raise ValueError("stacked supernet: an affine BN shared across edges")
+        rm = self.buffers[f"{prefix}running_mean"]
+        rv = self.buffers[f"{prefix}running_var"]
+        if g == e:  # one native call: its own statistics update, into the scratch copy
+            return F.batch_norm(x, rm.view(-1), rv.view(-1), weight, bias, True, self.momentum, mod.eps)
+        # One input for every member (after pooling): normalized once; each member's statistics move
+        # towards the same batch statistics from its own running values.
+        y = F.batch_norm(x, None, None, weight, bias, True, 0.0, mod.eps)
+        with torch.no_grad():
+            var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), correction=1)
+            rm.lerp_(mean.view(k, g, -1), self.momentum)
+            rv.lerp_(var.view(k, g, -1), self.momentum)
+        return y
+
+
+def stacked_op(mod: nn.Module, x: torch.Tensor, k: int, e: int, momentum: float, params: dict[str, torch.Tensor],
+               buffers: dict[str, torch.Tensor], relu_first: bool) -> tuple[torch.Tensor, int]:
+    """The captured unit `stacked_op` (`fedmetanas.capture`): one op on every client and edge leaving a state,
+    from the state's input `x` (its ReLU taken here when the op begins with one: nothing is shared with
+    the state's other ops, so the graph is the op's alone and does not depend on the union)."""
+    return Members(k, momentum, params, buffers).run(mod, F.relu(x) if relu_first else x, 1, e, "", relu_first)
 
 
 def _starts_with_relu(mod: nn.Module) -> bool:

@@ -15,6 +15,7 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
+from fedmetanas.capture import OpRunner
 from fedmetanas.runtime import to_device
 from fedmetanas.search.genotypes import CELL_KINDS, Genotype, default_reduction_layers
 from fedmetanas.search.operations import OPS, FactorizedReduce, ReLUConvBN
@@ -99,10 +100,12 @@ class MixedOp(nn.Module):
         super().__init__()
         self.ops = nn.ModuleList(OPS[p](channels, stride) for p in primitives)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, index: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, index: list[int],
+                run_op: OpRunner | None = None) -> torch.Tensor:
+        """The weighted sum of the ops in `index`; `run_op(op, x)` runs an op (captured: `fedmetanas.capture`)."""
         out = None
         for k in index:
-            term = weights[k] * self.ops[k](x)
+            term = weights[k] * (self.ops[k](x) if run_op is None else run_op(self.ops[k], x))
             out = term if out is None else out + term
         assert out is not None, "an edge needs at least one active op"
         return out
@@ -123,13 +126,14 @@ class Cell(nn.Module):
             for j in range(nodes) for i in range(j + 2)
         )
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, arch: CellArch) -> torch.Tensor:
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, arch: CellArch,
+                run_op: OpRunner | None = None) -> torch.Tensor:
         states = [self.pre0(s0), self.pre1(s1)]
         for j, off in enumerate(edge_offsets(self.nodes)):
             node = None
             for i in arch.input_index[j]:
                 e = off + i
-                out = self.edges[e](states[i], arch.op_weights[e], arch.op_index[e])
+                out = self.edges[e](states[i], arch.op_weights[e], arch.op_index[e], run_op)
                 if arch.input_coeff is not None:
                     out = arch.input_coeff[j][i] * out
                 node = out if node is None else node + out
@@ -222,10 +226,12 @@ class SuperNet(TensorListsModule):
             pairs = {k: valid.clone() for k in CELL_KINDS}
         return ArchMasks(ops, pairs)
 
-    def forward(self, x: torch.Tensor, arch: ArchSample) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, arch: ArchSample, run_op: OpRunner | None = None) -> torch.Tensor:
+        """Logits of `x` under the relaxed architecture `arch`; `run_op` runs the edges' ops (None: plainly;
+        `capture.op_runner`: as the captured `op` unit)."""
         s0 = s1 = self.stem(x)
         for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, arch.reduce if cell.reduction else arch.normal)
+            s0, s1 = s1, cell(s0, s1, arch.reduce if cell.reduction else arch.normal, run_op)
         # Global average pooling as a mean: what AdaptiveAvgPool2d(1) computes, but never the adaptive
         # kernel whose CUDA backward torch.use_deterministic_algorithms refuses (runtime.deterministic).
         return self.classifier(s1.mean((2, 3)))

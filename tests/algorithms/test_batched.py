@@ -25,6 +25,7 @@ from fedmetanas.federated.aggregation import aggregated_tensors
 from fedmetanas.search.discrete import CNN, DiscreteNet
 from fedmetanas.search.genotypes import DARTS_V2, resolve_primitives
 from fedmetanas.search.supernet import ArchMasks, SuperNet
+from tests.helpers import nudged
 
 SIZE, CLASSES, PER_CLIENT = 12, 4, 40
 
@@ -90,12 +91,12 @@ def _assert_within_rounding(got: list[list[torch.Tensor]], want, rule, build, ct
     pending = list(range(len(want)))
     start = start.detach()
     for seed in (5, 6, 7, 8):
-        _, nudged = _sequential(rule(), _nudged(build, seed), ctxs())
+        _, moved = _sequential(rule(), nudged(build, seed), ctxs())
         still = []
         for c in pending:
             size = (_flat(want[c][0]).detach() - start).norm()
             distance = float((_flat(got[c]).detach() - _flat(want[c][0]).detach()).norm() / size)
-            yardstick = float((_flat(nudged[c][0]).detach() - _flat(want[c][0]).detach()).norm() / size)
+            yardstick = float((_flat(moved[c][0]).detach() - _flat(want[c][0]).detach()).norm() / size)
             if distance > 2 * yardstick + 1e-5:
                 still.append((c, distance, yardstick))
         pending = [c for c, _, _ in still]
@@ -103,19 +104,6 @@ def _assert_within_rounding(got: list[list[torch.Tensor]], want, rule, build, ct
             return
     c, distance, yardstick = still[0]
     raise AssertionError(f"client {c}: {distance:.2e} vs rounding {yardstick:.2e}")
-
-
-def _nudged(build, seed: int = 5):  # noqa: ANN001, ANN202 - test helper
-    """`build` with every weight moved by float32 rounding (a relative 1e-7): how far the sequential
-    result itself moves under rounding-sized differences, the yardstick for "equal to float rounding"."""
-    def make() -> nn.Module:
-        net = build()
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in net.parameters():
-                p.mul_(1 + 1e-7 * torch.randn(p.shape, generator=gen))
-        return net
-    return make
 
 
 @pytest.mark.parametrize("net", ["cnn", "darts_v2"])
