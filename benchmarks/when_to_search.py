@@ -1,0 +1,115 @@
+"""When to search, and one more lever, at equal time on the grid's settings (issue 23, items 3 and 4).
+
+    python benchmarks/when_to_search.py --settings fmnist_a0.5 fmnist_a1.0 mnist_a0.5 --fedavg
+    python benchmarks/when_to_search.py --settings fmnist_a0.1 mnist_a0.1 --variants shipped combined
+
+Per setting, in this order, each run on `--np` ranks:
+
+1. FedMetaNAS, each `--variant`, under the grid's budget of the setting (`federated.time_budget_s` = 0.5x
+   the setting's FedNAS training time), its rounds fitted to the variant's own measured cost per round so
+   that its schedule (cosine rate, temperature, the switch to hard sampling) ends inside the budget, as
+   `compare.py --parts grid` does. `shipped` is `configs/default.yaml`; `combined` adds the other grid
+   winner, hard sampling from 25% of the rounds, to the shipped 30 local meta-steps.
+2. With `--fedavg`: FedAvg on DARTS_V2 with the first variant's measured training seconds as its budget
+   (equal time; evaluation excluded on both sides) and as many rounds as fit at its own cost per round.
+
+FedNAS's training time per setting is read from its grid run in `--grid-runs` when that is there, else the
+figure `compare.py --parts grid` measured on 2026-11-30 on this machine (docs/results.md, the grid tables):
+FedNAS itself is not rerun (two thirds of the grid's time). Every other number is measured by this run,
+under the same conditions for every method. Prints a Markdown table; `--json` keeps the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from compare import GRID, LABELS, Run, _pct, run_method
+from fedmetanas.configure import load_config
+from fedmetanas.launcher import REPO
+
+# FedNAS's training seconds (evaluation excluded) and final accuracy per grid setting, as
+# `compare.py --parts grid` measured them on 2026-11-30 (mpirun -np 2, this 2-core machine).
+RECORDED_FEDNAS = {"fmnist_a0.1": (656.0, 75.67), "fmnist_a0.5": (703.0, 80.20), "mnist_a0.1": (380.0, 86.80),
+                   "fmnist_iid": (616.0, 84.61), "fmnist_a1.0": (763.0, 82.75), "mnist_a0.5": (722.0, 96.78)}
+VARIANTS = {"shipped": [], "combined": ["search.hard_after_fraction=0.25"]}
+# Starting estimates of the training seconds per round (np 2, this machine), replaced by each method's own
+# measurement once one of its runs has finished: the shipped default's grid runs (12.1-13.0 s) and FedAvg's
+# on DARTS_V2 (1.6-1.9 s).
+START_ROUND_S = {"fedmetanas": 12.6, "fedavg": 1.8}
+
+
+def fednas_seconds(key: str, grid_runs: Path) -> tuple[float, float, str]:
+    """FedNAS's training seconds and final accuracy (%) on setting `key`, and where they come from."""
+    path = grid_runs / f"grid_{key}_fednas"
+    if (path / "trajectory.h5").is_file():
+        run = Run.load("fednas", path, math.nan)
+        return run.total_s, 100 * float(run.final["discrete_acc"]), str(path)
+    seconds, acc = RECORDED_FEDNAS[key]
+    return seconds, acc, "recorded 2026-11-30"
+
+
+def fitted(budget: float, per_round: list[float], method: str, cap: int) -> int:
+    """Rounds whose schedule ends inside `budget` at the method's measured (else estimated) cost per round."""
+    cost = sum(per_round) / len(per_round) if per_round else START_ROUND_S[method]
+    return max(2, min(cap, int(0.95 * budget / cost)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--settings", nargs="+", required=True, choices=[key for _, key, _ in GRID])
+    p.add_argument("--variants", nargs="+", default=["shipped"], choices=sorted(VARIANTS))
+    p.add_argument("--fedavg", action="store_true", help="FedAvg on DARTS_V2 at the first variant's time")
+    p.add_argument("--np", type=int, default=2)
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "when")
+    p.add_argument("--grid-runs", type=Path, default=REPO / "runs" / "grid")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--mnist-root", default="data")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta_cap = load_config(REPO / "configs" / "default.yaml").federated.rounds
+    avg_cap = 10_000  # FedAvg's rounds are set by its time alone
+    per_round: dict[str, list[float]] = {name: [] for name in [*VARIANTS, "fedavg"]}
+    rows = []
+    for label, key, over in (g for g in GRID if g[1] in args.settings):
+        root = args.mnist_root if "data.name=mnist" in over else args.data_root
+        base = [f"data.root={root}", *over]
+        nas_s, nas_acc, source = fednas_seconds(key, args.grid_runs)
+        budget = 0.5 * nas_s
+        row = {"setting": label, "key": key, "fednas_s": nas_s, "fednas_acc": nas_acc, "fednas_from": source,
+               "budget_s": budget}
+        first: Run | None = None
+        for name in args.variants:
+            rounds = fitted(budget, per_round[name], "fedmetanas", meta_cap)
+            run = run_method("fedmetanas", f"when_{key}_{name}", args.out, args.np,
+                             base + VARIANTS[name] + [f"federated.rounds={rounds}",
+                                                      f"federated.time_budget_s={budget:.1f}"])
+            per_round[name].append(run.total_s / run.rounds)
+            row[name] = {"acc": 100 * float(run.final["discrete_acc"]), "s": run.total_s, "rounds": run.rounds,
+                         "stopped_by": str(run.final.get("stopped_by", "rounds"))}
+            first = first or run
+        if args.fedavg and first is not None:
+            rounds = fitted(first.total_s, per_round["fedavg"], "fedavg", avg_cap)
+            avg = run_method("fedavg", f"when_{key}_fedavg", args.out, args.np,
+                             base + [f"federated.rounds={rounds}", f"federated.time_budget_s={first.total_s:.1f}"])
+            per_round["fedavg"].append(avg.total_s / avg.rounds)
+            row["fedavg"] = {"acc": 100 * float(avg.final["discrete_acc"]), "s": avg.total_s, "rounds": avg.rounds,
+                             "stopped_by": str(avg.final.get("stopped_by", "rounds"))}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    names = [*args.variants, *(["fedavg"] if args.fedavg else [])]
+    heads = [LABELS["fedavg"] if n == "fedavg" else f"FedMetaNAS {n}" for n in names]
+    print("\n| setting | FedNAS % (budget s) | " + " | ".join(f"{h} % (rounds, s)" for h in heads) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in heads) + " |")
+    for r in rows:
+        cells = [f"{_pct(r[n]['acc'] / 100)} ({r[n]['rounds']}, {r[n]['s']:.0f})" for n in names]
+        print(f"| {r['setting']} | {r['fednas_acc']:.2f} ({r['budget_s']:.0f}) | " + " | ".join(cells) + " |")
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
