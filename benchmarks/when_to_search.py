@@ -26,6 +26,7 @@ import json
 import math
 from pathlib import Path
 
+import compare
 from compare import GRID, LABELS, Run, _pct, run_method
 from fedmetanas.configure import load_config
 from fedmetanas.launcher import REPO
@@ -68,7 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-root", default="data")
     p.add_argument("--mnist-root", default="data")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--reuse", action="store_true", help="read the logs of finished runs in --out instead of rerunning")
     args = p.parse_args(argv)
+    compare.REUSE = args.reuse
+    # The runs start in the repository (the launcher's working folder): every path given here is absolute.
+    args.out, args.grid_runs = args.out.resolve(), args.grid_runs.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     meta_cap = load_config(REPO / "configs" / "default.yaml").federated.rounds
     avg_cap = 10_000  # FedAvg's rounds are set by its time alone
