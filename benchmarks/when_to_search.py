@@ -9,7 +9,9 @@ Per setting, in this order, each run on `--np` ranks:
    the setting's FedNAS training time), its rounds fitted to the variant's own measured cost per round so
    that its schedule (cosine rate, temperature, the switch to hard sampling) ends inside the budget, as
    `compare.py --parts grid` does. `shipped` is `configs/default.yaml`; `combined` adds the other grid
-   winner, hard sampling from 25% of the rounds, to the shipped 30 local meta-steps.
+   winner, hard sampling from 25% of the rounds, to the shipped 30 local meta-steps; `group_norm` is the
+   shipped default with GroupNorm in place of BatchNorm (`model.norm: group`); `server_lr` the shipped
+   default with the server's step 1.5x the averaged update (FedAvgM with mu 0 and `server_lr` 1.5).
 2. With `--fedavg`: FedAvg on DARTS_V2 with the first variant's measured training seconds as its budget
    (equal time; evaluation excluded on both sides) and as many rounds as fit at its own cost per round.
 
@@ -35,7 +37,9 @@ from fedmetanas.launcher import REPO
 # `compare.py --parts grid` measured them on 2026-11-30 (mpirun -np 2, this 2-core machine).
 RECORDED_FEDNAS = {"fmnist_a0.1": (656.0, 75.67), "fmnist_a0.5": (703.0, 80.20), "mnist_a0.1": (380.0, 86.80),
                    "fmnist_iid": (616.0, 84.61), "fmnist_a1.0": (763.0, 82.75), "mnist_a0.5": (722.0, 96.78)}
-VARIANTS = {"shipped": [], "combined": ["search.hard_after_fraction=0.25"]}
+VARIANTS = {"shipped": [], "combined": ["search.hard_after_fraction=0.25"], "group_norm": ["model.norm=group"],
+            "server_lr": ["federated.server_optimizer=momentum", "federated.server_momentum=0",
+                          "federated.server_lr=1.5"]}
 # Starting estimates of the training seconds per round (np 2, this machine), replaced by each method's own
 # measurement once one of its runs has finished: the shipped default's grid runs (12.1-13.0 s) and FedAvg's
 # on DARTS_V2 (1.6-1.9 s).

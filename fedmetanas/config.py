@@ -67,6 +67,10 @@ class ModelConfig:
     stem_stride: int = 1  # 2 halves the resolution before the cells: ~3x cheaper steps on a CPU
     reduction_layers: tuple[int, ...] | None = None  # None: DARTS's layers//3 and 2*layers//3
     channels_last: bool = True
+    # batch: DARTS's BatchNorm; group: GroupNorm of `norm_groups` groups in every network (search and final),
+    # no batch statistics to skew (fedmetanas/search/norms.py; measured in docs/results.md).
+    norm: Literal["batch", "group"] = "batch"
+    norm_groups: int = 2
 
 
 @dataclass(frozen=True)
@@ -307,6 +311,7 @@ _RANGES: dict[tuple[str, str], Range] = {
     ("model", "nodes"): (lambda v: v >= 1, "an integer >= 1"),
     ("model", "stem_multiplier"): (lambda v: v >= 1, "an integer >= 1"),
     ("model", "stem_stride"): (lambda v: v in (1, 2), "1 or 2"),
+    ("model", "norm_groups"): (lambda v: v >= 1, "an integer >= 1 (GroupNorm's groups)"),
     ("search", "tau_max"): (lambda v: v >= TAU_FLOOR, f"a number >= {TAU_FLOOR:g} (lower overflows the softmax)"),
     ("search", "tau_min"): (lambda v: v >= TAU_FLOOR, f"a number >= {TAU_FLOOR:g} (lower overflows the softmax)"),
     ("search", "anneal_fraction"): (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
@@ -516,6 +521,11 @@ def _validate(cfg: Config, algorithm: typing.Callable[[Config], Config]) -> Conf
             raise ConfigError(
                 f"model.reduction_layers: {bad} outside 0..{cfg.model.layers - 1}; "
                 "use layer indices smaller than model.layers")
+    m = cfg.model
+    if m.norm == "group" and (m.channels % m.norm_groups or m.stem_multiplier * m.channels % m.norm_groups):
+        raise ConfigError(
+            f"model.norm_groups: {m.norm_groups} groups do not divide model.channels ({m.channels}) and the stem's "
+            f"{m.stem_multiplier * m.channels} channels; use a divisor of both (e.g. 2)")
     check_betas("algorithm.inner_betas", cfg.algorithm.inner_betas)
     cfg = algorithm(cfg)
     _validate_run_name(cfg.output.name)

@@ -139,3 +139,25 @@ def test_an_explicit_batch_for_a_rule_without_a_batched_form_of_its_own_is_one_e
         refuse_unbatchable(4, [phase])
     refuse_unbatchable("auto", [phase])  # auto and 1 run such a phase one client after another
     refuse_unbatchable(1, [phase])
+
+
+@pytest.mark.mpi
+def test_a_group_norm_search_runs_batched_rank_invariantly_and_its_final_network_has_no_batch_statistics(
+        data_root: Path, tmp_path: Path) -> None:
+    # Prepare / Execute: `model.norm: group` under the shipped schedule, batched, on 1 and 2 ranks
+    runs = {np: launch(tiny_overrides(data_root, tmp_path, f"gn{np}") + SEARCH + ["model.norm=group"], np=np)
+            for np in (1, 2)}
+
+    # Assert: batched on every round, 1 rank == 2 ranks, group norms only (no running statistics anywhere),
+    # and the pruned network is evaluated and personalized like a batch-norm one
+    for run in runs.values():
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert "round 1: clients in batches of 2 (runtime.client_batch 2)" in runs[2].stderr
+    one, two = (_supernet(tmp_path / f"gn{np}") for np in (1, 2))
+    assert not [key for key in one if "running" in key or "batches_tracked" in key]
+    for key in one:
+        assert torch.equal(one[key], two[key]), key
+    with h5py.File(tmp_path / "gn2" / "trajectory.h5", "r") as f:
+        final = dict(f["final"].attrs)
+    assert 0.0 <= final["discrete_acc"] <= 1.0
+    assert 0.0 <= final["personal_before_mean"] <= 1.0 and 0.0 <= final["personal_after_mean"] <= 1.0

@@ -23,6 +23,7 @@ from fedmetanas.algorithms.batched import StackedUpdate, batched_form
 from fedmetanas.algorithms.common import Forward, LocalContext, LocalResult
 from fedmetanas.config import Config, SearchConfig, check_architecture_cells, to_dict
 from fedmetanas.search.discrete import CNN, DiscreteNet, FixedNet
+from fedmetanas.search.norms import apply_norm
 from fedmetanas.search.genotypes import DARTS_V2, Genotype, resolve_primitives
 from fedmetanas.search.relax import RelaxMode, entropy, prune_on_evidence
 from fedmetanas.search.supernet import ArchMasks, SuperNet, arch_from_genotype, derive_genotype, sample_arch
@@ -50,7 +51,7 @@ def build_supernet(cfg: Config, in_channels: int, num_classes: int) -> SuperNet:
         net = SuperNet(in_channels, num_classes, m.channels, m.layers, m.nodes, resolve_primitives(m.primitives),
                        m.stem_multiplier, m.reduction_layers, cfg.search.input_mode, cfg.search.alpha_init_std,
                        generator=torch_generator(cfg.federated.seed, Purpose.INIT, 1), stem_stride=m.stem_stride)
-    return net
+    return apply_norm(net, m.norm, m.norm_groups)
 
 
 def parse_architecture(text: str) -> Genotype | None:
@@ -69,9 +70,10 @@ def build_fixed(cfg: Config, genotype: Genotype | None, inputs: ModelInputs, cha
         torch.manual_seed(derive_seed(cfg.federated.seed, Purpose.INIT, 2))
         if genotype is None:
             return CNN(inputs.in_channels, inputs.num_classes, inputs.image_size)
-        return DiscreteNet.from_genotype(genotype, inputs.in_channels, inputs.num_classes, channels or m.channels,
-                                         layers or m.layers, m.stem_multiplier,
-                                         m.reduction_layers if not layers else None, m.stem_stride)
+        net = DiscreteNet.from_genotype(genotype, inputs.in_channels, inputs.num_classes, channels or m.channels,
+                                        layers or m.layers, m.stem_multiplier,
+                                        m.reduction_layers if not layers else None, m.stem_stride)
+    return apply_norm(net, m.norm, m.norm_groups)
 
 
 def check_fixed_net(section: str, cfg: Config) -> None:

@@ -411,6 +411,8 @@ class StackedSuperNet:
 
     def _bn_momentum(self) -> float:
         moms = {m.momentum for m in self.template.modules() if isinstance(m, nn.BatchNorm2d)}
+        if not moms:  # no BatchNorm (`model.norm: group`): no running statistics to move
+            return 0.0
         if len(moms) != 1 or None in moms:
             raise ValueError("stacked supernet: every BatchNorm needs the same fixed momentum")
         return float(moms.pop())
@@ -500,9 +502,11 @@ class StackedSuperNet:
         w = self.views[plan.classifier["weight"]][:, 0]  # (K, classes, C)
         bias = self.views[plan.classifier["bias"]][:, 0]  # (K, classes)
         with torch.no_grad():  # the statistics of the ops each client ran; the others' stay as they were
-            moved = torch.from_numpy(use.buffers.reshape(-1)[self._bcols.numpy()]).to(self.device, non_blocking=True)
-            scratch = torch.cat([t.view(-1) for t in self.bscratch_views])
-            self.bflat.copy_(torch.where(moved, scratch, self.bflat))
+            if self.bviews:  # none under `model.norm: group`
+                moved = torch.from_numpy(use.buffers.reshape(-1)[self._bcols.numpy()]).to(self.device,
+                                                                                          non_blocking=True)
+                scratch = torch.cat([t.view(-1) for t in self.bscratch_views])
+                self.bflat.copy_(torch.where(moved, scratch, self.bflat))
         return torch.baddbmm(bias.unsqueeze(1), pooled, w.transpose(1, 2))
 
     def _cell(self, cell: CellSlot, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -644,8 +648,8 @@ class Members:
             groups = k * g * mod.groups if g == e else k
             y = F.conv2d(x, w.reshape(-1, *w.shape[3:]), None, mod.stride, mod.padding, mod.dilation, groups)
             return y, e
-        if isinstance(mod, nn.BatchNorm2d):
-            return self.bn(mod, x, g, e, prefix), g
+        if isinstance(mod, (nn.BatchNorm2d, nn.GroupNorm)):
+            return self.norm(mod, x, g, e, prefix), g
         if isinstance(mod, nn.MaxPool2d):
             return F.max_pool2d(x, mod.kernel_size, mod.stride, mod.padding), g
         if isinstance(mod, nn.AvgPool2d):
@@ -658,8 +662,22 @@ class Members:
             c, _ = self.run(mod.conv2, shifted, g, e, f"{prefix}conv2.")
             bsz, _, hh, ww = a.shape
             y = torch.cat([a.view(bsz, k * e, -1, hh, ww), c.view(bsz, k * e, -1, hh, ww)], 2).view(bsz, -1, hh, ww)
-            return self.bn(mod.bn, y, e, e, f"{prefix}bn."), e
+            return self.norm(mod.bn, y, e, e, f"{prefix}bn."), e
         raise TypeError(f"stacked supernet: no stacked form of {type(mod).__name__}")
+
+    def norm(self, mod: nn.BatchNorm2d | nn.GroupNorm, x: torch.Tensor, g: int, e: int, prefix: str) -> torch.Tensor:
+        """`mod`, a BatchNorm or a GroupNorm (`model.norm`), on every client and member."""
+        if isinstance(mod, nn.BatchNorm2d):
+            return self.bn(mod, x, g, e, prefix)
+        weight = bias = None
+        if mod.affine:
+            if g != e:
+                raise ValueError("stacked supernet: an affine norm shared across edges")
+            weight = self.params[f"{prefix}weight"].reshape(-1)
+            bias = self.params[f"{prefix}bias"].reshape(-1)
+        # Channels are laid out client, member, channel, so the K*g*G groups never mix two clients or
+        # members: each sample of each (client, member) is normalized over its own groups, as sequentially.
+        return F.group_norm(x, self.k * g * mod.num_groups, weight, bias, mod.eps)
 
     def bn(self, mod: nn.BatchNorm2d, x: torch.Tensor, g: int, e: int, prefix: str) -> torch.Tensor:
         """Training-mode BN per channel (per client, member and channel); the running statistics of each
