@@ -12,6 +12,8 @@ Per setting, in this order, each run on `--np` ranks:
    winner, hard sampling from 25% of the rounds, to the shipped 30 local meta-steps; `group_norm` is the
    shipped default with GroupNorm in place of BatchNorm (`model.norm: group`); `server_lr` the shipped
    default with the server's step 1.5x the averaged update (FedAvgM with mu 0 and `server_lr` 1.5).
+   The cost per round is the mean over the variant's finished runs in `--out` (this invocation's and
+   earlier ones'), an estimate only before the first.
 2. With `--fedavg`: FedAvg on DARTS_V2 with the first variant's measured training seconds as its budget
    (equal time; evaluation excluded on both sides) and as many rounds as fit at its own cost per round.
 
@@ -27,6 +29,8 @@ import argparse
 import json
 import math
 from pathlib import Path
+
+import h5py
 
 import compare
 from compare import GRID, LABELS, Run, _pct, run_method
@@ -56,6 +60,31 @@ def fednas_seconds(key: str, grid_runs: Path) -> tuple[float, float, str]:
     return seconds, acc, "recorded 2026-11-30"
 
 
+def measured_round_s(out: Path, name: str, method: str) -> list[float]:
+    """Training seconds per round of run `name`'s finished runs already in `out` (any setting), so that a
+    later invocation fits its first setting's rounds to measured costs as the first one did to estimates."""
+    costs = []
+    for path in sorted(out.glob(f"when_*_{name}")):
+        if (path / "trajectory.h5").is_file():
+            with h5py.File(path / "trajectory.h5", "r") as f:
+                finished = "final" in f
+            if finished:
+                run = Run.load(method, path, math.nan)
+                costs.append(run.total_s / run.rounds)
+    return costs
+
+
+def personalization(run: Run) -> dict[str, float]:
+    """The run's personalized mean and worst 10% (%), and the most a client lost to it (points; <= 0: none)."""
+    with h5py.File(run.path / "trajectory.h5", "r") as f:
+        if "personalization" not in f:
+            return {}
+        before, after = f["personalization/acc_before"][()], f["personalization/acc_after"][()]
+    return {"personal_mean": 100 * float(run.final["personal_after_mean"]),
+            "personal_worst10": 100 * float(run.final["personal_after_worst10"]),
+            "largest_drop": 100 * float((before - after).max())}
+
+
 def fitted(budget: float, per_round: list[float], method: str, cap: int) -> int:
     """Rounds whose schedule ends inside `budget` at the method's measured (else estimated) cost per round."""
     cost = sum(per_round) / len(per_round) if per_round else START_ROUND_S[method]
@@ -81,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     meta_cap = load_config(REPO / "configs" / "default.yaml").federated.rounds
     avg_cap = 10_000  # FedAvg's rounds are set by its time alone
-    per_round: dict[str, list[float]] = {name: [] for name in [*VARIANTS, "fedavg"]}
+    per_round = {name: measured_round_s(args.out, name, "fedavg" if name == "fedavg" else "fedmetanas")
+                 for name in [*VARIANTS, "fedavg"]}
     rows = []
     for label, key, over in (g for g in GRID if g[1] in args.settings):
         root = args.mnist_root if "data.name=mnist" in over else args.data_root
@@ -90,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
         budget = 0.5 * nas_s
         row = {"setting": label, "key": key, "fednas_s": nas_s, "fednas_acc": nas_acc, "fednas_from": source,
                "budget_s": budget}
+        if (args.grid_runs / f"grid_{key}_fednas" / "trajectory.h5").is_file():
+            row["fednas_personal"] = personalization(Run.load("fednas", args.grid_runs / f"grid_{key}_fednas",
+                                                              math.nan))
         first: Run | None = None
         for name in args.variants:
             rounds = fitted(budget, per_round[name], "fedmetanas", meta_cap)
@@ -98,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
                                                       f"federated.time_budget_s={budget:.1f}"])
             per_round[name].append(run.total_s / run.rounds)
             row[name] = {"acc": 100 * float(run.final["discrete_acc"]), "s": run.total_s, "rounds": run.rounds,
-                         "stopped_by": str(run.final.get("stopped_by", "rounds"))}
+                         "stopped_by": str(run.final.get("stopped_by", "rounds")), **personalization(run)}
             first = first or run
         if args.fedavg and first is not None:
             rounds = fitted(first.total_s, per_round["fedavg"], "fedavg", avg_cap)
