@@ -136,15 +136,20 @@ class Run:
 REUSE = False  # --reuse: read finished runs' logs instead of running them again
 
 
+def finished(run_dir: Path) -> bool:
+    """Whether `run_dir` holds the log of a run that ended (its /final group is written last)."""
+    if not (run_dir / "trajectory.h5").is_file():
+        return False
+    with h5py.File(run_dir / "trajectory.h5", "r") as f:
+        return "final" in f
+
+
 def run_method(method: str, name: str, out: Path, np_: int, extra: list[str]) -> Run:
     sidecar = out / name / "compare_wall.json"
-    if REUSE and (out / name / "trajectory.h5").is_file():
-        with h5py.File(out / name / "trajectory.h5", "r") as f:
-            finished = "final" in f
-        if finished:
-            wall = json.loads(sidecar.read_text())["wall_s"] if sidecar.is_file() else math.nan
-            print(f"  {name}: reused", flush=True)
-            return Run.load(method, out / name, wall)
+    if REUSE and finished(out / name):
+        wall = json.loads(sidecar.read_text())["wall_s"] if sidecar.is_file() else math.nan
+        print(f"  {name}: reused", flush=True)
+        return Run.load(method, out / name, wall)
     args = ["--config", str(REPO / "configs" / CONFIGS[method]), f"output.dir={out}", f"output.name={name}",
             "--overwrite", "checkpoint.every=0", *METHOD_OVERRIDES.get(method, []), *extra]
     t = time.perf_counter()
@@ -294,12 +299,9 @@ def grid_candidate(key: str, over: list[str], out: Path, np_: int, base: list[st
     rounds = load_config(REPO / "configs" / CONFIGS["fedmetanas"]).federated.rounds
     if not round_s:  # the candidate's own per-round cost from its finished runs on other settings, if any
         for path in sorted(out.glob(f"gridcand{index}_*")):
-            if path.name != f"gridcand{index}_{key}" and (path / "trajectory.h5").is_file():
-                with h5py.File(path / "trajectory.h5", "r") as f:
-                    finished = "final" in f
-                if finished:
-                    done = Run.load("fedmetanas", path, math.nan)
-                    round_s.append(done.total_s / done.rounds)
+            if path.name != f"gridcand{index}_{key}" and finished(path):
+                done = Run.load("fedmetanas", path, math.nan)
+                round_s.append(done.total_s / done.rounds)
     per_round = (sum(round_s) / len(round_s)) if round_s else default.total_s / default.rounds
     fit = int(0.95 * budget / per_round)
     meta_over = [f"federated.time_budget_s={budget:.1f}"] + ([f"federated.rounds={max(2, fit)}"] if fit < rounds else [])

@@ -33,7 +33,7 @@ from pathlib import Path
 import h5py
 
 import compare
-from compare import GRID, LABELS, Run, _pct, run_method
+from compare import GRID, LABELS, Run, _pct, finished, run_method
 from fedmetanas.configure import load_config
 from fedmetanas.launcher import REPO
 
@@ -63,15 +63,8 @@ def fednas_seconds(key: str, grid_runs: Path) -> tuple[float, float, str]:
 def measured_round_s(out: Path, name: str, method: str) -> list[float]:
     """Training seconds per round of run `name`'s finished runs already in `out` (any setting), so that a
     later invocation fits its first setting's rounds to measured costs as the first one did to estimates."""
-    costs = []
-    for path in sorted(out.glob(f"when_*_{name}")):
-        if (path / "trajectory.h5").is_file():
-            with h5py.File(path / "trajectory.h5", "r") as f:
-                finished = "final" in f
-            if finished:
-                run = Run.load(method, path, math.nan)
-                costs.append(run.total_s / run.rounds)
-    return costs
+    runs = [Run.load(method, path, math.nan) for path in sorted(out.glob(f"when_*_{name}")) if finished(path)]
+    return [run.total_s / run.rounds for run in runs]
 
 
 def personalization(run: Run) -> dict[str, float]:

@@ -6,7 +6,7 @@ statistics of those classes only, and the averaged running statistics describe n
 (Hsieh et al., ICML 2020, "The Non-IID Data Quagmire", replace BN with GroupNorm for this reason).
 GroupNorm (Wu & He, 2018) normalizes each sample over groups of channels: no batch statistics, no running
 buffers, the same computation in training and evaluation, on every client. What it costs is measured on
-the grid (docs/results.md, "Group norm under skew"); BatchNorm stays the default.
+the grid (docs/results.md, "Against today's FedNAS"); BatchNorm stays the default.
 
 The networks are built with BatchNorm and converted here, module for module: a GroupNorm keeps the
 BatchNorm's channel count and `affine` (DARTS's affine-free norm in the search cell, affine in the stem and
