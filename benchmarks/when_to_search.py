@@ -11,15 +11,17 @@ Per setting, in this order, each run on `--np` ranks:
    `compare.py --parts grid` does. `shipped` is `configs/default.yaml`; `combined` adds the other grid
    winner, hard sampling from 25% of the rounds, to the shipped 30 local meta-steps; `group_norm` is the
    shipped default with GroupNorm in place of BatchNorm (`model.norm: group`); `server_lr` the shipped
-   default with the server's step 1.5x the averaged update (FedAvgM with mu 0 and `server_lr` 1.5).
+   default with the server's step 1.5x the averaged update (FedAvgM with mu 0 and `server_lr` 1.5);
+   `steps10*` / `steps15_hard25` take fewer local meta-steps (cheaper rounds, more of them: their first
+   estimate and their cap on the rounds scale with the steps); `*warmup_soft` train the weights alone first.
    The cost per round is the mean over the variant's finished runs in `--out` (this invocation's and
    earlier ones'), an estimate only before the first.
 2. With `--fedavg`: FedAvg on DARTS_V2 with the first variant's measured training seconds as its budget
    (equal time; evaluation excluded on both sides) and as many rounds as fit at its own cost per round.
 
 FedNAS's training time per setting is read from its grid run in `--grid-runs` when that is there, else the
-figure `compare.py --parts grid` measured on 2026-11-30 on this machine (docs/results.md, the grid tables):
-FedNAS itself is not rerun (two thirds of the grid's time). Every other number is measured by this run,
+figure its rerun with the code of 2026-12-05 measured on this machine (docs/results.md, "Against today's
+FedNAS"): FedNAS itself is not rerun (two thirds of the grid's time). Every other number is measured by this run,
 under the same conditions for every method. Prints a Markdown table; `--json` keeps the numbers.
 """
 
@@ -37,13 +39,24 @@ from compare import GRID, LABELS, Run, _pct, finished, run_method
 from fedmetanas.configure import load_config
 from fedmetanas.launcher import REPO
 
-# FedNAS's training seconds (evaluation excluded) and final accuracy per grid setting, as
-# `compare.py --parts grid` measured them on 2026-11-30 (mpirun -np 2, this 2-core machine).
-RECORDED_FEDNAS = {"fmnist_a0.1": (656.0, 75.67), "fmnist_a0.5": (703.0, 80.20), "mnist_a0.1": (380.0, 86.80),
-                   "fmnist_iid": (616.0, 84.61), "fmnist_a1.0": (763.0, 82.75), "mnist_a0.5": (722.0, 96.78)}
+# FedNAS's training seconds (evaluation excluded) and final accuracy per grid setting, from its rerun with
+# the code of 2026-12-05 (`compare.run_method("fednas", ...)`, configs/fednas.yaml, mpirun -np 2, this 2-core
+# machine; docs/results.md, "Against today's FedNAS"). Its accuracies are the 2026-11-30 grid's to the digit.
+RECORDED_FEDNAS = {"fmnist_a0.1": (600.0, 75.67), "fmnist_a0.5": (594.0, 80.20), "mnist_a0.1": (345.0, 86.80),
+                   "fmnist_iid": (535.0, 84.61), "fmnist_a1.0": (675.0, 82.75), "mnist_a0.5": (529.0, 96.78)}
 VARIANTS = {"shipped": [], "combined": ["search.hard_after_fraction=0.25"], "group_norm": ["model.norm=group"],
             "server_lr": ["federated.server_optimizer=momentum", "federated.server_momentum=0",
-                          "federated.server_lr=1.5"]}
+                          "federated.server_lr=1.5"],
+            # Cheaper rounds, more of them, under the same budget: FedAvg's 10 local steps (less drift on
+            # clients of one or two classes), alone and with the combined variant's early hard sampling.
+            "steps10": ["algorithm.local_steps=10"],
+            "steps10_hard25": ["algorithm.local_steps=10", "search.hard_after_fraction=0.25"],
+            "steps15_hard25": ["algorithm.local_steps=15", "search.hard_after_fraction=0.25"],
+            # The convolutions learn before the ops are compared: the first 15% of the rounds train the
+            # weights only, under the soft relaxation (every op, uniform logits), then annealing and pruning.
+            "warmup_soft": ["search.warmup_fraction=0.15", "search.warmup_gumbel=soft"],
+            "steps10_warmup_soft": ["algorithm.local_steps=10", "search.warmup_fraction=0.15",
+                                    "search.warmup_gumbel=soft"]}
 # Starting estimates of the training seconds per round (np 2, this machine), replaced by each method's own
 # measurement once one of its runs has finished: the shipped default's grid runs (12.1-13.0 s) and FedAvg's
 # on DARTS_V2 (1.6-1.9 s).
@@ -57,7 +70,7 @@ def fednas_seconds(key: str, grid_runs: Path) -> tuple[float, float, str]:
         run = Run.load("fednas", path, math.nan)
         return run.total_s, 100 * float(run.final["discrete_acc"]), str(path)
     seconds, acc = RECORDED_FEDNAS[key]
-    return seconds, acc, "recorded 2026-11-30"
+    return seconds, acc, "recorded 2026-12-05"
 
 
 def measured_round_s(out: Path, name: str, method: str) -> list[float]:
@@ -78,10 +91,19 @@ def personalization(run: Run) -> dict[str, float]:
             "largest_drop": 100 * float((before - after).max())}
 
 
-def fitted(budget: float, per_round: list[float], method: str, cap: int) -> int:
+def steps_factor(method: str, overrides: list[str]) -> float:
+    """A FedMetaNAS variant's local meta-steps per round against the shipped 30: nearly all of a round's
+    cost is its local steps, so its starting cost estimate scales by this, and its cap on the rounds by the
+    inverse (the same local work as the shipped default's cap)."""
+    steps = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("algorithm.local_steps=")]
+    return steps[-1] / 30 if steps and method == "fedmetanas" else 1.0
+
+
+def fitted(budget: float, per_round: list[float], method: str, cap: int, overrides: list[str] = ()) -> int:
     """Rounds whose schedule ends inside `budget` at the method's measured (else estimated) cost per round."""
-    cost = sum(per_round) / len(per_round) if per_round else START_ROUND_S[method]
-    return max(2, min(cap, int(0.95 * budget / cost)))
+    factor = steps_factor(method, list(overrides))
+    cost = sum(per_round) / len(per_round) if per_round else START_ROUND_S[method] * factor
+    return max(2, min(int(cap / factor), int(0.95 * budget / cost)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                                                               math.nan))
         first: Run | None = None
         for name in args.variants:
-            rounds = fitted(budget, per_round[name], "fedmetanas", meta_cap)
+            rounds = fitted(budget, per_round[name], "fedmetanas", meta_cap, VARIANTS[name])
             run = run_method("fedmetanas", f"when_{key}_{name}", args.out, args.np,
                              base + VARIANTS[name] + [f"federated.rounds={rounds}",
                                                       f"federated.time_budget_s={budget:.1f}"])

@@ -23,7 +23,7 @@ from fedmetanas.algorithms.batched import StackedUpdate, draw_stacked, in_equal_
 from fedmetanas.algorithms.common import LocalContext, LocalResult, clip_weight_grads, draw_batch
 from fedmetanas.algorithms.flat_optim import MaskedAdam, MaskedSGD
 from fedmetanas.algorithms.fedavg import FedAvgConfig, fedavg_batches, fedavg_phase
-from fedmetanas.algorithms.phases import SearchPhase
+from fedmetanas.algorithms.phases import SearchPhase, check_norm_groups
 from fedmetanas.capture import op_runner
 from fedmetanas.config import AT_LEAST_1, NON_NEGATIVE, Config, ConfigError, Range, check_betas
 from fedmetanas.search.genotypes import cell_kinds
@@ -195,6 +195,7 @@ class FedNAS(Algorithm):
                 f"fedavg.layers: the retrained network ({layers} layers) needs a {missing[0]} cell, which the "
                 f"searched network (model.layers: {m.layers}) does not have; search with more model.layers or "
                 "retrain with fewer fedavg.layers")
+        check_norm_groups("fedavg.channels", f.channels, cfg)
 
     def batch_sizes(self) -> list[tuple[str, int, int]]:
         """MiLeNAS draws its train and validation batches from halves of a client's split."""

@@ -19,6 +19,8 @@ from typing import Literal
 
 from torch import nn
 
+from fedmetanas.search.tensor_lists import TensorListsModule
+
 NormKind = Literal["batch", "group"]
 
 
@@ -33,9 +35,8 @@ def to_group_norm(net: nn.Module, groups: int) -> nn.Module:
                     where = f"{name}.{child_name}" if name else child_name
                     raise ValueError(f"group norm: {groups} groups do not divide the {c} channels of {where}")
                 setattr(mod, child_name, nn.GroupNorm(groups, c, eps=child.eps, affine=child.affine))
-        # Lists of tensors cached from the old modules (`TensorListsModule`, the stacked plan) are stale now.
-        mod.__dict__.pop("_lists", None)
-        mod.__dict__.pop("_stack_plan", None)
+        if isinstance(mod, TensorListsModule):  # its lists and plan name the old modules' tensors
+            mod.structure_changed()
     return net
 
 

@@ -185,10 +185,7 @@ def build_plan(model: SuperNet) -> StackPlan:
 
 def plan_of(model: SuperNet) -> StackPlan:
     """The template's plan, built on first use and kept (it holds names and offsets, no tensors)."""
-    plan = model.__dict__.get("_stack_plan")
-    if plan is None:
-        plan = model.__dict__["_stack_plan"] = build_plan(model)
-    return plan
+    return model.derived("stack_plan", lambda: build_plan(model))
 
 
 # ------------------------------------------------------------------------------------------------

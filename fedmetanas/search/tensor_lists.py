@@ -2,13 +2,19 @@
 shared by the supernet and the fixed-architecture networks.
 
 Walking hundreds of submodules costs more than a small step on a CPU (measured: ~40% of a local
-update), so the flat lists are built once and rebuilt after `.to()` / `_apply`.
+update), so the flat lists are built once and rebuilt after `.to()` / `_apply`. Other values derived from
+the module's structure (the stacked step's plan) are kept with `derived` and forgotten, with the lists, by
+`structure_changed`, which whoever swaps submodules in place calls (`search.norms`).
 """
 
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import torch
 from torch import nn
+
+T = TypeVar("T")
 
 
 class TensorListsModule(nn.Module):
@@ -28,6 +34,19 @@ class TensorListsModule(nn.Module):
                      "params": [p for _, p in named], "buffers": list(self.buffers())}
             self.__dict__["_lists"] = cache
         return cache
+
+    def derived(self, key: str, build: Callable[[], T]) -> T:
+        """A value derived from the module's structure (submodules, parameter names and shapes, no tensors),
+        built by `build()` on first use and kept until `structure_changed`; it survives `.to()`."""
+        cache = self.__dict__.setdefault("_derived", {})
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
+
+    def structure_changed(self) -> None:
+        """Forget the tensor lists and every `derived` value: call after replacing submodules in place."""
+        self.__dict__.pop("_lists", None)
+        self.__dict__.pop("_derived", None)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
         self.__dict__.pop("_lists", None)

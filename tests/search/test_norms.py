@@ -97,3 +97,31 @@ def test_a_group_count_that_does_not_divide_the_channels_is_a_config_error() -> 
     with pytest.raises(ConfigError, match=r"model\.norm"):
         load_config(None, ["model.norm=layer"])
     assert load_config(None, ["model.norm=group"]).model.norm == "group"
+
+
+@pytest.mark.parametrize("algorithm,section", [("fedavg", "fedavg"), ("perfedavg", "perfedavg"),
+                                               ("fednas", "fedavg")])
+def test_a_fixed_nets_own_channels_must_split_into_the_groups_too(algorithm: str, section: str) -> None:
+    # 8 model channels split into 4 groups; a fixed net of 6 channels does not
+    base = [f"algorithm.name={algorithm}", "model.norm=group", "model.norm_groups=4"]
+    with pytest.raises(ConfigError, match=rf"{section}\.channels: 6 channels .* model\.norm_groups \(4\)"):
+        load_config(None, [*base, f"{section}.channels=6"])
+    assert load_config(None, [*base, f"{section}.channels=12"]).model.norm_groups == 4
+    assert load_config(None, [f"algorithm.name={algorithm}", f"{section}.channels=6"])  # batch norm: any count
+
+
+def test_conversion_refreshes_what_was_derived_from_the_old_modules() -> None:
+    # Prepare: the tensor lists and the stacked step's plan, built from the BatchNorm network
+    from fedmetanas.search.stacked import plan_of
+
+    net = _supernet()
+    buffers_before, plan_before = len(net.buffer_list()), plan_of(net)
+
+    # Execute
+    apply_norm(net, "group", 2)
+
+    # Assert: both rebuilt from the GroupNorm modules (no running statistics listed), kept once rebuilt
+    assert buffers_before and net.buffer_list() == list(net.buffers())
+    assert not any("running" in n for n, _ in net.named_buffers())
+    assert plan_of(net) is not plan_before and plan_of(net) is plan_of(net)
+    assert plan_of(net).buffer_members == 0 < plan_before.buffer_members
