@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import Sequence
 
 import h5py
 
@@ -53,7 +54,8 @@ VARIANTS = {"shipped": [], "combined": ["search.hard_after_fraction=0.25"], "gro
             "steps10_hard25": ["algorithm.local_steps=10", "search.hard_after_fraction=0.25"],
             "steps15_hard25": ["algorithm.local_steps=15", "search.hard_after_fraction=0.25"],
             # The convolutions learn before the ops are compared: the first 15% of the rounds train the
-            # weights only, under the soft relaxation (every op, uniform logits), then annealing and pruning.
+            # weights only, under the shipped sparse soft relaxation of frozen logits (two random ops per
+            # edge), then annealing and pruning.
             "warmup_soft": ["search.warmup_fraction=0.15", "search.warmup_gumbel=soft"],
             "steps10_warmup_soft": ["algorithm.local_steps=10", "search.warmup_fraction=0.15",
                                     "search.warmup_gumbel=soft"]}
@@ -91,7 +93,7 @@ def personalization(run: Run) -> dict[str, float]:
             "largest_drop": 100 * float((before - after).max())}
 
 
-def steps_factor(method: str, overrides: list[str]) -> float:
+def steps_factor(method: str, overrides: Sequence[str]) -> float:
     """A FedMetaNAS variant's local meta-steps per round against the shipped 30: nearly all of a round's
     cost is its local steps, so its starting cost estimate scales by this, and its cap on the rounds by the
     inverse (the same local work as the shipped default's cap)."""
@@ -99,9 +101,9 @@ def steps_factor(method: str, overrides: list[str]) -> float:
     return steps[-1] / 30 if steps and method == "fedmetanas" else 1.0
 
 
-def fitted(budget: float, per_round: list[float], method: str, cap: int, overrides: list[str] = ()) -> int:
+def fitted(budget: float, per_round: list[float], method: str, cap: int, overrides: Sequence[str] = ()) -> int:
     """Rounds whose schedule ends inside `budget` at the method's measured (else estimated) cost per round."""
-    factor = steps_factor(method, list(overrides))
+    factor = steps_factor(method, overrides)
     cost = sum(per_round) / len(per_round) if per_round else START_ROUND_S[method] * factor
     return max(2, min(int(cap / factor), int(0.95 * budget / cost)))
 

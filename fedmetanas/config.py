@@ -522,7 +522,7 @@ def _validate(cfg: Config, algorithm: typing.Callable[[Config], Config]) -> Conf
                 f"model.reduction_layers: {bad} outside 0..{cfg.model.layers - 1}; "
                 "use layer indices smaller than model.layers")
     m = cfg.model
-    if m.norm == "group" and (m.channels % m.norm_groups or m.stem_multiplier * m.channels % m.norm_groups):
+    if not norm_groups_fit(m.channels, m):
         raise ConfigError(
             f"model.norm_groups: {m.norm_groups} groups do not divide model.channels ({m.channels}) and the stem's "
             f"{m.stem_multiplier * m.channels} channels; use a divisor of both (e.g. 2)")
@@ -575,6 +575,23 @@ def check_architecture(where: str, arch: str) -> None:
         validate_genotype(genotype, OPS)
     except ValueError as err:
         raise ConfigError(f"{where}: {err}; fix the genotype string (as in a run's genotype.txt)") from None
+
+
+def norm_groups_fit(channels: int, m: ModelConfig) -> bool:
+    """Whether a network of `channels` (and its stem's `stem_multiplier` times as many) splits into whole
+    `model.norm_groups` groups; always under BatchNorm. Later layers have multiples of these (reductions
+    double the channels), so these two decide."""
+    return m.norm != "group" or not (channels % m.norm_groups or m.stem_multiplier * channels % m.norm_groups)
+
+
+def check_norm_groups(field: str, channels: int, cfg: Config) -> None:
+    """Under `model.norm: group`, a fixed net's own `channels` (`field`; 0: model.channels, checked with the
+    model section) splits into `model.norm_groups` groups."""
+    m = cfg.model
+    if channels and not norm_groups_fit(channels, m):
+        raise ConfigError(
+            f"{field}: {channels} channels (stem: {m.stem_multiplier * channels}) do not split into model.norm_groups "
+            f"({m.norm_groups}) groups; use a multiple of {m.norm_groups} channels, or other model.norm_groups")
 
 
 def check_architecture_cells(where: str, arch: str, layers: int, reduction_layers: tuple[int, ...] | None,

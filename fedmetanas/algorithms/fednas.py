@@ -23,9 +23,9 @@ from fedmetanas.algorithms.batched import StackedUpdate, draw_stacked, in_equal_
 from fedmetanas.algorithms.common import LocalContext, LocalResult, clip_weight_grads, draw_batch
 from fedmetanas.algorithms.flat_optim import MaskedAdam, MaskedSGD
 from fedmetanas.algorithms.fedavg import FedAvgConfig, fedavg_batches, fedavg_phase
-from fedmetanas.algorithms.phases import SearchPhase, check_norm_groups
+from fedmetanas.algorithms.phases import SearchPhase
 from fedmetanas.capture import op_runner
-from fedmetanas.config import AT_LEAST_1, NON_NEGATIVE, Config, ConfigError, Range, check_betas
+from fedmetanas.config import AT_LEAST_1, NON_NEGATIVE, Config, ConfigError, Range, check_betas, check_norm_groups
 from fedmetanas.search.genotypes import cell_kinds
 from fedmetanas.search.relax import lr_factor
 from fedmetanas.search.stacked import StackedSuperNet

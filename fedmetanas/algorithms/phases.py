@@ -21,7 +21,7 @@ from torch import nn
 from fedmetanas.algorithms.base import Artifact, ModelInputs, Phase, PhaseOutcome, RoundPlan, Span
 from fedmetanas.algorithms.batched import StackedUpdate, batched_form
 from fedmetanas.algorithms.common import Forward, LocalContext, LocalResult
-from fedmetanas.config import Config, ConfigError, SearchConfig, check_architecture_cells, to_dict
+from fedmetanas.config import Config, SearchConfig, check_architecture_cells, check_norm_groups, to_dict
 from fedmetanas.search.discrete import CNN, DiscreteNet, FixedNet
 from fedmetanas.search.norms import apply_norm
 from fedmetanas.search.genotypes import DARTS_V2, Genotype, resolve_primitives
@@ -83,19 +83,6 @@ def check_fixed_net(section: str, cfg: Config) -> None:
     check_architecture_cells(f"{section}.architecture", net.architecture, net.layers or m.layers,
                              None if net.layers else m.reduction_layers, f"{section}.layers / model.layers")
     check_norm_groups(f"{section}.channels", net.channels, cfg)
-
-
-def check_norm_groups(field: str, channels: int, cfg: Config) -> None:
-    """Under `model.norm: group`, `model.norm_groups` divides a fixed net's own `channels` (0: model.channels,
-    checked with the model section) and its stem's: GroupNorm needs whole groups, and every later layer has
-    a multiple of them (reductions double the channels)."""
-    m = cfg.model
-    if m.norm != "group" or not channels:
-        return
-    if channels % m.norm_groups or m.stem_multiplier * channels % m.norm_groups:
-        raise ConfigError(
-            f"{field}: {channels} channels (stem: {m.stem_multiplier * channels}) do not split into model.norm_groups "
-            f"({m.norm_groups}) groups; use a multiple of {m.norm_groups} channels, or other model.norm_groups")
 
 
 NEVER = 1 << 30  # a round no search reaches: "this step of the schedule does not happen"
