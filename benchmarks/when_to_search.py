@@ -13,9 +13,11 @@ Per setting, in this order, each run on `--np` ranks:
    shipped default with GroupNorm in place of BatchNorm (`model.norm: group`); `server_lr` the shipped
    default with the server's step 1.5x the averaged update (FedAvgM with mu 0 and `server_lr` 1.5);
    `steps10*` / `steps15_hard25` take fewer local meta-steps (cheaper rounds, more of them: their first
-   estimate and their cap on the rounds scale with the steps); `*warmup_soft` train the weights alone first.
+   estimate and their cap on the rounds scale with their forward-backward passes); `*warmup_soft` train the
+   weights alone first; `*_slr` adds the server rate, `*_anneal60` slower annealing, `reptile*` Reptile.
    The cost per round is the mean over the variant's finished runs in `--out` (this invocation's and
-   earlier ones'), an estimate only before the first.
+   earlier ones'); before the first, the other variants' measured cost scaled by the passes (a machine
+   slower today is seen), an estimate only before any. `--extra federated.seed=1` makes a replicate.
 2. With `--fedavg`: FedAvg on DARTS_V2 with the first variant's measured training seconds as its budget
    (equal time; evaluation excluded on both sides) and as many rounds as fit at its own cost per round.
 
@@ -53,6 +55,20 @@ VARIANTS = {"shipped": [], "combined": ["search.hard_after_fraction=0.25"], "gro
             "steps10": ["algorithm.local_steps=10"],
             "steps10_hard25": ["algorithm.local_steps=10", "search.hard_after_fraction=0.25"],
             "steps15_hard25": ["algorithm.local_steps=15", "search.hard_after_fraction=0.25"],
+            # The cell decided later: temperature annealed over 60% of the rounds, not 30%, so the hard rounds
+            # from 25% on still sample every op and the convolutions train before the ops are compared.
+            "steps10_hard25_anneal60": ["algorithm.local_steps=10", "search.hard_after_fraction=0.25",
+                                        "search.anneal_fraction=0.6"],
+            # MetaNAS's meta update: Reptile, one task learner of 10 Adam steps a round (10 passes, no query
+            # pass: half the 10-step variant's), weights taken as adapted, logits moved 0.6 of the way.
+            "reptile10_hard25": ["algorithm.meta_update=reptile", "algorithm.local_steps=1",
+                                 "algorithm.inner_steps=10", "search.hard_after_fraction=0.25"],
+            "reptile20_hard25": ["algorithm.meta_update=reptile", "algorithm.local_steps=1",
+                                 "algorithm.inner_steps=20", "search.hard_after_fraction=0.25"],
+            # The three grid winners together: 10 steps, hard from 25%, and the server's rate 1.5.
+            "steps10_hard25_slr": ["algorithm.local_steps=10", "search.hard_after_fraction=0.25",
+                                   "federated.server_optimizer=momentum", "federated.server_momentum=0",
+                                   "federated.server_lr=1.5"],
             # The convolutions learn before the ops are compared: the first 15% of the rounds train the
             # weights only, under the shipped sparse soft relaxation of frozen logits (two random ops per
             # edge), then annealing and pruning.
@@ -94,17 +110,29 @@ def personalization(run: Run) -> dict[str, float]:
 
 
 def steps_factor(method: str, overrides: Sequence[str]) -> float:
-    """A FedMetaNAS variant's local meta-steps per round against the shipped 30: nearly all of a round's
-    cost is its local steps, so its starting cost estimate scales by this, and its cap on the rounds by the
-    inverse (the same local work as the shipped default's cap)."""
-    steps = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("algorithm.local_steps=")]
-    return steps[-1] / 30 if steps and method == "fedmetanas" else 1.0
+    """A FedMetaNAS variant's forward-backward passes per client and round against the shipped default's 60
+    (30 meta-steps of one support step and one query pass): nearly all of a round's cost is these passes,
+    so its starting cost estimate scales by this, and its cap on the rounds by the inverse (the same local
+    work as the shipped default's cap). Reptile takes no query pass."""
+    if method != "fedmetanas":
+        return 1.0
+    values = {"algorithm.local_steps": "30", "algorithm.inner_steps": "1", "algorithm.meta_update": "fomaml"}
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key in values:
+            values[key] = value
+    passes = int(values["algorithm.inner_steps"]) + (values["algorithm.meta_update"] == "fomaml")
+    return int(values["algorithm.local_steps"]) * passes / 60
 
 
-def fitted(budget: float, per_round: list[float], method: str, cap: int, overrides: Sequence[str] = ()) -> int:
-    """Rounds whose schedule ends inside `budget` at the method's measured (else estimated) cost per round."""
+def fitted(budget: float, per_round: list[float], method: str, cap: int, overrides: Sequence[str] = (),
+           unit_s: Sequence[float] = ()) -> int:
+    """Rounds whose schedule ends inside `budget` at the variant's measured cost per round; before it has one,
+    at the cost its passes give (`steps_factor`) at the shipped-equivalent seconds per round other variants
+    measured in this folder (`unit_s`: a slower or faster machine today), else at the recorded estimate."""
     factor = steps_factor(method, overrides)
-    cost = sum(per_round) / len(per_round) if per_round else START_ROUND_S[method] * factor
+    unit = sum(unit_s) / len(unit_s) if unit_s else START_ROUND_S[method]
+    cost = sum(per_round) / len(per_round) if per_round else unit * factor
     return max(2, min(int(cap / factor), int(0.95 * budget / cost)))
 
 
@@ -120,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mnist-root", default="data")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--reuse", action="store_true", help="read the logs of finished runs in --out instead of rerunning")
+    p.add_argument("--extra", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                   help="overrides for every run, e.g. federated.seed=1 for a replicate (FedNAS's time still sets the budget)")
     args = p.parse_args(argv)
     compare.REUSE = args.reuse
     # The runs start in the repository (the launcher's working folder): every path given here is absolute.
@@ -129,10 +159,12 @@ def main(argv: list[str] | None = None) -> None:
     avg_cap = 10_000  # FedAvg's rounds are set by its time alone
     per_round = {name: measured_round_s(args.out, name, "fedavg" if name == "fedavg" else "fedmetanas")
                  for name in [*VARIANTS, "fedavg"]}
+    # Every FedMetaNAS run measured here, as seconds per round of the shipped default's passes.
+    unit_s = [t / steps_factor("fedmetanas", VARIANTS[name]) for name in VARIANTS for t in per_round[name]]
     rows = []
     for label, key, over in (g for g in GRID if g[1] in args.settings):
         root = args.mnist_root if "data.name=mnist" in over else args.data_root
-        base = [f"data.root={root}", *over]
+        base = [f"data.root={root}", *over, *args.extra]
         nas_s, nas_acc, source = fednas_seconds(key, args.grid_runs)
         budget = 0.5 * nas_s
         row = {"setting": label, "key": key, "fednas_s": nas_s, "fednas_acc": nas_acc, "fednas_from": source,
@@ -142,11 +174,12 @@ def main(argv: list[str] | None = None) -> None:
                                                               math.nan))
         first: Run | None = None
         for name in args.variants:
-            rounds = fitted(budget, per_round[name], "fedmetanas", meta_cap, VARIANTS[name])
+            rounds = fitted(budget, per_round[name], "fedmetanas", meta_cap, VARIANTS[name], unit_s)
             run = run_method("fedmetanas", f"when_{key}_{name}", args.out, args.np,
                              base + VARIANTS[name] + [f"federated.rounds={rounds}",
                                                       f"federated.time_budget_s={budget:.1f}"])
             per_round[name].append(run.total_s / run.rounds)
+            unit_s.append(run.total_s / run.rounds / steps_factor("fedmetanas", VARIANTS[name]))
             row[name] = {"acc": 100 * float(run.final["discrete_acc"]), "s": run.total_s, "rounds": run.rounds,
                          "stopped_by": str(run.final.get("stopped_by", "rounds")), **personalization(run)}
             first = first or run
