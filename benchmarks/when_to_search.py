@@ -125,6 +125,12 @@ def steps_factor(method: str, overrides: Sequence[str]) -> float:
     return int(values["algorithm.local_steps"]) * passes / 60
 
 
+def shipped_equivalent_s(per_round: dict[str, list[float]]) -> list[float]:
+    """Every FedMetaNAS variant's measured seconds per round, as seconds per round of the shipped default's
+    passes (`steps_factor`): what a variant not yet measured would cost per pass on this machine today."""
+    return [t / steps_factor("fedmetanas", VARIANTS[name]) for name in VARIANTS for t in per_round[name]]
+
+
 def fitted(budget: float, per_round: list[float], method: str, cap: int, overrides: Sequence[str] = (),
            unit_s: Sequence[float] = ()) -> int:
     """Rounds whose schedule ends inside `budget` at the variant's measured cost per round; before it has one,
@@ -159,8 +165,6 @@ def main(argv: list[str] | None = None) -> None:
     avg_cap = 10_000  # FedAvg's rounds are set by its time alone
     per_round = {name: measured_round_s(args.out, name, "fedavg" if name == "fedavg" else "fedmetanas")
                  for name in [*VARIANTS, "fedavg"]}
-    # Every FedMetaNAS run measured here, as seconds per round of the shipped default's passes.
-    unit_s = [t / steps_factor("fedmetanas", VARIANTS[name]) for name in VARIANTS for t in per_round[name]]
     rows = []
     for label, key, over in (g for g in GRID if g[1] in args.settings):
         root = args.mnist_root if "data.name=mnist" in over else args.data_root
@@ -174,12 +178,12 @@ def main(argv: list[str] | None = None) -> None:
                                                               math.nan))
         first: Run | None = None
         for name in args.variants:
-            rounds = fitted(budget, per_round[name], "fedmetanas", meta_cap, VARIANTS[name], unit_s)
+            rounds = fitted(budget, per_round[name], "fedmetanas", meta_cap, VARIANTS[name],
+                            shipped_equivalent_s(per_round))
             run = run_method("fedmetanas", f"when_{key}_{name}", args.out, args.np,
                              base + VARIANTS[name] + [f"federated.rounds={rounds}",
                                                       f"federated.time_budget_s={budget:.1f}"])
             per_round[name].append(run.total_s / run.rounds)
-            unit_s.append(run.total_s / run.rounds / steps_factor("fedmetanas", VARIANTS[name]))
             row[name] = {"acc": 100 * float(run.final["discrete_acc"]), "s": run.total_s, "rounds": run.rounds,
                          "stopped_by": str(run.final.get("stopped_by", "rounds")), **personalization(run)}
             first = first or run
