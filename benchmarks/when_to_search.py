@@ -8,13 +8,16 @@ Per setting, in this order, each run on `--np` ranks:
 1. FedMetaNAS, each `--variant`, under the grid's budget of the setting (`federated.time_budget_s` = 0.5x
    the setting's FedNAS training time), its rounds fitted to the variant's own measured cost per round so
    that its schedule (cosine rate, temperature, the switch to hard sampling) ends inside the budget, as
-   `compare.py --parts grid` does. `shipped` is `configs/default.yaml`; `combined` adds the other grid
-   winner, hard sampling from 25% of the rounds, to the shipped 30 local meta-steps; `group_norm` is the
-   shipped default with GroupNorm in place of BatchNorm (`model.norm: group`); `server_lr` the shipped
-   default with the server's step 1.5x the averaged update (FedAvgM with mu 0 and `server_lr` 1.5);
-   `steps10*` / `steps15_hard25` take fewer local meta-steps (cheaper rounds, more of them: their first
-   estimate and their cap on the rounds scale with their forward-backward passes); `*warmup_soft` train the
-   weights alone first; `*_slr` adds the server rate, `*_anneal60` slower annealing, `reptile*` Reptile.
+   `compare.py --parts grid` does. `shipped` is `configs/default.yaml` (30 meta-steps, hard sampling from
+   half of the rounds); `steps30` is the same configuration pinned, and the variants measured against it
+   keep it pinned, so that a later change of the default does not change what they mean. (`steps10_hard25`,
+   10 meta-steps with hard sampling from 25%, was the default for part of 2026-12-06 and was undone:
+   docs/results.md.) `combined` is `steps30` with hard sampling from 25%; `group_norm` it with GroupNorm in
+   place of BatchNorm (`model.norm: group`); `server_lr` it with the server's step 1.5x the averaged update
+   (FedAvgM with mu 0 and `server_lr` 1.5); `steps5*` / `steps10*` / `steps15_hard25` take other numbers of
+   local meta-steps (their first estimate and their cap on the rounds scale with their forward-backward
+   passes); `*warmup_soft` train the weights alone first; `*_slr` adds the server rate,
+   `*_anneal60` slower annealing, `reptile*` Reptile.
    The cost per round is the mean over the variant's finished runs in `--out` (this invocation's and
    earlier ones'); before the first, the other variants' measured cost scaled by the passes (a machine
    slower today is seen), an estimate only before any. `--extra federated.seed=1` makes a replicate.
@@ -47,14 +50,20 @@ from fedmetanas.launcher import REPO
 # machine; docs/results.md, "Against today's FedNAS"). Its accuracies are the 2026-11-30 grid's to the digit.
 RECORDED_FEDNAS = {"fmnist_a0.1": (600.0, 75.67), "fmnist_a0.5": (594.0, 80.20), "mnist_a0.1": (345.0, 86.80),
                    "fmnist_iid": (535.0, 84.61), "fmnist_a1.0": (675.0, 82.75), "mnist_a0.5": (529.0, 96.78)}
-VARIANTS = {"shipped": [], "combined": ["search.hard_after_fraction=0.25"], "group_norm": ["model.norm=group"],
-            "server_lr": ["federated.server_optimizer=momentum", "federated.server_momentum=0",
+# The shipped default, pinned: 30 meta-steps a round, hard sampling from half of the rounds (32 rounds). The
+# variants measured against it keep it pinned, so that they stay what docs/results.md measured.
+STEPS30 = ["algorithm.local_steps=30", "search.hard_after_fraction=0.5"]
+VARIANTS = {"shipped": [], "steps30": STEPS30, "combined": STEPS30[:1], "group_norm": [*STEPS30, "model.norm=group"],
+            "server_lr": [*STEPS30, "federated.server_optimizer=momentum", "federated.server_momentum=0",
                           "federated.server_lr=1.5"],
             # Cheaper rounds, more of them, under the same budget: FedAvg's 10 local steps (less drift on
             # clients of one or two classes), alone and with the combined variant's early hard sampling.
-            "steps10": ["algorithm.local_steps=10"],
+            # `steps10_hard25` was the shipped default for part of 2026-12-06; undone off the grid (off_grid.py).
+            "steps10": ["algorithm.local_steps=10", "search.hard_after_fraction=0.5"],
             "steps10_hard25": ["algorithm.local_steps=10", "search.hard_after_fraction=0.25"],
             "steps15_hard25": ["algorithm.local_steps=15", "search.hard_after_fraction=0.25"],
+            # Cheaper still: 5 meta-steps a round (10 passes, half the shipped round's), twice the rounds.
+            "steps5_hard25": ["algorithm.local_steps=5", "search.hard_after_fraction=0.25"],
             # The cell decided later: temperature annealed over 60% of the rounds, not 30%, so the hard rounds
             # from 25% on still sample every op and the convolutions train before the ops are compared.
             "steps10_hard25_anneal60": ["algorithm.local_steps=10", "search.hard_after_fraction=0.25",
@@ -72,13 +81,13 @@ VARIANTS = {"shipped": [], "combined": ["search.hard_after_fraction=0.25"], "gro
             # The convolutions learn before the ops are compared: the first 15% of the rounds train the
             # weights only, under the shipped sparse soft relaxation of frozen logits (two random ops per
             # edge), then annealing and pruning.
-            "warmup_soft": ["search.warmup_fraction=0.15", "search.warmup_gumbel=soft"],
-            "steps10_warmup_soft": ["algorithm.local_steps=10", "search.warmup_fraction=0.15",
-                                    "search.warmup_gumbel=soft"]}
+            "warmup_soft": [*STEPS30, "search.warmup_fraction=0.15", "search.warmup_gumbel=soft"],
+            "steps10_warmup_soft": ["algorithm.local_steps=10", "search.hard_after_fraction=0.5",
+                                    "search.warmup_fraction=0.15", "search.warmup_gumbel=soft"]}
 # Starting estimates of the training seconds per round (np 2, this machine), replaced by each method's own
-# measurement once one of its runs has finished: the shipped default's grid runs (12.1-13.0 s) and FedAvg's
-# on DARTS_V2 (1.6-1.9 s).
-START_ROUND_S = {"fedmetanas": 12.6, "fedavg": 1.8}
+# measurement once one of its runs has finished: FedMetaNAS's per forward-backward pass of a client's round
+# (the 30-step default's grid runs: 12.1-13.0 s for 60 passes) and FedAvg's round on DARTS_V2 (1.6-1.9 s).
+START_ROUND_S = {"fedmetanas": 12.6 / 60, "fedavg": 1.8}
 
 
 def fednas_seconds(key: str, grid_runs: Path) -> tuple[float, float, str]:
@@ -109,37 +118,40 @@ def personalization(run: Run) -> dict[str, float]:
             "largest_drop": 100 * float((before - after).max())}
 
 
-def steps_factor(method: str, overrides: Sequence[str]) -> float:
-    """A FedMetaNAS variant's forward-backward passes per client and round against the shipped default's 60
-    (30 meta-steps of one support step and one query pass): nearly all of a round's cost is these passes,
-    so its starting cost estimate scales by this, and its cap on the rounds by the inverse (the same local
-    work as the shipped default's cap). Reptile takes no query pass."""
+def passes(method: str, overrides: Sequence[str]) -> int:
+    """A FedMetaNAS variant's forward-backward passes per client and round (meta-steps x (support steps + one
+    query pass), configs/default.yaml's unless overridden): nearly all of a round's cost is these passes, so
+    its starting cost estimate scales by them, and its cap on the rounds by their inverse (the same local
+    work as the shipped default's rounds). Reptile takes no query pass. Other methods: 1."""
     if method != "fedmetanas":
-        return 1.0
-    values = {"algorithm.local_steps": "30", "algorithm.inner_steps": "1", "algorithm.meta_update": "fomaml"}
+        return 1
+    a = load_config(REPO / "configs" / "default.yaml").algorithm
+    values = {"algorithm.local_steps": str(a.local_steps), "algorithm.inner_steps": str(a.inner_steps),
+              "algorithm.meta_update": a.meta_update}
     for o in overrides:
         key, _, value = o.partition("=")
         if key in values:
             values[key] = value
-    passes = int(values["algorithm.inner_steps"]) + (values["algorithm.meta_update"] == "fomaml")
-    return int(values["algorithm.local_steps"]) * passes / 60
+    return int(values["algorithm.local_steps"]) * (int(values["algorithm.inner_steps"])
+                                                   + (values["algorithm.meta_update"] == "fomaml"))
 
 
-def shipped_equivalent_s(per_round: dict[str, list[float]]) -> list[float]:
-    """Every FedMetaNAS variant's measured seconds per round, as seconds per round of the shipped default's
-    passes (`steps_factor`): what a variant not yet measured would cost per pass on this machine today."""
-    return [t / steps_factor("fedmetanas", VARIANTS[name]) for name in VARIANTS for t in per_round[name]]
+def per_pass_s(per_round: dict[str, list[float]]) -> list[float]:
+    """Every FedMetaNAS variant's measured seconds per round over its passes (`passes`): what a variant not yet
+    measured costs per pass on this machine today."""
+    return [t / passes("fedmetanas", VARIANTS[name]) for name in VARIANTS for t in per_round[name]]
 
 
 def fitted(budget: float, per_round: list[float], method: str, cap: int, overrides: Sequence[str] = (),
            unit_s: Sequence[float] = ()) -> int:
     """Rounds whose schedule ends inside `budget` at the variant's measured cost per round; before it has one,
-    at the cost its passes give (`steps_factor`) at the shipped-equivalent seconds per round other variants
-    measured in this folder (`unit_s`: a slower or faster machine today), else at the recorded estimate."""
-    factor = steps_factor(method, overrides)
+    at its passes (`passes`) times the seconds per pass other variants measured in this folder (`unit_s`: a
+    slower or faster machine today), else times the recorded estimate. At most `cap` rounds of the shipped
+    default's local work."""
+    n = passes(method, overrides)
     unit = sum(unit_s) / len(unit_s) if unit_s else START_ROUND_S[method]
-    cost = sum(per_round) / len(per_round) if per_round else unit * factor
-    return max(2, min(int(cap / factor), int(0.95 * budget / cost)))
+    cost = sum(per_round) / len(per_round) if per_round else unit * n
+    return max(2, min(int(cap * passes(method, ()) / n), int(0.95 * budget / cost)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,8 +190,7 @@ def main(argv: list[str] | None = None) -> None:
                                                               math.nan))
         first: Run | None = None
         for name in args.variants:
-            rounds = fitted(budget, per_round[name], "fedmetanas", meta_cap, VARIANTS[name],
-                            shipped_equivalent_s(per_round))
+            rounds = fitted(budget, per_round[name], "fedmetanas", meta_cap, VARIANTS[name], per_pass_s(per_round))
             run = run_method("fedmetanas", f"when_{key}_{name}", args.out, args.np,
                              base + VARIANTS[name] + [f"federated.rounds={rounds}",
                                                       f"federated.time_budget_s={budget:.1f}"])

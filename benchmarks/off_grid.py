@@ -1,0 +1,118 @@
+"""Do the defaults hold beyond the six grid settings they were chosen on? FedMetaNAS candidates side by side
+with FedAvg on DARTS_V2, on partition families the grid does not contain.
+
+Per setting, one after the other, each on `--np` ranks (this machine, nothing else should run):
+
+1. Each `--variants` candidate, pinned (not read from configs/default.yaml, so a name keeps its meaning):
+   `steps30` (30 meta-steps, hard sampling from half of the rounds, 32 rounds: the shipped default),
+   `steps10_hard25` (10 meta-steps, hard from 25%, 96 rounds: the default for part of 2026-12-06), and each of
+   the two changes between them alone, `steps10_hard50` and `steps30_hard25`. All do the same local work,
+   1,920 forward-backward passes per client, with no time budget; their measured training seconds are
+   printed beside them.
+2. Unless `--no-fedavg`: FedAvg on DARTS_V2 (configs/fedavg.yaml) under a time budget equal to the first
+   candidate's training seconds (evaluation excluded), its rounds fitted to its measured cost per round; and
+   how long FedAvg took to first reach that candidate's final accuracy on the evaluation subset.
+
+The settings are Fashion-MNIST and MNIST split by label shards (McMahan et al.: the training set sorted by
+label, cut into 20 shards, 2 per client: most clients hold two classes), and Fashion-MNIST at Dirichlet 0.05,
+stronger skew than the grid's 0.1. None took part in choosing a default.
+
+    .venv/bin/python benchmarks/off_grid.py --settings fmnist_shards2 [--variants steps10_hard25 steps30 ...] \
+        [--mnist-root <mnist>] [--out runs/off_grid] [--no-fedavg]
+
+Prints a Markdown table; `--json` keeps the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+import compare
+from compare import Run, _pct, run_method
+from fedmetanas.launcher import REPO
+from when_to_search import STEPS30, fitted, personalization
+
+SETTINGS = {"fmnist_shards2": ("Fashion-MNIST, 2 label shards per client",
+                               ["data.partition=shards", "data.shards_per_client=2"]),
+            "mnist_shards2": ("MNIST, 2 label shards per client",
+                              ["data.name=mnist", "data.partition=shards", "data.shards_per_client=2"]),
+            "fmnist_a0.05": ("Fashion-MNIST, Dirichlet 0.05", ["data.dirichlet_alpha=0.05"])}
+# Every candidate pinned, so a later change of configs/default.yaml does not change what a name means. The four
+# do the same local work, 1,920 forward-backward passes per client; they differ in the two changes between the
+# default to 2026-12-06 (`steps30`) and the 10-step default (`steps10_hard25`), each alone and both.
+STEPS10 = ["algorithm.local_steps=10", "federated.rounds=96"]
+VARIANTS = {"steps10_hard25": [*STEPS10, "search.hard_after_fraction=0.25"],
+            "steps30": [*STEPS30, "federated.rounds=32"],
+            "steps10_hard50": [*STEPS10, "search.hard_after_fraction=0.5"],
+            "steps30_hard25": ["algorithm.local_steps=30", "search.hard_after_fraction=0.25", "federated.rounds=32"]}
+FEDAVG_ROUND_S = 1.8  # first estimate of a FedAvg round on DARTS_V2 (np 2, this machine), before one is measured
+
+
+def row_of(run: Run) -> dict:
+    """The figures of one finished run: final accuracy (%), training seconds, rounds, personalization."""
+    return {"acc": 100 * float(run.final["discrete_acc"]), "s": run.total_s, "rounds": run.rounds,
+            "stopped_by": str(run.final.get("stopped_by", "rounds")), **personalization(run)}
+
+
+def _sec(s: float) -> str:
+    return f"{s:.0f}" if math.isfinite(s) else "never"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--settings", nargs="+", required=True, choices=sorted(SETTINGS))
+    p.add_argument("--variants", nargs="+", default=["steps10_hard25", "steps30"], choices=list(VARIANTS),
+                   help="FedMetaNAS candidates, run in this order; FedAvg's budget is the first one's time")
+    p.add_argument("--no-fedavg", dest="fedavg", action="store_false", help="leave FedAvg on DARTS_V2 out")
+    p.add_argument("--np", type=int, default=2)
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "off_grid")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--mnist-root", default="data")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--reuse", action="store_true", help="read the logs of finished runs in --out instead of rerunning")
+    args = p.parse_args(argv)
+    compare.REUSE = args.reuse
+    args.out = args.out.resolve()  # the runs start in the repository: every path given here is absolute
+    args.out.mkdir(parents=True, exist_ok=True)
+    first = args.variants[0]
+    rows, avg_round_s = [], []
+    for key in args.settings:
+        label, over = SETTINGS[key]
+        base = [f"data.root={args.mnist_root if 'data.name=mnist' in over else args.data_root}", *over]
+        row: dict = {"setting": label, "key": key}
+        runs = {name: run_method("fedmetanas", f"off_{key}_{name}", args.out, args.np, base + VARIANTS[name])
+                for name in args.variants}
+        row.update({name: row_of(run) for name, run in runs.items()})
+        if args.fedavg:
+            budget = runs[first].total_s
+            rounds = fitted(budget, avg_round_s, "fedavg", 10_000, unit_s=[FEDAVG_ROUND_S])
+            avg = run_method("fedavg", f"off_{key}_fedavg", args.out, args.np,
+                             base + [f"federated.rounds={rounds}", f"federated.time_budget_s={budget:.1f}"])
+            avg_round_s.append(avg.total_s / avg.rounds)
+            measured = runs[first].acc[np.isfinite(runs[first].acc)]  # the rounds that were evaluated
+            target = float(measured[-1]) if measured.size else math.nan
+            row["fedavg"] = {**row_of(avg), "s_to_first": avg.time_to(target)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| setting | method | final % (rounds, s) | personalized mean / worst 10% | most a client lost |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        for name in [*args.variants, "fedavg"]:
+            if name not in r:
+                continue
+            a = r[name]
+            what = (f"FedAvg DARTS_V2 at {first}'s time (reached its accuracy in {_sec(a['s_to_first'])} s)"
+                    if name == "fedavg" else name)
+            print(f"| {r['setting']} | {what} | {_pct(a['acc'] / 100)} ({a['rounds']}, {a['s']:.0f}) | "
+                  f"{a['personal_mean']:.1f} / {a['personal_worst10']:.1f} | {max(0.0, a['largest_drop']):.2f} |")
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
