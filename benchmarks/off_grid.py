@@ -18,7 +18,7 @@ label, cut into 20 shards, 2 per client: most clients hold two classes), and Fas
 stronger skew than the grid's 0.1. None took part in choosing a default.
 
     .venv/bin/python benchmarks/off_grid.py --settings fmnist_shards2 [--variants steps10_hard25 steps30 ...] \
-        [--mnist-root <mnist>] [--out runs/off_grid] [--no-fedavg]
+        [--mnist-root <mnist>] [--out runs/off_grid] [--no-fedavg] [--extra federated.seed=1]
 
 Prints a Markdown table; `--json` keeps the numbers.
 """
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-root", default="data")
     p.add_argument("--mnist-root", default="data")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--extra", nargs="*", default=[], help="overrides for every run, e.g. federated.seed=1 (a "
+                   "replicate: give it its own --out)")
     p.add_argument("--reuse", action="store_true", help="read the logs of finished runs in --out instead of rerunning")
     args = p.parse_args(argv)
     compare.REUSE = args.reuse
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, avg_round_s = [], []
     for key in args.settings:
         label, over = SETTINGS[key]
-        base = [f"data.root={args.mnist_root if 'data.name=mnist' in over else args.data_root}", *over]
+        base = [f"data.root={args.mnist_root if 'data.name=mnist' in over else args.data_root}", *over, *args.extra]
         row: dict = {"setting": label, "key": key}
         runs = {name: run_method("fedmetanas", f"off_{key}_{name}", args.out, args.np, base + VARIANTS[name])
                 for name in args.variants}
