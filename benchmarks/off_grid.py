@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 
 import compare
-from compare import Run, _pct, run_method
+from compare import _pct, _sec, run_method
 from fedmetanas.launcher import REPO
-from when_to_search import STEPS30, fitted, personalization
+from when_to_search import STEPS30, fitted, row_of
 
 SETTINGS = {"fmnist_shards2": ("Fashion-MNIST, 2 label shards per client",
                                ["data.partition=shards", "data.shards_per_client=2"]),
@@ -50,17 +50,6 @@ VARIANTS = {"steps10_hard25": [*STEPS10, "search.hard_after_fraction=0.25"],
             "steps30": [*STEPS30, "federated.rounds=32"],
             "steps10_hard50": [*STEPS10, "search.hard_after_fraction=0.5"],
             "steps30_hard25": ["algorithm.local_steps=30", "search.hard_after_fraction=0.25", "federated.rounds=32"]}
-FEDAVG_ROUND_S = 1.8  # first estimate of a FedAvg round on DARTS_V2 (np 2, this machine), before one is measured
-
-
-def row_of(run: Run) -> dict:
-    """The figures of one finished run: final accuracy (%), training seconds, rounds, personalization."""
-    return {"acc": 100 * float(run.final["discrete_acc"]), "s": run.total_s, "rounds": run.rounds,
-            "stopped_by": str(run.final.get("stopped_by", "rounds")), **personalization(run)}
-
-
-def _sec(s: float) -> str:
-    return f"{s:.0f}" if math.isfinite(s) else "never"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         row.update({name: row_of(run) for name, run in runs.items()})
         if args.fedavg:
             budget = runs[first].total_s
-            rounds = fitted(budget, avg_round_s, "fedavg", 10_000, unit_s=[FEDAVG_ROUND_S])
+            rounds = fitted(budget, avg_round_s, "fedavg", 10_000)
             avg = run_method("fedavg", f"off_{key}_fedavg", args.out, args.np,
                              base + [f"federated.rounds={rounds}", f"federated.time_budget_s={budget:.1f}"])
             avg_round_s.append(avg.total_s / avg.rounds)

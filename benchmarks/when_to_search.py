@@ -33,6 +33,7 @@ under the same conditions for every method. Prints a Markdown table; `--json` ke
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 from pathlib import Path
@@ -42,6 +43,7 @@ import h5py
 
 import compare
 from compare import GRID, LABELS, Run, _pct, finished, run_method
+from fedmetanas.config import AlgorithmConfig
 from fedmetanas.configure import load_config
 from fedmetanas.launcher import REPO
 
@@ -118,6 +120,19 @@ def personalization(run: Run) -> dict[str, float]:
             "largest_drop": 100 * float((before - after).max())}
 
 
+@functools.cache
+def _default_algorithm() -> AlgorithmConfig:
+    """configs/default.yaml's algorithm section, read once: `passes` asks for it for every fitted run."""
+    return load_config(REPO / "configs" / "default.yaml").algorithm
+
+
+def row_of(run: Run) -> dict:
+    """The figures of one finished FedMetaNAS run: final accuracy (%), training seconds, rounds, what stopped
+    it, personalization."""
+    return {"acc": 100 * float(run.final["discrete_acc"]), "s": run.total_s, "rounds": run.rounds,
+            "stopped_by": str(run.final.get("stopped_by", "rounds")), **personalization(run)}
+
+
 def passes(method: str, overrides: Sequence[str]) -> int:
     """A FedMetaNAS variant's forward-backward passes per client and round (meta-steps x (support steps + one
     query pass), configs/default.yaml's unless overridden): nearly all of a round's cost is these passes, so
@@ -125,7 +140,7 @@ def passes(method: str, overrides: Sequence[str]) -> int:
     work as the shipped default's rounds). Reptile takes no query pass. Other methods: 1."""
     if method != "fedmetanas":
         return 1
-    a = load_config(REPO / "configs" / "default.yaml").algorithm
+    a = _default_algorithm()
     values = {"algorithm.local_steps": str(a.local_steps), "algorithm.inner_steps": str(a.inner_steps),
               "algorithm.meta_update": a.meta_update}
     for o in overrides:
@@ -195,8 +210,7 @@ def main(argv: list[str] | None = None) -> None:
                              base + VARIANTS[name] + [f"federated.rounds={rounds}",
                                                       f"federated.time_budget_s={budget:.1f}"])
             per_round[name].append(run.total_s / run.rounds)
-            row[name] = {"acc": 100 * float(run.final["discrete_acc"]), "s": run.total_s, "rounds": run.rounds,
-                         "stopped_by": str(run.final.get("stopped_by", "rounds")), **personalization(run)}
+            row[name] = row_of(run)
             first = first or run
         if args.fedavg and first is not None:
             rounds = fitted(first.total_s, per_round["fedavg"], "fedavg", avg_cap)
