@@ -128,6 +128,16 @@ class AlgorithmConfig:
     grad_clip: float = 5.0
     lr_schedule: Literal["constant", "cosine"] = "constant"  # per round, on the weights' learning rates
     lr_min_factor: float = 0.05  # cosine ends at this fraction of the initial rates (DARTS: 0.001/0.025)
+    # From this fraction of the rounds on (1: never), FOMAML's clients take plain steps in place of meta-steps:
+    # the meta optimizer on support batches, (inner_steps + 1) of them per meta-step, so a round makes the
+    # same forward-backward passes and every pass moves the client's parameters (docs/method.md).
+    plain_after_fraction: float = 1.0
+
+    def check(self) -> None:
+        if self.plain_after_fraction < 1 and self.meta_update != "fomaml":
+            raise ConfigError(
+                f"algorithm.plain_after_fraction: {self.plain_after_fraction} needs algorithm.meta_update: fomaml "
+                f"(Reptile's steps are plain already); set plain_after_fraction: 1 or meta_update: fomaml")
 
 
 @dataclass(frozen=True)
@@ -331,6 +341,7 @@ _RANGES: dict[tuple[str, str], Range] = {
     ("algorithm", "query_batch_size"): (lambda v: v >= 1, "an integer >= 1"),
     ("algorithm", "grad_clip"): (lambda v: v >= 0, "a number >= 0 (0 disables clipping)"),
     ("algorithm", "lr_min_factor"): (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    ("algorithm", "plain_after_fraction"): (lambda v: 0 <= v <= 1, "a fraction in [0, 1] (1: never plain)"),
     ("personalize", "max_clients"): (lambda v: v >= 0, "an integer >= 0 (0: every client)"),
     ("personalize", "holdout"): (lambda v: 0 <= v < 1, "a fraction in [0, 1) (0: no held-out check)"),
     ("personalize", "holdout_z"): (lambda v: 0 <= v < float("inf"), "a number >= 0 (standard errors; 0: plain comparison)"),

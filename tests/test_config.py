@@ -222,6 +222,7 @@ def test_dirichlet_alpha_must_be_positive(value):
     ("algorithm", "inner_lr_w", -1e-3),
     ("eval", "batch_size", 0),
     ("runtime", "threads_per_rank", 0),
+    ("algorithm", "plain_after_fraction", 1.5),
 ])
 def test_out_of_range_values_name_the_field(section, key, value):
     msg = _error({section: {key: value}})
@@ -450,6 +451,17 @@ def test_the_float_fields_include_every_learning_rate():
 def test_an_infinite_dirichlet_alpha_is_named_and_points_to_the_iid_partition():
     with pytest.raises(ConfigError, match=r"^data\.dirichlet_alpha: .*data\.partition: iid"):
         load_config(None, ["data.dirichlet_alpha=.inf"])
+
+
+def test_plain_steps_under_reptile_are_refused_naming_both_fields():
+    with pytest.raises(ConfigError,
+                       match=r"^algorithm\.plain_after_fraction: 0\.5 needs algorithm\.meta_update: fomaml"):
+        load_config(None, ["algorithm.plain_after_fraction=0.5", "algorithm.meta_update=reptile"])
+
+
+def test_plain_steps_are_refused_for_per_fedavg_whose_meta_steps_they_would_replace():
+    with pytest.raises(ConfigError, match=r"^algorithm\.plain_after_fraction: 0\.5 is FedMetaNAS's"):
+        load_config(None, ["algorithm.name=perfedavg", "algorithm.plain_after_fraction=0.5"])
 
 
 @pytest.mark.parametrize("seed", [-1, 2**32, 2**40])

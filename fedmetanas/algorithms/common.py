@@ -37,6 +37,7 @@ class LocalContext:
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     # How the step's arithmetic runs (`runtime.capture` resolved, `fedmetanas.capture`): off, compile, graphs.
     capture: CaptureMode = "off"
+    round: int = -1  # the global round this context is for (-1: none, e.g. personalization); for rules' schedules
 
 
 @dataclass

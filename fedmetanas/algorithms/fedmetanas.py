@@ -7,6 +7,11 @@ For each of `local_steps` meta-steps on a client:
   3. meta learner update, either FOMAML (the task learner's gradient on a query batch, taken at the
      adapted parameters, applied to the client's parameters by the meta optimizer) or Reptile
      (move the client's parameters towards the adapted ones by reptile_lr_w / reptile_lr_alpha).
+
+From `algorithm.plain_after_fraction` of the rounds on, FOMAML's clients take plain steps instead: the
+meta optimizer on support batches at the client's own parameters, (inner_steps + 1) per meta-step. A
+meta-step's support pass only moves the point where the query gradient is taken; a plain step's pass moves
+the parameters, so the same passes give the weights (inner_steps + 1) times the updates.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from fedmetanas.algorithms.base import Algorithm, Phase, Span
 from fedmetanas.algorithms.batched import (ClientStack, StackedUpdate, clip_stacked, in_equal_batches, stacked_grads,
                                             stacked_step, steps_stacked)
 from fedmetanas.algorithms.flat_optim import MaskedAdam, MaskedSGD
-from fedmetanas.algorithms.phases import SearchPhase, SearchSchedule
+from fedmetanas.algorithms.phases import NEVER, SearchPhase, SearchSchedule
 from fedmetanas.config import AlgorithmConfig, PersonalizeConfig
 from fedmetanas.data.client_data import iterate_batches
 from fedmetanas.search.relax import lr_factor, temperature
@@ -45,9 +50,19 @@ class FedMetaNAS:
     """The client-side learning rule of FedMetaNAS (the dual learner). On a fixed architecture (no
     architecture parameters, `ctx.masks` None) it is first-order MAML on the weights: Per-FedAvg."""
 
-    def __init__(self, cfg: AlgorithmConfig, personalize: PersonalizeConfig | None = None) -> None:
+    def __init__(self, cfg: AlgorithmConfig, personalize: PersonalizeConfig | None = None,
+                 plain_from: int = NEVER) -> None:
         self.cfg = cfg
         self.personalize_cfg = personalize or PersonalizeConfig()
+        self.plain_from = plain_from  # the first global round of plain steps (FOMAML only)
+
+    def plain(self, ctx: LocalContext) -> bool:
+        """Whether this round's local work is plain steps, not meta-steps (`algorithm.plain_after_fraction`)."""
+        return self.cfg.meta_update == "fomaml" and ctx.round >= self.plain_from
+
+    def plain_steps(self) -> int:
+        """Plain steps a round: a meta-step's passes each (`inner_steps` support and one query pass)."""
+        return self.cfg.local_steps * (self.cfg.inner_steps + 1)
 
     def _meta_optimizer(self, weights: list[torch.Tensor], alphas: list[torch.Tensor],
                         ctx: LocalContext) -> torch.optim.Optimizer:
@@ -82,6 +97,12 @@ class FedMetaNAS:
         meta_opt = (self._meta_optimizer(model.weights(), model.alphas(), ctx) if cfg.meta_update == "fomaml"
                     else None)
         losses: list[torch.Tensor] = []
+        if meta_opt is not None and self.plain(ctx):  # BN statistics follow the client's own batches
+            for _ in range(self.plain_steps()):
+                losses.append(supervised_step(model, ctx, cfg.batch_size, self.loss))
+                clip_weight_grads(model, cfg.grad_clip)
+                meta_opt.step()
+            return LocalResult(loss=float(torch.stack(losses).mean()), steps=self.plain_steps())
         for _ in range(cfg.local_steps):
             copy_state(task, model)
             inner = self.adapt(task, ctx, cfg.inner_steps)
@@ -161,9 +182,16 @@ class FedMetaNAS:
             lr = meta.columns(cfg.meta_lr_w * ctx.lr_scale, cfg.meta_lr_alpha)
             meta_opt = (MaskedAdam(meta.flat, lr, wd, member) if cfg.meta_optimizer == "adam"
                         else MaskedSGD(meta.flat, lr, wd, member, cfg.meta_momentum))
+        losses: list[torch.Tensor] = []
+        if meta_opt is not None and self.plain(ctx):  # as `local_update`: the meta optimizer on support batches
+            for _ in range(self.plain_steps()):
+                loss, grad, used = stacked_step(meta, ctxs, cfg.batch_size, self.loss)
+                meta.clip_weights(grad, cfg.grad_clip)
+                meta_opt.step(meta.flat, grad, used)
+                losses.append(loss)
+            return StackedUpdate(meta.member_views(), torch.stack(losses).mean(0).tolist(), self.plain_steps())
         inner_lr = meta.columns(cfg.inner_lr_w * ctx.lr_scale, cfg.inner_lr_alpha)
         reptile = meta.columns(cfg.reptile_lr_w, cfg.reptile_lr_alpha if ctx.train_arch else 0.0)
-        losses: list[torch.Tensor] = []
         for _ in range(cfg.local_steps):
             task.copy_(meta)
             inner_opt = MaskedAdam(task.flat, inner_lr, wd, member, betas=cfg.inner_betas)
@@ -305,7 +333,9 @@ class FedMetaNASAlgorithm(Algorithm):
         def tau(rnd: int) -> float:
             return temperature(s.tau_schedule, s.tau_max, s.tau_min, rnd - schedule.warmup_rounds, anneal_rounds)
 
-        rule = FedMetaNAS(cfg.algorithm, cfg.personalize)
+        a = cfg.algorithm
+        rule = FedMetaNAS(a, cfg.personalize, int(round(a.plain_after_fraction * rounds))
+                          if a.plain_after_fraction < 1 else NEVER)
         return [SearchPhase(cfg, Span("search", "rounds", 0, rounds), rule, tau=tau,
                             lr_scale=dual_learner_lr_scale(cfg.algorithm, rounds), relax_mode=s.gumbel, prune=True,
                             base_lr=cfg.algorithm.inner_lr_w, schedule=schedule)]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fedmetanas.algorithms.base import Algorithm, Phase, Span
 from fedmetanas.algorithms.fedmetanas import FedMetaNAS, dual_learner_batches, dual_learner_lr_scale
 from fedmetanas.algorithms.phases import TrainPhase, check_fixed_net
-from fedmetanas.config import Config, check_architecture
+from fedmetanas.config import Config, ConfigError, check_architecture
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,10 @@ class PerFedAvg(Algorithm):
     @classmethod
     def validate(cls, cfg: Config) -> None:
         check_fixed_net("perfedavg", cfg)
+        if cfg.algorithm.plain_after_fraction < 1:  # plain steps on a fixed net are FedAvg, not Per-FedAvg
+            raise ConfigError(
+                f"algorithm.plain_after_fraction: {cfg.algorithm.plain_after_fraction} is FedMetaNAS's; Per-FedAvg "
+                "takes meta-steps every round (plain steps would make it FedAvg); set plain_after_fraction: 1")
 
     def batch_sizes(self) -> list[tuple[str, int, int]]:
         return dual_learner_batches(self.cfg.algorithm)

@@ -106,7 +106,7 @@ class LocalWork:
                             torch_generator(cfg.federated.seed, Purpose.BATCHES, *coords, cid),
                             torch_generator(cfg.federated.seed, Purpose.GUMBEL, *coords, cid),
                             cfg.data.augment, cfg.model.channels_last, plan.lr_scale, cid, plan.train_arch,
-                            plan.soft_topk, plan.soft_eps, run.client_states.of(cid), self.capture.mode)
+                            plan.soft_topk, plan.soft_eps, run.client_states.of(cid), self.capture.mode, plan.round)
 
     def __call__(self, run: PhaseRun, rnd: int, plan: RoundPlan) -> torch.Tensor:
         """Run this rank's clients of round `rnd` (concurrently on GPU streams, in batches of

@@ -19,6 +19,7 @@ from fedmetanas.algorithms.common import LocalContext, copy_state
 from fedmetanas.algorithms.fedavg import FedAvgConfig, FedAvgLocal
 from fedmetanas.algorithms.fedmetanas import FedMetaNAS
 from fedmetanas.algorithms.fednas import FedNASConfig, MiLeNAS
+from fedmetanas.algorithms.phases import NEVER
 from fedmetanas.config import AlgorithmConfig
 from fedmetanas.data.datasets import TensorSplit
 from fedmetanas.federated.aggregation import aggregated_tensors
@@ -214,7 +215,7 @@ def _pruned_masks(net: SuperNet) -> ArchMasks:
 def _search_contexts(split: TensorSplit, clients: int, masks: ArchMasks, mode: str,
                      train_arch: bool = True, topk: int = 0, eps: float = 0.0) -> list[LocalContext]:
     return [dataclasses.replace(ctx, masks=masks, tau=0.7, relax_mode=mode, train_arch=train_arch, soft_topk=topk,
-                                soft_eps=eps)
+                                soft_eps=eps, round=0)
             for ctx in _contexts(split, clients, lr_scale=0.7)]
 
 
@@ -238,6 +239,9 @@ SEARCH_CASES = [
     ("reptile", "soft", True, 2, 0.0, "all"), ("reptile", "soft", False, 0, 0.0, "all"),
     ("fomaml_sgd_momentum", "hard", True, 0, 0.0, "pairs"), ("fomaml_sgd_momentum", "soft", True, 2, 0.0, "pairs"),
     ("fomaml_adam_meta", "hard", True, 0, 0.0, "all"), ("fomaml_adam_meta", "soft", True, 2, 0.0, "pairs"),
+    # plain steps in place of meta-steps (`algorithm.plain_after_fraction`), Adam and SGD with momentum
+    ("fomaml_adam_meta_plain", "hard", True, 0, 0.0, "pairs"), ("fomaml_plain", "soft", True, 2, 0.0, "all"),
+    ("fomaml_sgd_momentum_plain", "soft", False, 2, 0.0, "pairs"),
 ]
 
 
@@ -266,7 +270,9 @@ def _check_supernet_batch(rule_name: str, mode: str, train_arch: bool, topk: int
     build = _supernet(input_mode, norm)
     masks = _pruned_masks(build())
     split, k = _split(3), 3
-    rule = FedMetaNAS(AlgorithmConfig(**SEARCH_RULES[rule_name]))
+    plain = rule_name.endswith("_plain")  # the contexts' round is 0: plain from round 0 on
+    rule = FedMetaNAS(AlgorithmConfig(**SEARCH_RULES[rule_name.removesuffix("_plain")]),
+                      plain_from=0 if plain else NEVER)
     glob, want = _sequential(rule, build, _search_contexts(split, k, masks, mode, train_arch, topk, eps))
     before = [t.clone() for t in aggregated_tensors(glob)]
 

@@ -229,6 +229,44 @@ def test_local_update_changes_weights_and_alphas_and_reports_a_finite_loss(meta_
     assert result.steps == 2 * (2 + (meta_update == "fomaml"))
 
 
+def test_plain_steps_are_the_meta_optimizer_on_support_batches_at_the_clients_own_parameters():
+    # Prepare: from round 3 on (`algorithm.plain_after_fraction`), a round makes the same passes as its
+    # meta-steps, (inner_steps + 1) per meta-step, each an SGD step of the client's weights and logits
+    cfg = dataclasses.replace(BASE, local_steps=2, inner_steps=1)
+    model = _net()
+    ctx = dataclasses.replace(_ctx(model), round=3)
+    bg, gg = _clone(ctx.batch_gen), _clone(ctx.gumbel_gen)
+    expected = copy.deepcopy(model)
+    kinds = _is_alpha(model)
+    losses = []
+    for _ in range(4):
+        loss, grads = _loss_and_grads(expected, ctx, bg, gg)
+        losses.append(float(loss))
+        with torch.no_grad():
+            for p, g, a in zip(expected.parameters(), grads, kinds):
+                if g is not None:
+                    p.sub_((cfg.meta_lr_alpha if a else cfg.meta_lr_w) * g)
+
+    # Execute
+    result = FedMetaNAS(cfg, plain_from=3).local_update(model, copy.deepcopy(model), ctx)
+
+    # Assert
+    assert _max_diff(_params(model), _params(expected)) < 1e-6
+    assert result.steps == 4 and result.loss == pytest.approx(sum(losses) / 4, rel=1e-5)
+
+
+def test_rounds_before_the_plain_ones_are_meta_steps_bit_for_bit():
+    cfg = AlgorithmConfig(local_steps=2, inner_steps=1, batch_size=BATCH, query_batch_size=BATCH)
+    meta, early, plain = _net(), _net(), _net()
+
+    FedMetaNAS(cfg).local_update(meta, _net(seed=77), dataclasses.replace(_ctx(meta), round=2))
+    FedMetaNAS(cfg, plain_from=3).local_update(early, _net(seed=77), dataclasses.replace(_ctx(early), round=2))
+    FedMetaNAS(cfg, plain_from=3).local_update(plain, _net(seed=77), dataclasses.replace(_ctx(plain), round=3))
+
+    assert all(torch.equal(a, b) for a, b in zip(meta.state_dict().values(), early.state_dict().values()))
+    assert _max_diff(_params(meta), _params(plain)) > 1e-4
+
+
 def _run(batch_seed: int, gumbel_seed: int, meta_update: str = "fomaml"):
     model = _net()
     cfg = AlgorithmConfig(meta_update=meta_update, local_steps=2, inner_steps=2, batch_size=BATCH,
