@@ -49,7 +49,11 @@ STEPS10 = ["algorithm.local_steps=10", "federated.rounds=96"]
 VARIANTS = {"steps10_hard25": [*STEPS10, "search.hard_after_fraction=0.25"],
             "steps30": [*STEPS30, "federated.rounds=32"],
             "steps10_hard50": [*STEPS10, "search.hard_after_fraction=0.5"],
-            "steps30_hard25": ["algorithm.local_steps=30", "search.hard_after_fraction=0.25", "federated.rounds=32"]}
+            "steps30_hard25": ["algorithm.local_steps=30", "search.hard_after_fraction=0.25", "federated.rounds=32"],
+            # Each client keeps its meta Adam state from round to round (`algorithm.meta_state: kept`): is the
+            # 10-step rounds' collapse under label shards Adam restarting every round?
+            "steps10_hard25_kept": [*STEPS10, "search.hard_after_fraction=0.25", "algorithm.meta_state=kept"],
+            "steps30_kept": [*STEPS30, "federated.rounds=32", "algorithm.meta_state=kept"]}
 
 
 def main(argv: list[str] | None = None) -> None:

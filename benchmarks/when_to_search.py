@@ -87,6 +87,8 @@ VARIANTS = {"shipped": [], "steps30": STEPS30, "combined": STEPS30[:1], "group_n
             # Plain steps from half-way (the hard half): the meta optimizer on support batches at the client's
             # own parameters, the same passes a round, every pass a step of the weights (twice the updates).
             "plain50": [*STEPS30, "algorithm.plain_after_fraction=0.5"],
+            # Each client keeps its meta Adam state between rounds (client state, all-reduced each round).
+            "kept": [*STEPS30, "algorithm.meta_state=kept"],
             "steps10_warmup_soft": ["algorithm.local_steps=10", "search.hard_after_fraction=0.5",
                                     "search.warmup_fraction=0.15", "search.warmup_gumbel=soft"]}
 # Starting estimates of the training seconds per round (np 2, this machine), replaced by each method's own

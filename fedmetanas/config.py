@@ -118,7 +118,10 @@ class AlgorithmConfig:
     inner_lr_w: float = 3e-3
     inner_lr_alpha: float = 3e-3
     inner_betas: tuple[float, float] = (0.0, 0.999)
-    meta_optimizer: Literal["adam", "sgd"] = "adam"  # fresh state every round (clients keep no state)
+    meta_optimizer: Literal["adam", "sgd"] = "adam"
+    # The meta optimizer's state: "fresh" every round (clients keep no state), or "kept" by each client from
+    # its last round to its next (Adam's moments and step counts: client state of 2x the parameters).
+    meta_state: Literal["fresh", "kept"] = "fresh"
     meta_momentum: float = 0.0  # the sgd meta optimizer's momentum
     meta_lr_w: float = 3e-3
     meta_lr_alpha: float = 3e-3
@@ -134,6 +137,11 @@ class AlgorithmConfig:
     plain_after_fraction: float = 1.0
 
     def check(self) -> None:
+        if self.meta_state == "kept" and (self.meta_update, self.meta_optimizer) != ("fomaml", "adam"):
+            raise ConfigError(
+                f"algorithm.meta_state: kept is the FOMAML meta learner's Adam state (here meta_update: "
+                f"{self.meta_update}, meta_optimizer: {self.meta_optimizer}); set meta_state: fresh, or "
+                "meta_update: fomaml and meta_optimizer: adam")
         if self.plain_after_fraction < 1 and self.meta_update != "fomaml":
             raise ConfigError(
                 f"algorithm.plain_after_fraction: {self.plain_after_fraction} needs algorithm.meta_update: fomaml "

@@ -12,6 +12,11 @@ From `algorithm.plain_after_fraction` of the rounds on, FOMAML's clients take pl
 meta optimizer on support batches at the client's own parameters, (inner_steps + 1) per meta-step. A
 meta-step's support pass only moves the point where the query gradient is taken; a plain step's pass moves
 the parameters, so the same passes give the weights (inner_steps + 1) times the updates.
+
+The meta optimizer starts fresh every round (MetaNAS's clients are tasks; a round here is one), or, with
+`algorithm.meta_state: kept`, each client keeps its meta Adam's moments and step counts from its last round
+(client state, `Phase.client_state`): a short round then does not restart in Adam's first steps, which move
+every coordinate by about the learning rate whatever its gradient's size.
 """
 
 from __future__ import annotations
@@ -93,16 +98,34 @@ class FedMetaNAS:
 
     def local_update(self, model: SuperNet, task: SuperNet, ctx: LocalContext) -> LocalResult:
         """Run the client's meta-steps; `model` holds the global parameters on entry, the client's after."""
-        cfg = self.cfg
-        meta_opt = (self._meta_optimizer(model.weights(), model.alphas(), ctx) if cfg.meta_update == "fomaml"
+        meta_opt = (self._meta_optimizer(model.weights(), model.alphas(), ctx) if self.cfg.meta_update == "fomaml"
                     else None)
+        kept = self.cfg.meta_state == "kept" and meta_opt is not None
+        if kept:
+            load_adam_state(meta_opt, [*model.weights(), *model.alphas()], ctx.state[META_STATE])
+        if meta_opt is not None and self.plain(ctx):
+            result = self._plain_update(model, ctx, meta_opt)
+        else:
+            result = self._meta_update(model, task, ctx, meta_opt)
+        if kept:
+            result.state = {META_STATE: dump_adam_state(meta_opt, [*model.weights(), *model.alphas()],
+                                                        ctx.state[META_STATE])}
+        return result
+
+    def _plain_update(self, model: SuperNet, ctx: LocalContext, meta_opt: torch.optim.Optimizer) -> LocalResult:
+        """Plain steps (`algorithm.plain_after_fraction`); BN statistics follow the client's own batches."""
+        losses = []
+        for _ in range(self.plain_steps()):
+            losses.append(supervised_step(model, ctx, self.cfg.batch_size, self.loss))
+            clip_weight_grads(model, self.cfg.grad_clip)
+            meta_opt.step()
+        return LocalResult(loss=float(torch.stack(losses).mean()), steps=self.plain_steps())
+
+    def _meta_update(self, model: SuperNet, task: SuperNet, ctx: LocalContext,
+                     meta_opt: torch.optim.Optimizer | None) -> LocalResult:
+        """The meta-steps: FOMAML through `meta_opt`, Reptile where it is None."""
+        cfg = self.cfg
         losses: list[torch.Tensor] = []
-        if meta_opt is not None and self.plain(ctx):  # BN statistics follow the client's own batches
-            for _ in range(self.plain_steps()):
-                losses.append(supervised_step(model, ctx, cfg.batch_size, self.loss))
-                clip_weight_grads(model, cfg.grad_clip)
-                meta_opt.step()
-            return LocalResult(loss=float(torch.stack(losses).mean()), steps=self.plain_steps())
         for _ in range(cfg.local_steps):
             copy_state(task, model)
             inner = self.adapt(task, ctx, cfg.inner_steps)
@@ -173,6 +196,8 @@ class FedMetaNAS:
         are `torch.optim`'s rules over the flat buffer of every client's parameters, stepping only what each
         client used."""
         cfg, ctx = self.cfg, ctxs[0]
+        if cfg.meta_state == "kept":  # `MetaSearchPhase.batch_refusal` keeps the engine from coming here
+            raise ValueError("algorithm.meta_state: kept has no stacked step")
         meta, task = StackedSuperNet(model, len(ctxs)), StackedSuperNet(model, len(ctxs))
         meta.load(model)
         member = meta.columns(1.0, 1.0 if ctx.train_arch else 0.0) > 0  # a warm-up's frozen logits: in no optimizer
@@ -262,6 +287,46 @@ class FedMetaNAS:
         net.train()
 
 
+META_STATE = "meta_adam"  # a client's kept meta Adam state (`algorithm.meta_state: kept`)
+
+
+def adam_state_size(params: list[torch.Tensor]) -> int:
+    """Values of a kept Adam state over `params`: first and second moments per entry, then a step count per
+    tensor (torch's Adam steps a tensor whole or not at all)."""
+    return 2 * sum(p.numel() for p in params) + len(params)
+
+
+def _adam_parts(params: list[torch.Tensor], flat: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """(m, v, step) views of `flat` for each of `params`."""
+    sizes = [p.numel() for p in params]
+    n = sum(sizes)
+    m, v, t = flat.split([n, n, len(params)])
+    return list(zip(m.split(sizes), v.split(sizes), t.split(1)))
+
+
+def load_adam_state(opt: torch.optim.Optimizer, params: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Give `opt` the state `flat` (`dump_adam_state`'s layout) holds for `params`; a tensor whose step count
+    is 0 (never stepped, or a client's first round: the table starts at zeros) starts fresh, as torch would."""
+    for p, (m, v, t) in zip(params, _adam_parts(params, flat)):
+        if float(t) > 0:
+            opt.state[p] = {"step": torch.tensor(float(t)), "exp_avg": m.view_as(p).to(p, copy=True),
+                            "exp_avg_sq": v.view_as(p).to(p, copy=True)}
+
+
+def dump_adam_state(opt: torch.optim.Optimizer, params: list[torch.Tensor], previous: torch.Tensor) -> torch.Tensor:
+    """The state of `opt` over `params` as one flat tensor: every tensor's m, then its v, then the step counts.
+    A tensor the optimizer holds no state for (not stepped this round, or not in it: a warm-up's frozen
+    logits) keeps its `previous` state."""
+    out = previous.clone()
+    for p, (m, v, t) in zip(params, _adam_parts(params, out)):
+        state = opt.state.get(p)
+        if state:
+            m.copy_(state["exp_avg"].reshape(-1))
+            v.copy_(state["exp_avg_sq"].reshape(-1))
+            t.fill_(float(state["step"]))
+    return out
+
+
 def holdout_split(idx: torch.Tensor, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """`idx` split into (fit, held): a random `fraction` of it held out (none when that rounds to no sample or
     leaves none to fit), drawn from `generator` (the client's personalization stream: rank-invariant)."""
@@ -303,6 +368,26 @@ def adaptation_wins(won: int, lost: int, z: float) -> bool:
     return won > lost and won - lost >= z * (won + lost) ** 0.5
 
 
+class MetaSearchPhase(SearchPhase):
+    """FedMetaNAS's search phase: with `algorithm.meta_state: kept` each client keeps its meta Adam state
+    between rounds (client state), and its clients are stepped one after another."""
+
+    def on_model(self, model: SuperNet) -> None:
+        super().on_model(model)
+        self.state_size = adam_state_size([*model.weights(), *model.alphas()])
+
+    def _kept(self) -> bool:
+        return self.cfg.algorithm.meta_state == "kept"
+
+    def client_state(self) -> dict[str, int]:
+        return {META_STATE: self.state_size} if self._kept() else {}
+
+    def batch_refusal(self) -> str | None:
+        if self._kept():
+            return "algorithm.meta_state: kept has no batched form (its stacked step keeps no client state)"
+        return super().batch_refusal()
+
+
 def dual_learner_batches(cfg: AlgorithmConfig) -> list[tuple[str, int, int]]:
     """The dual learner's support and query batches."""
     return [("algorithm.batch_size", cfg.batch_size, 1), ("algorithm.query_batch_size", cfg.query_batch_size, 1)]
@@ -336,6 +421,6 @@ class FedMetaNASAlgorithm(Algorithm):
         a = cfg.algorithm
         rule = FedMetaNAS(a, cfg.personalize, int(round(a.plain_after_fraction * rounds))
                           if a.plain_after_fraction < 1 else NEVER)
-        return [SearchPhase(cfg, Span("search", "rounds", 0, rounds), rule, tau=tau,
+        return [MetaSearchPhase(cfg, Span("search", "rounds", 0, rounds), rule, tau=tau,
                             lr_scale=dual_learner_lr_scale(cfg.algorithm, rounds), relax_mode=s.gumbel, prune=True,
                             base_lr=cfg.algorithm.inner_lr_w, schedule=schedule)]

@@ -44,6 +44,9 @@ class PerFedAvg(Algorithm):
             raise ConfigError(
                 f"algorithm.plain_after_fraction: {cfg.algorithm.plain_after_fraction} is FedMetaNAS's; Per-FedAvg "
                 "takes meta-steps every round (plain steps would make it FedAvg); set plain_after_fraction: 1")
+        if cfg.algorithm.meta_state == "kept":
+            raise ConfigError("algorithm.meta_state: kept is FedMetaNAS's search's (a client's meta Adam state between "
+                              "rounds); Per-FedAvg's clients keep none; set meta_state: fresh")
 
     def batch_sizes(self) -> list[tuple[str, int, int]]:
         return dual_learner_batches(self.cfg.algorithm)

@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from fedmetanas.algorithms.fedmetanas import FedMetaNAS, LocalContext, adaptation_wins, holdout_split, paired_outcomes
+from fedmetanas.algorithms.fedmetanas import (META_STATE, FedMetaNAS, LocalContext, adam_state_size, adaptation_wins,
+                                               dump_adam_state, holdout_split, load_adam_state, paired_outcomes)
 from fedmetanas.config import AlgorithmConfig, PersonalizeConfig
 from fedmetanas.data.client_data import sample_batch
 from fedmetanas.data.datasets import TensorSplit
@@ -265,6 +266,69 @@ def test_rounds_before_the_plain_ones_are_meta_steps_bit_for_bit():
 
     assert all(torch.equal(a, b) for a, b in zip(meta.state_dict().values(), early.state_dict().values()))
     assert _max_diff(_params(meta), _params(plain)) > 1e-4
+
+
+# -- the meta optimizer's state kept by a client between rounds (`algorithm.meta_state: kept`) -------------
+def _adam_steps(params: list[torch.Tensor], opt: torch.optim.Optimizer, steps: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params[:-1]:  # the last tensor is never stepped: it has no state
+            p.grad = torch.randn(p.shape, generator=gen)
+        params[-1].grad = None
+        opt.step()
+
+
+def test_a_dumped_and_reloaded_adam_state_continues_as_if_never_interrupted():
+    # Prepare: one Adam stepped 5 times, against 3 steps, a dump, a fresh Adam loading it, 2 more steps
+    start = [torch.randn(3, 2, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    whole = [t.clone().requires_grad_() for t in start]
+    _adam_steps(whole, torch.optim.Adam(whole, lr=0.1), 5, seed=9)
+    cut = [t.clone().requires_grad_() for t in start]
+    first = torch.optim.Adam(cut, lr=0.1)
+    _adam_steps(cut, first, 3, seed=9)
+    previous = torch.full((adam_state_size(cut),), 7.0)  # the never-stepped tensor keeps what it had
+
+    # Execute
+    flat = dump_adam_state(first, cut, previous)
+    second = torch.optim.Adam(cut, lr=0.1)
+    load_adam_state(second, cut, flat)
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(3 * 2):  # skip the first 3 steps' draws
+        torch.randn(3, 2, generator=gen)
+    for _ in range(2):
+        for p in cut[:-1]:
+            p.grad = torch.randn(p.shape, generator=gen)
+        second.step()
+
+    # Assert
+    assert all(torch.equal(a, b) for a, b in zip(cut, whole))
+    m, v, t = flat.split([18, 18, 3])
+    assert t.tolist() == [3.0, 3.0, 7.0] and torch.equal(m[12:], torch.full((6,), 7.0))
+
+
+def test_a_clients_first_round_with_kept_state_is_the_fresh_round_and_its_state_continues_the_next():
+    # Prepare: the state table starts at zeros (no client has stepped yet)
+    cfg = AlgorithmConfig(local_steps=2, inner_steps=1, batch_size=BATCH, query_batch_size=BATCH)
+    kept_cfg = dataclasses.replace(cfg, meta_state="kept")
+    fresh, kept = _net(), _net()
+    zeros = torch.zeros(adam_state_size([*kept.weights(), *kept.alphas()]))
+
+    # Execute
+    FedMetaNAS(cfg).local_update(fresh, _net(seed=77), _ctx(fresh))
+    first = FedMetaNAS(kept_cfg).local_update(kept, _net(seed=77), dataclasses.replace(_ctx(kept),
+                                                                                        state={META_STATE: zeros}))
+    again_fresh, again_kept = _net(), _net()
+    FedMetaNAS(cfg).local_update(again_fresh, _net(seed=77), _ctx(again_fresh, 3, 4))
+    FedMetaNAS(kept_cfg).local_update(again_kept, _net(seed=77),
+                                      dataclasses.replace(_ctx(again_kept, 3, 4), state=first.state))
+
+    # Assert: round one bit for bit the fresh rule; every tensor stepped twice (hard sampling: the ops a
+    # client drew); the second round starts from that state, not afresh
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), kept.state_dict().values()))
+    params = [*kept.weights(), *kept.alphas()]
+    steps = first.state[META_STATE][-len(params):]
+    assert set(steps.tolist()) <= {0.0, 1.0, 2.0} and steps.max() == 2.0
+    assert _max_diff(_params(again_fresh), _params(again_kept)) > 1e-4
 
 
 def _run(batch_seed: int, gumbel_seed: int, meta_update: str = "fomaml"):
