@@ -12,6 +12,9 @@ Per setting, one after the other, each on `--np` ranks (this machine, nothing el
 2. Unless `--no-fedavg`: FedAvg on DARTS_V2 (configs/fedavg.yaml) under a time budget equal to the first
    candidate's training seconds (evaluation excluded), its rounds fitted to its measured cost per round; and
    how long FedAvg took to first reach that candidate's final accuracy on the evaluation subset.
+3. With `--fednas`: FedNAS (configs/fednas.yaml: its search, then the retraining of its genotype), and for each
+   candidate whether the paper's claim holds against it: at least FedNAS's accuracy in at most half its
+   training seconds.
 
 The settings are Fashion-MNIST and MNIST split by label shards (McMahan et al.: the training set sorted by
 label, cut into 20 shards, 2 per client: most clients hold two classes), and Fashion-MNIST at Dirichlet 0.05,
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", nargs="+", default=["steps10_hard25", "steps30"], choices=list(VARIANTS),
                    help="FedMetaNAS candidates, run in this order; FedAvg's budget is the first one's time")
     p.add_argument("--no-fedavg", dest="fedavg", action="store_false", help="leave FedAvg on DARTS_V2 out")
+    p.add_argument("--fednas", action="store_true", help="FedNAS too, and the claim against it per candidate")
     p.add_argument("--np", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "runs" / "off_grid")
     p.add_argument("--data-root", default="data")
@@ -92,21 +96,34 @@ def main(argv: list[str] | None = None) -> None:
             measured = runs[first].acc[np.isfinite(runs[first].acc)]  # the rounds that were evaluated
             target = float(measured[-1]) if measured.size else math.nan
             row["fedavg"] = {**row_of(avg), "s_to_first": avg.time_to(target)}
+        if args.fednas:
+            nas = row["fednas"] = row_of(run_method("fednas", f"off_{key}_fednas", args.out, args.np, base))
+            for name in args.variants:
+                row[name]["claim"] = claim_holds(row[name], nas)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print("\n| setting | method | final % (rounds, s) | personalized mean / worst 10% | most a client lost |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
-        for name in [*args.variants, "fedavg"]:
+        for name in [*args.variants, "fedavg", "fednas"]:
             if name not in r:
                 continue
             a = r[name]
             what = (f"FedAvg DARTS_V2 at {first}'s time (reached its accuracy in {_sec(a['s_to_first'])} s)"
-                    if name == "fedavg" else name)
+                    if name == "fedavg" else "FedNAS (search and retraining)" if name == "fednas"
+                    else name + (f" (claim vs FedNAS: {a['claim']})" if "claim" in a else ""))
             print(f"| {r['setting']} | {what} | {_pct(a['acc'] / 100)} ({a['rounds']}, {a['s']:.0f}) | "
                   f"{a['personal_mean']:.1f} / {a['personal_worst10']:.1f} | {max(0.0, a['largest_drop']):.2f} |")
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))
+
+
+def claim_holds(row: dict, fednas: dict) -> str:
+    """The paper's claim for one candidate's row against FedNAS's: its accuracy at least FedNAS's, in at most
+    half of FedNAS's training seconds; said with the time ratio."""
+    ratio = row["s"] / fednas["s"]
+    held = row["acc"] >= fednas["acc"] and ratio <= 0.5
+    return f"{'holds' if held else 'fails'}, {ratio:.2f}x"
 
 
 if __name__ == "__main__":
