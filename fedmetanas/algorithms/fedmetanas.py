@@ -40,7 +40,7 @@ from fedmetanas.algorithms.base import Algorithm, Phase, Span
 from fedmetanas.algorithms.batched import (ClientStack, StackedUpdate, clip_stacked, in_equal_batches, stacked_grads,
                                             stacked_step, steps_stacked)
 from fedmetanas.algorithms.flat_optim import MaskedAdam, MaskedSGD
-from fedmetanas.algorithms.phases import NEVER, SearchPhase, SearchSchedule
+from fedmetanas.algorithms.phases import NEVER, SearchPhase, SearchSchedule, switch_round
 from fedmetanas.config import AlgorithmConfig, PersonalizeConfig
 from fedmetanas.data.client_data import iterate_batches
 from fedmetanas.search.relax import lr_factor, temperature
@@ -101,15 +101,15 @@ class FedMetaNAS:
         meta_opt = (self._meta_optimizer(model.weights(), model.alphas(), ctx) if self.cfg.meta_update == "fomaml"
                     else None)
         kept = self.cfg.meta_state == "kept" and meta_opt is not None
+        params = [*model.weights(), *model.alphas()]  # the kept state's layout (`MetaSearchPhase`)
         if kept:
-            load_adam_state(meta_opt, [*model.weights(), *model.alphas()], ctx.state[META_STATE])
+            load_adam_state(meta_opt, params, ctx.state[META_STATE])
         if meta_opt is not None and self.plain(ctx):
             result = self._plain_update(model, ctx, meta_opt)
         else:
             result = self._meta_update(model, task, ctx, meta_opt)
         if kept:
-            result.state = {META_STATE: dump_adam_state(meta_opt, [*model.weights(), *model.alphas()],
-                                                        ctx.state[META_STATE])}
+            result.state = {META_STATE: dump_adam_state(meta_opt, params, ctx.state[META_STATE])}
         return result
 
     def _plain_update(self, model: SuperNet, ctx: LocalContext, meta_opt: torch.optim.Optimizer) -> LocalResult:
@@ -418,9 +418,7 @@ class FedMetaNASAlgorithm(Algorithm):
         def tau(rnd: int) -> float:
             return temperature(s.tau_schedule, s.tau_max, s.tau_min, rnd - schedule.warmup_rounds, anneal_rounds)
 
-        a = cfg.algorithm
-        rule = FedMetaNAS(a, cfg.personalize, int(round(a.plain_after_fraction * rounds))
-                          if a.plain_after_fraction < 1 else NEVER)
+        rule = FedMetaNAS(cfg.algorithm, cfg.personalize, switch_round(cfg.algorithm.plain_after_fraction, rounds))
         return [MetaSearchPhase(cfg, Span("search", "rounds", 0, rounds), rule, tau=tau,
                             lr_scale=dual_learner_lr_scale(cfg.algorithm, rounds), relax_mode=s.gumbel, prune=True,
                             base_lr=cfg.algorithm.inner_lr_w, schedule=schedule)]

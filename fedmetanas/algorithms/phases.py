@@ -88,6 +88,11 @@ def check_fixed_net(section: str, cfg: Config) -> None:
 NEVER = 1 << 30  # a round no search reaches: "this step of the schedule does not happen"
 
 
+def switch_round(fraction: float, rounds: int) -> int:
+    """The first round of a switch made after `fraction` of `rounds` rounds; 1 (or more): `NEVER`."""
+    return int(round(fraction * rounds)) if fraction < 1 else NEVER
+
+
 @dataclass(frozen=True)
 class SearchSchedule:
     """When a search phase does what, in rounds from its first: the warm-up (logits frozen, paths drawn
@@ -106,9 +111,8 @@ class SearchSchedule:
     def of(cls, s: SearchConfig, rounds: int) -> "SearchSchedule":
         """The `search` section's fractions as round counts of a `rounds`-round search."""
         warm = int(round(s.warmup_fraction * rounds))
-        return cls(warm, s.warmup_gumbel, int(round(s.hard_after_fraction * rounds)) if s.hard_after_fraction < 1
-                   else NEVER, s.soft_topk, s.soft_eps, max(warm, int(round(s.prune_start_fraction * rounds))),
-                   s.prune_patience)
+        return cls(warm, s.warmup_gumbel, switch_round(s.hard_after_fraction, rounds), s.soft_topk, s.soft_eps,
+                   max(warm, int(round(s.prune_start_fraction * rounds))), s.prune_patience)
 
 
 class SearchPhase(Phase):
