@@ -38,7 +38,7 @@ import numpy as np
 import compare
 from compare import _pct, _sec, run_method
 from fedmetanas.launcher import REPO
-from when_to_search import STEPS30, fitted, row_of
+from when_to_search import DARTS_SGD, STEPS30, fitted, row_of
 
 SETTINGS = {"fmnist_shards2": ("Fashion-MNIST, 2 label shards per client",
                                ["data.partition=shards", "data.shards_per_client=2"]),
@@ -56,7 +56,11 @@ VARIANTS = {"steps10_hard25": [*STEPS10, "search.hard_after_fraction=0.25"],
             # Each client keeps its meta Adam state from round to round (`algorithm.meta_state: kept`): is the
             # 10-step rounds' collapse under label shards Adam restarting every round?
             "steps10_hard25_kept": [*STEPS10, "search.hard_after_fraction=0.25", "algorithm.meta_state=kept"],
-            "steps30_kept": [*STEPS30, "federated.rounds=32", "algorithm.meta_state=kept"]}
+            "steps30_kept": [*STEPS30, "federated.rounds=32", "algorithm.meta_state=kept"],
+            # DARTS's optimizers in the meta learner (when_to_search.DARTS_SGD): SGD with momentum for the
+            # weights, Adam for the logits. Does a gently restarting optimizer keep short rounds from collapsing?
+            "steps10_hard25_sgd": [*STEPS10, "search.hard_after_fraction=0.25", *DARTS_SGD],
+            "steps30_sgd": [*STEPS30, "federated.rounds=32", *DARTS_SGD]}
 
 
 def main(argv: list[str] | None = None) -> None:

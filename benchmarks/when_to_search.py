@@ -55,6 +55,8 @@ RECORDED_FEDNAS = {"fmnist_a0.1": (600.0, 75.67), "fmnist_a0.5": (594.0, 80.20),
 # The shipped default, pinned: 30 meta-steps a round, hard sampling from half of the rounds (32 rounds). The
 # variants measured against it keep it pinned, so that they stay what docs/results.md measured.
 STEPS30 = ["algorithm.local_steps=30", "search.hard_after_fraction=0.5"]
+DARTS_SGD = ["algorithm.meta_optimizer=sgd", "algorithm.meta_optimizer_alpha=adam", "algorithm.meta_lr_w=0.025",
+             "algorithm.meta_momentum=0.9"]
 VARIANTS = {"shipped": [], "steps30": STEPS30, "combined": STEPS30[:1], "group_norm": [*STEPS30, "model.norm=group"],
             "server_lr": [*STEPS30, "federated.server_optimizer=momentum", "federated.server_momentum=0",
                           "federated.server_lr=1.5"],
@@ -89,6 +91,11 @@ VARIANTS = {"shipped": [], "steps30": STEPS30, "combined": STEPS30[:1], "group_n
             "plain50": [*STEPS30, "algorithm.plain_after_fraction=0.5"],
             # Each client keeps its meta Adam state between rounds (client state, all-reduced each round).
             "kept": [*STEPS30, "algorithm.meta_state=kept"],
+            # DARTS's pair of optimizers in the meta learner: SGD with momentum 0.9 at DARTS's (and FedAvg's) rate
+            # 0.025 for the weights, Adam for the logits as before; a fresh momentum buffer restarts gently
+            # where a fresh Adam's first steps move every weight by about its rate. With 30 and with 10 steps.
+            "sgd": [*STEPS30, *DARTS_SGD],
+            "sgd_steps10_hard25": ["algorithm.local_steps=10", "search.hard_after_fraction=0.25", *DARTS_SGD],
             "steps10_warmup_soft": ["algorithm.local_steps=10", "search.hard_after_fraction=0.5",
                                     "search.warmup_fraction=0.15", "search.warmup_gumbel=soft"]}
 # Starting estimates of the training seconds per round (np 2, this machine), replaced by each method's own

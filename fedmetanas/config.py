@@ -119,6 +119,9 @@ class AlgorithmConfig:
     inner_lr_alpha: float = 3e-3
     inner_betas: tuple[float, float] = (0.0, 0.999)
     meta_optimizer: Literal["adam", "sgd"] = "adam"
+    # The architecture logits' meta optimizer: "same" as the weights', or its own (DARTS: SGD with momentum
+    # for the weights, Adam for the logits; docs/method.md).
+    meta_optimizer_alpha: Literal["same", "adam", "sgd"] = "same"
     # The meta optimizer's state: "fresh" every round (clients keep no state), or "kept" by each client from
     # its last round to its next (Adam's moments and step counts: client state of 2x the parameters).
     meta_state: Literal["fresh", "kept"] = "fresh"
@@ -136,12 +139,19 @@ class AlgorithmConfig:
     # same forward-backward passes and every pass moves the client's parameters (docs/method.md).
     plain_after_fraction: float = 1.0
 
+    @property
+    def alpha_optimizer(self) -> Literal["adam", "sgd"]:
+        """The meta optimizer of the architecture logits (`meta_optimizer_alpha`, "same": the weights')."""
+        return self.meta_optimizer if self.meta_optimizer_alpha == "same" else self.meta_optimizer_alpha
+
     def check(self) -> None:
-        if self.meta_state == "kept" and (self.meta_update, self.meta_optimizer) != ("fomaml", "adam"):
+        if self.meta_state == "kept" and (self.meta_update, self.meta_optimizer, self.alpha_optimizer) != (
+                "fomaml", "adam", "adam"):
             raise ConfigError(
                 f"algorithm.meta_state: kept is the FOMAML meta learner's Adam state (here meta_update: "
-                f"{self.meta_update}, meta_optimizer: {self.meta_optimizer}); set meta_state: fresh, or "
-                "meta_update: fomaml and meta_optimizer: adam")
+                f"{self.meta_update}, meta_optimizer: {self.meta_optimizer}, meta_optimizer_alpha: "
+                f"{self.meta_optimizer_alpha}); set meta_state: fresh, or meta_update: fomaml and both meta "
+                "optimizers adam")
         if self.plain_after_fraction < 1 and self.meta_update != "fomaml":
             raise ConfigError(
                 f"algorithm.plain_after_fraction: {self.plain_after_fraction} needs algorithm.meta_update: fomaml "

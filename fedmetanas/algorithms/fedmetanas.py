@@ -39,7 +39,7 @@ from fedmetanas.algorithms.common import (  # noqa: F401 - re-exported: the loca
 from fedmetanas.algorithms.base import Algorithm, Phase, Span
 from fedmetanas.algorithms.batched import (ClientStack, StackedUpdate, clip_stacked, in_equal_batches, stacked_grads,
                                             stacked_step, steps_stacked)
-from fedmetanas.algorithms.flat_optim import MaskedAdam, MaskedSGD
+from fedmetanas.algorithms.flat_optim import MaskedAdam, MaskedOptimizers, MaskedSGD
 from fedmetanas.algorithms.phases import NEVER, SearchPhase, SearchSchedule, switch_round
 from fedmetanas.config import AlgorithmConfig, PersonalizeConfig
 from fedmetanas.data.client_data import iterate_batches
@@ -49,6 +49,18 @@ from fedmetanas.search.supernet import SuperNet, arch_from_genotype, derive_geno
 
 if TYPE_CHECKING:  # only annotations use it
     from fedmetanas.search.supernet import ArchSample
+
+
+class Optimizers:
+    """Several `torch.optim` optimizers over disjoint parameters, stepped as one: the meta learner when the
+    weights and the architecture logits have different rules (`algorithm.meta_optimizer_alpha`)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
 
 
 class FedMetaNAS:
@@ -70,14 +82,18 @@ class FedMetaNAS:
         return self.cfg.local_steps * (self.cfg.inner_steps + 1)
 
     def _meta_optimizer(self, weights: list[torch.Tensor], alphas: list[torch.Tensor],
-                        ctx: LocalContext) -> torch.optim.Optimizer:
-        """The meta learner's optimizer over a client's weights and logits (or K clients' stacked ones)."""
-        groups = [{"params": weights, "lr": self.cfg.meta_lr_w * ctx.lr_scale, "weight_decay": self.cfg.weight_decay}]
+                        ctx: LocalContext) -> torch.optim.Optimizer | Optimizers:
+        """The meta learner's optimizer over a client's weights and logits (or K clients' stacked ones): one
+        `torch.optim` optimizer, or one per rule where the logits' rule is not the weights'."""
+        cfg = self.cfg
+        groups = {cfg.meta_optimizer: [{"params": weights, "lr": cfg.meta_lr_w * ctx.lr_scale,
+                                        "weight_decay": cfg.weight_decay}]}
         if alphas and ctx.train_arch:  # a fixed architecture has none; a warm-up freezes them
-            groups.append({"params": alphas, "lr": self.cfg.meta_lr_alpha, "weight_decay": 0.0})
-        if self.cfg.meta_optimizer == "adam":
-            return torch.optim.Adam(groups, foreach=True)
-        return torch.optim.SGD(groups, momentum=self.cfg.meta_momentum, foreach=True)
+            groups.setdefault(cfg.alpha_optimizer, []).append(
+                {"params": alphas, "lr": cfg.meta_lr_alpha, "weight_decay": 0.0})
+        opts = [torch.optim.Adam(g, foreach=True) if rule == "adam"
+                else torch.optim.SGD(g, momentum=cfg.meta_momentum, foreach=True) for rule, g in groups.items()]
+        return opts[0] if len(opts) == 1 else Optimizers(opts)
 
     def adapt(self, task: SuperNet, ctx: LocalContext, steps: int) -> list[torch.Tensor]:
         """Task learner: `steps` joint Adam steps on weights and architecture logits (weights only while
@@ -112,7 +128,8 @@ class FedMetaNAS:
             result.state = {META_STATE: dump_adam_state(meta_opt, params, ctx.state[META_STATE])}
         return result
 
-    def _plain_update(self, model: SuperNet, ctx: LocalContext, meta_opt: torch.optim.Optimizer) -> LocalResult:
+    def _plain_update(self, model: SuperNet, ctx: LocalContext,
+                      meta_opt: torch.optim.Optimizer | Optimizers) -> LocalResult:
         """Plain steps (`algorithm.plain_after_fraction`); BN statistics follow the client's own batches."""
         losses = []
         for _ in range(self.plain_steps()):
@@ -122,7 +139,7 @@ class FedMetaNAS:
         return LocalResult(loss=float(torch.stack(losses).mean()), steps=self.plain_steps())
 
     def _meta_update(self, model: SuperNet, task: SuperNet, ctx: LocalContext,
-                     meta_opt: torch.optim.Optimizer | None) -> LocalResult:
+                     meta_opt: torch.optim.Optimizer | Optimizers | None) -> LocalResult:
         """The meta-steps: FOMAML through `meta_opt`, Reptile where it is None."""
         cfg = self.cfg
         losses: list[torch.Tensor] = []
@@ -202,11 +219,17 @@ class FedMetaNAS:
         meta.load(model)
         member = meta.columns(1.0, 1.0 if ctx.train_arch else 0.0) > 0  # a warm-up's frozen logits: in no optimizer
         wd = meta.columns(cfg.weight_decay, 0.0)
-        meta_opt: MaskedAdam | MaskedSGD | None = None
+        meta_opt: MaskedAdam | MaskedSGD | MaskedOptimizers | None = None
         if cfg.meta_update == "fomaml":
             lr = meta.columns(cfg.meta_lr_w * ctx.lr_scale, cfg.meta_lr_alpha)
-            meta_opt = (MaskedAdam(meta.flat, lr, wd, member) if cfg.meta_optimizer == "adam"
-                        else MaskedSGD(meta.flat, lr, wd, member, cfg.meta_momentum))
+            if cfg.alpha_optimizer == cfg.meta_optimizer:
+                rules = [(cfg.meta_optimizer, member)]
+            else:  # each rule holds its own entries: the weights', the logits'
+                rules = [(cfg.meta_optimizer, member & (meta.columns(1.0, 0.0) > 0)),
+                         (cfg.alpha_optimizer, member & (meta.columns(0.0, 1.0) > 0))]
+            flat_opts = [MaskedAdam(meta.flat, lr, wd, held) if rule == "adam"
+                         else MaskedSGD(meta.flat, lr, wd, held, cfg.meta_momentum) for rule, held in rules]
+            meta_opt = flat_opts[0] if len(flat_opts) == 1 else MaskedOptimizers(flat_opts)
         losses: list[torch.Tensor] = []
         if meta_opt is not None and self.plain(ctx):  # as `local_update`: the meta optimizer on support batches
             for _ in range(self.plain_steps()):

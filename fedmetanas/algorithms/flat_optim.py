@@ -60,3 +60,15 @@ class MaskedSGD:
             self.has_buf |= u
             g = self.buf
         param.sub_(torch.where(u, self.lr * g, torch.zeros((), device=param.device)))
+
+
+class MaskedOptimizers:
+    """Masked optimizers over disjoint entries of one flat tensor (their `member`s do not overlap), stepped as
+    one: the weights under one rule and the architecture logits under another (`algorithm.meta_optimizer_alpha`)."""
+
+    def __init__(self, optimizers: list[MaskedAdam | MaskedSGD]) -> None:
+        self.optimizers = optimizers
+
+    def step(self, param: torch.Tensor, grad: torch.Tensor, used: torch.Tensor) -> None:
+        for opt in self.optimizers:
+            opt.step(param, grad, used)

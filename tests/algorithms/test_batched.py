@@ -226,6 +226,9 @@ SEARCH_RULES = {
                                 meta_optimizer="sgd", meta_momentum=0.9),
     "fomaml_adam_meta": dict(local_steps=3, inner_steps=1, batch_size=8, query_batch_size=8, grad_clip=0.5,
                              meta_optimizer="adam"),
+    # DARTS's pair: SGD with momentum on the weights, Adam on the logits (`algorithm.meta_optimizer_alpha`)
+    "fomaml_sgd_adam": dict(local_steps=3, inner_steps=1, batch_size=8, query_batch_size=8, grad_clip=0.5,
+                            meta_optimizer="sgd", meta_momentum=0.9, meta_optimizer_alpha="adam"),
 }
 # (rule, relaxation, logits trained (False: a warm-up), top-k, eps, input mode): every phase a FedMetaNAS
 # search has (dense and sparse soft, expected, hard, warm-ups), each meta rule where what a client did not
@@ -242,6 +245,9 @@ SEARCH_CASES = [
     # plain steps in place of meta-steps (`algorithm.plain_after_fraction`), Adam and SGD with momentum
     ("fomaml_adam_meta_plain", "hard", True, 0, 0.0, "pairs"), ("fomaml_plain", "soft", True, 2, 0.0, "all"),
     ("fomaml_sgd_momentum_plain", "soft", False, 2, 0.0, "pairs"),
+    # weights and logits under different meta optimizers, meta-steps and plain steps
+    ("fomaml_sgd_adam", "hard", True, 0, 0.0, "pairs"), ("fomaml_sgd_adam", "soft", True, 2, 0.0, "all"),
+    ("fomaml_sgd_adam_plain", "soft", True, 2, 0.0, "pairs"),
 ]
 
 

@@ -137,6 +137,40 @@ def test_fomaml_step_is_the_query_gradient_at_the_adapted_parameters(lr_scale):
     assert _max_diff(after, naive) > 1e-3
 
 
+@pytest.mark.parametrize(("weights_rule", "logits_rule"), [("sgd", "adam"), ("adam", "sgd")])
+def test_weights_and_logits_each_take_their_own_meta_optimizers_step(weights_rule, logits_rule):
+    # Prepare: DARTS's pair (SGD for the weights, Adam for the logits) and its reverse. A first step of SGD
+    # without momentum is p - lr * g; a first Adam step is p - lr * g / (|g| + eps) (bias-corrected m = g, v = g^2)
+    model = _net()
+    cfg = dataclasses.replace(BASE, meta_optimizer=weights_rule, meta_optimizer_alpha=logits_rule)
+    ctx = _ctx(model)
+    bg, gg = _clone(ctx.batch_gen), _clone(ctx.gumbel_gen)
+    before = _params(model)
+    adapted, _ = _reference_adapt(model, ctx, cfg, bg, gg)
+    _, query_grads = _loss_and_grads(adapted, ctx, bg, gg)
+
+    def step(p, g, rule, lr):
+        return p - lr * (g if rule == "sgd" else g / (g.abs() + EPS))
+
+    expected = [p if g is None else step(p, g, logits_rule, cfg.meta_lr_alpha) if a
+                else step(p, g, weights_rule, cfg.meta_lr_w) for p, g, a in zip(before, query_grads, _is_alpha(model))]
+
+    # Execute
+    FedMetaNAS(cfg).local_update(model, copy.deepcopy(model), ctx)
+
+    # Assert: each parameter set by its own rule, and not by the other's
+    assert _max_diff(_params(model), expected) < 1e-6
+    one_rule = [p if g is None else step(p, g, weights_rule, cfg.meta_lr_alpha if a else cfg.meta_lr_w)
+                for p, g, a in zip(before, query_grads, _is_alpha(model))]
+    assert _max_diff(_params(model), one_rule) > 1e-3
+
+
+def test_the_logits_meta_optimizer_is_the_weights_unless_set():
+    assert AlgorithmConfig(meta_optimizer="sgd").alpha_optimizer == "sgd"
+    assert AlgorithmConfig(meta_optimizer="sgd", meta_optimizer_alpha="adam").alpha_optimizer == "adam"
+    assert AlgorithmConfig().alpha_optimizer == "adam"
+
+
 def test_fomaml_copies_the_task_learners_bn_statistics():
     model, cfg = _net(), BASE
     ctx = _ctx(model)
