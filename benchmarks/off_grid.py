@@ -38,7 +38,7 @@ import numpy as np
 import compare
 from compare import _pct, _sec, run_method
 from fedmetanas.launcher import REPO
-from when_to_search import DARTS_SGD, STEPS30, fitted, row_of
+from when_to_search import ADAM_META, DARTS_SGD, STEPS30, fitted, row_of
 
 SETTINGS = {"fmnist_shards2": ("Fashion-MNIST, 2 label shards per client",
                                ["data.partition=shards", "data.shards_per_client=2"]),
@@ -57,10 +57,12 @@ VARIANTS = {"steps10_hard25": [*STEPS10, "search.hard_after_fraction=0.25"],
             # 10-step rounds' collapse under label shards Adam restarting every round?
             "steps10_hard25_kept": [*STEPS10, "search.hard_after_fraction=0.25", "algorithm.meta_state=kept"],
             "steps30_kept": [*STEPS30, "federated.rounds=32", "algorithm.meta_state=kept"],
-            # DARTS's optimizers in the meta learner (when_to_search.DARTS_SGD): SGD with momentum for the
-            # weights, Adam for the logits. Does a gently restarting optimizer keep short rounds from collapsing?
-            "steps10_hard25_sgd": [*STEPS10, "search.hard_after_fraction=0.25", *DARTS_SGD],
-            "steps30_sgd": [*STEPS30, "federated.rounds=32", *DARTS_SGD]}
+            # SGD with momentum 0.9 at rate 0.1 for the weights in the meta learner, Adam for the logits
+            # (when_to_search.DARTS_SGD at four times DARTS's rate). Does a gently restarting optimizer keep short
+            # rounds from collapsing?
+            "steps30_sgd01": [*STEPS30, "federated.rounds=32", *DARTS_SGD, "algorithm.meta_lr_w=0.1"],
+            "steps10_hard25_sgd01": [*STEPS10, "search.hard_after_fraction=0.25", *DARTS_SGD,
+                                     "algorithm.meta_lr_w=0.1"]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,8 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         label, over = SETTINGS[key]
         base = [f"data.root={args.mnist_root if 'data.name=mnist' in over else args.data_root}", *over, *args.extra]
         row: dict = {"setting": label, "key": key}
-        runs = {name: run_method("fedmetanas", f"off_{key}_{name}", args.out, args.np, base + VARIANTS[name])
-                for name in args.variants}
+        runs = {name: run_method("fedmetanas", f"off_{key}_{name}", args.out, args.np,
+                                 base + ADAM_META + VARIANTS[name]) for name in args.variants}
         row.update({name: row_of(run) for name, run in runs.items()})
         if args.fedavg:
             budget = runs[first].total_s
