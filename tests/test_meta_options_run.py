@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedmetanas.algorithms.phases import switch_round
-from tests.helpers import EVAL_LOSS, assert_same_run, launch, tiny_overrides, trained_model
+from tests.helpers import EVAL_LOSS, assert_same_run, launch, launch_all, tiny_overrides, trained_model
 
 ROUNDS = 3
 EXTRA = [f"federated.rounds={ROUNDS}", "federated.participation=0.5", "algorithm.local_steps=2",
@@ -23,11 +23,8 @@ OPTIONS = ["algorithm.plain_after_fraction=0.5", "algorithm.meta_optimizer=sgd",
 
 @pytest.fixture(scope="module")
 def runs(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("meta_options")
-    for name, np, extra in (("np1", 1, OPTIONS), ("np2", 2, OPTIONS), ("without", 1, [])):
-        proc = launch(tiny_overrides(data_root, out, name) + EXTRA + extra, np=np)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return {name: out / name for name in ("np1", "np2", "without")}
+    plans = {"np1": (OPTIONS, 1), "np2": (OPTIONS, 2), "without": ([], 1)}
+    return launch_all(data_root, tmp_path_factory.mktemp("meta_options"), plans, EXTRA)
 
 
 def test_the_run_switches_to_plain_steps_in_its_last_round():

@@ -225,8 +225,8 @@ class FedMetaNAS:
             if cfg.alpha_optimizer == cfg.meta_optimizer:
                 rules = [(cfg.meta_optimizer, member)]
             else:  # each rule holds its own entries: the weights', the logits'
-                rules = [(cfg.meta_optimizer, member & (meta.columns(1.0, 0.0) > 0)),
-                         (cfg.alpha_optimizer, member & (meta.columns(0.0, 1.0) > 0))]
+                weight = meta.columns(1.0, 0.0) > 0
+                rules = [(cfg.meta_optimizer, member & weight), (cfg.alpha_optimizer, member & ~weight)]
             flat_opts = [MaskedAdam(meta.flat, lr, wd, held) if rule == "adam"
                          else MaskedSGD(meta.flat, lr, wd, held, cfg.meta_momentum) for rule, held in rules]
             meta_opt = flat_opts[0] if len(flat_opts) == 1 else MaskedOptimizers(flat_opts)
