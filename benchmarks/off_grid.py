@@ -62,7 +62,10 @@ VARIANTS = {"steps10_hard25": [*STEPS10, "search.hard_after_fraction=0.25"],
             # rounds from collapsing?
             "steps30_sgd01": [*STEPS30, "federated.rounds=32", *DARTS_SGD, "algorithm.meta_lr_w=0.1"],
             "steps10_hard25_sgd01": [*STEPS10, "search.hard_after_fraction=0.25", *DARTS_SGD,
-                                     "algorithm.meta_lr_w=0.1"]}
+                                     "algorithm.meta_lr_w=0.1"],
+            # the same 30-step rounds with the weights' rates ramped up over the first 10% of the rounds
+            "steps30_sgd01_warm10": [*STEPS30, "federated.rounds=32", *DARTS_SGD, "algorithm.meta_lr_w=0.1",
+                                     "algorithm.lr_warmup_fraction=0.1"]}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -134,6 +134,9 @@ class AlgorithmConfig:
     grad_clip: float = 5.0
     lr_schedule: Literal["constant", "cosine"] = "constant"  # per round, on the weights' learning rates
     lr_min_factor: float = 0.05  # cosine ends at this fraction of the initial rates (DARTS: 0.001/0.025)
+    # The weights' rates ramp up linearly over this fraction of the rounds (0: no warm-up), then follow
+    # lr_schedule over the rest: a large momentum-SGD meta rate need not hit a fresh supernet at full size.
+    lr_warmup_fraction: float = 0.0
     # From this fraction of the rounds on (1: never), FOMAML's clients take plain steps in place of meta-steps:
     # the meta optimizer on support batches, (inner_steps + 1) of them per meta-step, so a round makes the
     # same forward-backward passes and every pass moves the client's parameters (docs/method.md).
@@ -353,6 +356,7 @@ _RANGES: dict[tuple[str, str], Range] = {
     ("search", "prune_patience"): (lambda v: v >= 1, "an integer >= 1 (rounds below the threshold)"),
     ("search", "prune_start_fraction"): (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     ("algorithm", "meta_momentum"): (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("algorithm", "lr_warmup_fraction"): (lambda v: 0 <= v < 1, "a fraction in [0, 1) (0: no warm-up)"),
     ("algorithm", "local_steps"): (lambda v: v >= 1, "an integer >= 1"),
     ("algorithm", "inner_steps"): (lambda v: v >= 1, "an integer >= 1"),
     ("algorithm", "batch_size"): (lambda v: v >= 1, "an integer >= 1"),

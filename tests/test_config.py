@@ -223,6 +223,7 @@ def test_dirichlet_alpha_must_be_positive(value):
     ("eval", "batch_size", 0),
     ("runtime", "threads_per_rank", 0),
     ("algorithm", "plain_after_fraction", 1.5),
+    ("algorithm", "lr_warmup_fraction", 1.0),
 ])
 def test_out_of_range_values_name_the_field(section, key, value):
     msg = _error({section: {key: value}})

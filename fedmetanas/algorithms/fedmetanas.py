@@ -417,8 +417,10 @@ def dual_learner_batches(cfg: AlgorithmConfig) -> list[tuple[str, int, int]]:
 
 
 def dual_learner_lr_scale(cfg: AlgorithmConfig, rounds: int) -> Callable[[int], float]:
-    """The dual learner's per-round factor on the weights' rates (`algorithm.lr_schedule` over `rounds`)."""
-    return lambda rnd: lr_factor(cfg.lr_schedule, cfg.lr_min_factor, rnd, rounds)
+    """The dual learner's per-round factor on the weights' rates (`algorithm.lr_schedule` over `rounds`, after
+    `algorithm.lr_warmup_fraction` of them ramping up)."""
+    warmup = int(round(cfg.lr_warmup_fraction * rounds))
+    return lambda rnd: lr_factor(cfg.lr_schedule, cfg.lr_min_factor, rnd, rounds, warmup)
 
 
 class FedMetaNASAlgorithm(Algorithm):

@@ -27,8 +27,15 @@ def temperature(schedule: str, tau_max: float, tau_min: float, step: int, total:
     raise ValueError(f"search.tau_schedule: unknown schedule {schedule!r}; use linear, exponential or cosine")
 
 
-def lr_factor(schedule: str, min_factor: float, step: int, total: int) -> float:
-    """Learning-rate multiplier at `step` of `total`: 1 throughout, or cosine from 1 to `min_factor`."""
+def lr_factor(schedule: str, min_factor: float, step: int, total: int, warmup: int = 0) -> float:
+    """Learning-rate multiplier at `step` of `total`: 1 throughout, or cosine from 1 to `min_factor`.
+
+    With `warmup` > 0 the first `warmup` steps ramp linearly, 1/(warmup+1), 2/(warmup+1), ..., and the
+    schedule runs over the remaining `total - warmup` steps from 1: the peak comes right after the ramp.
+    """
+    if step < warmup:
+        return (max(step, 0) + 1) / (warmup + 1)
+    step, total = step - warmup, total - warmup
     if schedule == "constant":
         return 1.0
     p = min(max(step, 0) / max(total - 1, 1), 1.0)

@@ -14,9 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from fedmetanas.algorithms.fedmetanas import (META_STATE, FedMetaNAS, LocalContext, adam_state_size, adaptation_wins,
-                                               dump_adam_state, holdout_split, load_adam_state, paired_outcomes)
+from fedmetanas.algorithms.fedmetanas import (META_STATE, FedMetaNAS, FedMetaNASAlgorithm, LocalContext,
+                                               adam_state_size, adaptation_wins, dump_adam_state, holdout_split,
+                                               load_adam_state, paired_outcomes)
 from fedmetanas.config import AlgorithmConfig, PersonalizeConfig
+from fedmetanas.configure import config_from_dict
 from fedmetanas.data.client_data import sample_batch
 from fedmetanas.data.datasets import TensorSplit
 from fedmetanas.search.genotypes import METANAS_PRIMITIVES
@@ -566,3 +568,14 @@ def test_personalization_is_bit_identical_for_the_same_generator_seeds():
         task.eval()
         outs.append(forward(x).detach())
     assert torch.equal(outs[0], outs[1])
+
+
+def test_lr_warmup_fraction_ramps_the_weights_rates_then_the_cosine_runs_to_its_floor():
+    """20 rounds, warm-up 0.1: rounds 0 and 1 at 1/3 and 2/3 of the rates, the peak at round 2, the cosine's
+    floor at the last round, as without a warm-up."""
+    cfg = config_from_dict({"federated": {"rounds": 20},
+                            "algorithm": {"lr_schedule": "cosine", "lr_warmup_fraction": 0.1}})
+    phase = FedMetaNASAlgorithm(cfg).phases()[0]
+
+    assert [phase.round_plan(r).lr_scale for r in (0, 1, 2)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert phase.round_plan(19).lr_scale == pytest.approx(cfg.algorithm.lr_min_factor)

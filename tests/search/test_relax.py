@@ -80,6 +80,18 @@ def test_cosine_lr_schedule_runs_from_one_to_the_min_factor_and_stays():
     assert all(b <= a + 1e-15 for a, b in zip(factors, factors[1:]))
 
 
+def test_warmup_ramps_linearly_then_runs_the_schedule_over_the_remaining_steps():
+    factors = [lr_factor("cosine", 0.05, s, 14, warmup=3) for s in range(16)]
+
+    assert factors[:3] == pytest.approx([1 / 4, 2 / 4, 3 / 4], abs=1e-12)
+    assert factors[3:] == pytest.approx([lr_factor("cosine", 0.05, s, 11) for s in range(13)], abs=1e-12)
+    assert [lr_factor("constant", 0.05, s, 10, warmup=1) for s in (0, 1, 9)] == [0.5, 1.0, 1.0]
+
+
+def test_no_warmup_is_the_plain_schedule_bit_for_bit():
+    assert all(lr_factor("cosine", 0.05, s, 11, warmup=0) == lr_factor("cosine", 0.05, s, 11) for s in range(15))
+
+
 # -- relax --------------------------------------------------------------------------------------
 def test_soft_rows_sum_to_one_and_masked_entries_are_exactly_zero():
     logits, mask = _logits(), _mask()
