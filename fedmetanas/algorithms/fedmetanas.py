@@ -419,7 +419,7 @@ def dual_learner_batches(cfg: AlgorithmConfig) -> list[tuple[str, int, int]]:
 def dual_learner_lr_scale(cfg: AlgorithmConfig, rounds: int) -> Callable[[int], float]:
     """The dual learner's per-round factor on the weights' rates (`algorithm.lr_schedule` over `rounds`, after
     `algorithm.lr_warmup_fraction` of them ramping up)."""
-    warmup = int(round(cfg.lr_warmup_fraction * rounds))
+    warmup = switch_round(cfg.lr_warmup_fraction, rounds)  # the first round after the ramp (fraction < 1)
     return lambda rnd: lr_factor(cfg.lr_schedule, cfg.lr_min_factor, rnd, rounds, warmup)
 
 
