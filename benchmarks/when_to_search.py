@@ -6,7 +6,7 @@
 Per setting, in this order, each run on `--np` ranks:
 
 1. FedMetaNAS, each `--variant`, under the grid's budget of the setting (`federated.time_budget_s` = 0.5x
-   the setting's FedNAS training time; `--budget-fraction 0.35` the issue's ambitious target), its rounds fitted to the variant's own measured cost per round so
+   the setting's FedNAS training time), its rounds fitted to the variant's own measured cost per round so
    that its schedule (cosine rate, temperature, the switch to hard sampling) ends inside the budget, as
    `compare.py --parts grid` does. `shipped` is `configs/default.yaml` (30 meta-steps, hard sampling from
    half of the rounds); `steps30` is the same configuration pinned, and the variants measured against it
@@ -18,6 +18,7 @@ Per setting, in this order, each run on `--np` ranks:
    local meta-steps (their first estimate and their cap on the rounds scale with their forward-backward
    passes); `*warmup_soft` train the weights alone first; `*_slr` adds the server rate,
    `*_anneal60` slower annealing, `reptile*` Reptile.
+   `--budget-fraction` sets another fraction of FedNAS's time (0.35: the issue's ambitious target).
    The cost per round is the mean over the variant's finished runs in `--out` (this invocation's and
    earlier ones'); before the first, the other variants' measured cost scaled by the passes (a machine
    slower today is seen), an estimate only before any. `--extra federated.seed=1` makes a replicate.
